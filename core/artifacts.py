@@ -1,0 +1,178 @@
+"""Spurious artifacts (a text tag, a patch, a border frame) that poison data and probe models.
+
+An artifact is drawn as a *stamp*: an opacity map ``alpha`` (H, W) in [0, 1] and the colour ``value``
+(C, H, W) it lays down, composited as ``x' = x (1 - alpha) + value alpha``. Its mask is ``alpha > 0``: exactly
+the pixels the artifact writes to. Artifacts are plain dataclasses so a scenario can be stored as JSON and
+rebuilt with :func:`artifact_from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import InputError
+
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+
+
+@lru_cache(maxsize=32)
+def _text_alpha(text: str, size: int) -> np.ndarray:
+    """Opacity of ``text`` rendered with Pillow's built-in font (no font file or download needed)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
+    canvas = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(canvas).text((-left, -top), text, fill=255, font=font)
+    alpha = np.asarray(canvas, dtype=np.float32) / 255.0
+    rows, cols = np.nonzero(alpha)
+    return alpha[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+@dataclass
+class Artifact:
+    """Base class: subclasses draw their glyph; placement and compositing live here."""
+
+    position: str | tuple[int, int] = "bottom-right"
+    margin: int = 1
+    color: float | tuple[float, ...] = 1.0
+
+    kind = "artifact"
+
+    def glyph(self) -> tuple[np.ndarray, np.ndarray]:
+        """The artifact's own opacity (h, w) and brightness (h, w) pattern, before placement."""
+        raise NotImplementedError
+
+    def _offset(self, height: int, width: int, glyph_shape: tuple[int, int], rng: np.random.Generator | None):
+        h, w = glyph_shape
+        if h + 2 * self.margin > height or w + 2 * self.margin > width:
+            raise InputError(
+                f"{self.kind} artifact", f"is {h}x{w} pixels with margin {self.margin}, larger than the {height}x{width} image", "make it smaller"
+            )
+        low, high_r, high_c = self.margin, height - h - self.margin, width - w - self.margin
+        position = self.position
+        if position == "random":
+            if rng is None:
+                raise ValueError("position='random' needs a random generator")
+            return int(rng.integers(low, high_r + 1)), int(rng.integers(low, high_c + 1))
+        if isinstance(position, (tuple, list)):
+            row, col = int(position[0]), int(position[1])
+            if not (0 <= row <= height - h and 0 <= col <= width - w):
+                raise InputError("position", f"{position} puts the {h}x{w} artifact outside the {height}x{width} image", "choose a position inside it")
+            return row, col
+        table = {
+            "top-left": (low, low),
+            "top-right": (low, high_c),
+            "bottom-left": (high_r, low),
+            "bottom-right": (high_r, high_c),
+            "center": ((height - h) // 2, (width - w) // 2),
+        }
+        if position not in table:
+            raise InputError("position", f"{position!r} is unknown", f"use one of {CORNERS}, 'random' or (row, col)")
+        return table[position]
+
+    def stamp(self, shape: tuple[int, int, int], rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Opacity (H, W) and colour (C, H, W) of the artifact placed on an image of ``shape`` (C, H, W)."""
+        channels, height, width = shape
+        glyph_alpha, glyph_value = self.glyph()
+        row, col = self._offset(height, width, glyph_alpha.shape, rng)
+        alpha = np.zeros((height, width), np.float32)
+        value = np.zeros((channels, height, width), np.float32)
+        h, w = glyph_alpha.shape
+        alpha[row : row + h, col : col + w] = glyph_alpha
+        color = np.broadcast_to(np.asarray(self.color, np.float32), (channels,))
+        value[:, row : row + h, col : col + w] = color[:, None, None] * glyph_value[None]
+        return alpha, value
+
+    def apply(self, images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Paste the artifact into every image (N, C, H, W); returns the new images and the masks (N, H, W).
+
+        With a fixed position every image gets the same stamp; with ``position='random'`` each gets its own
+        place, drawn from ``seed``.
+        """
+        rng = np.random.default_rng(seed)
+        out = np.array(images, dtype=np.float32, copy=True)
+        masks = np.zeros((len(out), *out.shape[2:]), bool)
+        fixed = None if self.position == "random" else self.stamp(out.shape[1:])
+        for i in range(len(out)):
+            alpha, value = fixed if fixed is not None else self.stamp(out.shape[1:], rng)
+            out[i] = out[i] * (1.0 - alpha) + value * alpha
+            masks[i] = alpha > 0
+        return out, masks
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass
+class TextTag(Artifact):
+    """A rendered text tag such as a copyright sign, as stock photos and scanned archives carry."""
+
+    text: str = "©"
+    size: int = 10
+    kind = "text"
+
+    def glyph(self):
+        alpha = _text_alpha(self.text, self.size)
+        return alpha, np.ones_like(alpha)
+
+
+@dataclass
+class Patch(Artifact):
+    """A square patch, solid or checkered: the classic backdoor trigger."""
+
+    size: int = 5
+    pattern: str = "checker"
+    kind = "patch"
+
+    def glyph(self):
+        if self.pattern not in ("checker", "solid"):
+            raise InputError("pattern", f"{self.pattern!r} is unknown", "use 'checker' or 'solid'")
+        alpha = np.ones((self.size, self.size), np.float32)
+        if self.pattern == "solid":
+            return alpha, alpha.copy()
+        rows, cols = np.indices(alpha.shape)
+        return alpha, ((rows + cols) % 2 == 0).astype(np.float32)
+
+
+@dataclass
+class Frame(Artifact):
+    """A border frame around the whole image, as padding or scanner borders leave behind."""
+
+    width: int = 2
+    kind = "frame"
+
+    def stamp(self, shape, rng=None):
+        channels, height, width = shape
+        if not 0 < 2 * self.width < min(height, width):
+            raise InputError("frame width", f"{self.width} does not fit a {height}x{width} image", "choose a smaller width")
+        alpha = np.ones((height, width), np.float32)
+        alpha[self.width : height - self.width, self.width : width - self.width] = 0.0
+        color = np.broadcast_to(np.asarray(self.color, np.float32), (channels,))
+        return alpha, color[:, None, None] * alpha[None]
+
+
+ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Frame)}
+
+
+def make_artifact(kind: str, **options) -> Artifact:
+    """Build an artifact by kind name (``text``, ``patch``, ``frame``) with its dataclass options."""
+    if kind not in ARTIFACTS:
+        raise InputError("artifact", f"{kind!r} is unknown", f"use one of {sorted(ARTIFACTS)}")
+    cls = ARTIFACTS[kind]
+    known = {f.name for f in fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise InputError(f"{kind} artifact", f"has no option(s) {sorted(unknown)}", f"use {sorted(known)}")
+    if isinstance(options.get("position"), list):
+        options["position"] = tuple(options["position"])
+    return cls(**options)
+
+
+def artifact_from_dict(spec: dict) -> Artifact:
+    """Inverse of :meth:`Artifact.to_dict`."""
+    spec = dict(spec)
+    return make_artifact(spec.pop("kind"), **spec)

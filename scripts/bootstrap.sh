@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create or reuse the project virtual environment at .venv and install unhans with everything it needs,
+# from the package registries alone. Idempotent: a second run with unchanged pins installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# TorchServe's frontend is Java: it needs 11 or newer.
+java_major=$( (java -version 2>&1 || true) | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1)
+if [ -z "$java_major" ] || [ "$java_major" -lt 11 ]; then
+  echo "unhans: Java 11 or newer is needed by TorchServe and was not found (java -version: '${java_major:-none}')." >&2
+  echo "  install it, e.g. 'sudo apt-get install -y openjdk-17-jre-headless' (Debian/Ubuntu) or 'brew install openjdk@17' (macOS)" >&2
+  exit 1
+fi
+
+python=""
+for candidate in python3.13 python3.12 python3.11 python3; do
+  if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    python=$candidate; break
+  fi
+done
+[ -n "$python" ] || { echo "unhans: Python 3.11 or newer is needed; install it (e.g. 'apt-get install python3.11 python3.11-venv')" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+# Reinstall only when the pins or the package description changed.
+stamp=.venv/.unhans-installed
+wanted=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "unhans: installing into .venv (a fresh venv takes a few minutes: torch alone is several GB)" >&2
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # constraints.txt pins every dependency to a set tested together (torch 2.14.1 + torchvision 0.29.1 for zennit).
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+  echo "$wanted" > "$stamp"
+fi

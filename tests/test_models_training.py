@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ts.utils.util import list_classes_from_module
+
+from unhans.core.artifacts import Patch
+from unhans.core.errors import InputError
+from unhans.core.models import load_model, model_class_from_file, write_model_file
+from unhans.core.training import TrainSpec, load_run, predict, train_run
+
+
+@pytest.mark.parametrize("architecture", ["vgg", "resnet"])
+def test_model_file_is_torchserve_style(tmp_path, architecture):
+    path = write_model_file(architecture, tmp_path / "model.py", in_channels=3, image_size=16, num_classes=4)
+    cls = model_class_from_file(path)
+    # TorchServe's own rule: exactly one class defined in the model file
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("served_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(list_classes_from_module(module)) == 1
+    model = cls()  # TorchServe instantiates with no arguments
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert isinstance(load_model(path, tmp_path / "w.pt"), cls)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    vgg = write_model_file("vgg", tmp_path / "model.py", 1, 28, 10)
+    other = write_model_file("vgg", tmp_path / "other.py", 1, 28, 5)
+    torch.save(model_class_from_file(other)().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError, match="does not fit"):
+        load_model(vgg, tmp_path / "w.pt")
+    with pytest.raises(InputError, match="does not exist"):
+        load_model(tmp_path / "missing.py", tmp_path / "w.pt")
+
+
+@pytest.mark.parametrize("architecture", ["vgg", "resnet"])
+def test_short_real_training_run(tmp_path, architecture):
+    spec = TrainSpec(data="digits", architecture=architecture, fraction=0.2, epochs=6, seed=0)
+    metrics = train_run(spec, Patch(size=3), tmp_path, show_progress=False)
+    assert metrics["clean_acc"] > 0.75  # 8x8 digits after a few epochs; chance is 0.1
+    assert 0.0 <= metrics["attack_success"] <= 1.0
+    assert metrics["n_poisoned"] == sum(round(0.2 * n) for n in np.bincount(np.load(tmp_path / "dataset.npz")["original_labels"])[1:])
+    assert json.loads((tmp_path / "metrics.json").read_text())["clean_acc"] == metrics["clean_acc"]
+    model, train, test, attack, artifact = load_run(tmp_path)
+    assert artifact == Patch(size=3)
+    assert float((predict(model, test.images) == test.labels).mean()) == metrics["clean_acc"]
+    assert float((predict(model, attack.images) == 0).mean()) == metrics["attack_success"]
+
+
+def test_training_is_seeded(tmp_path):
+    spec = TrainSpec(data="digits", epochs=1, seed=7)
+    a = train_run(spec, Patch(size=3), tmp_path / "a", show_progress=False)
+    b = train_run(spec, Patch(size=3), tmp_path / "b", show_progress=False)
+    assert a["final_loss"] == b["final_loss"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "unhans.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "/no/such.npz"], "/no/such.npz: does not exist"),
+    (["--fraction", "1.5"], "--fraction"),
+    (["--target", "11", "--data", "digits"], "class '11' does not exist"),
+    (["--data", "digits", "--artifact-option", "radius=2"], "has no option(s) ['radius']"),
+    (["--data", "digits", "--position", "a,b"], "--position"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    result = _cli("train", "--out", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unhans train: error:") and needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_on_every_subcommand():
+    for command in ([], ["train"], ["demo"]):
+        result = _cli(*command, "--help")
+        assert result.returncode == 0 and "Usage:" in result.stdout

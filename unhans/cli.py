@@ -1,0 +1,140 @@
+"""The ``unhans`` command line. Each subcommand is a thin layer over the library; errors are one line.
+
+Bad input never shows a traceback: library code raises :class:`~unhans.core.errors.InputError` (naming the
+argument or file and the fix) and this module prints it as ``unhans <command>: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .core.errors import InputError
+
+console = Console(stderr=True)
+
+
+class UnhansGroup(click.Group):
+    """A click group whose usage and input errors are a single line on stderr with exit status 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name or "unhans", standalone_mode=False, **extra)
+        except (InputError, click.UsageError) as error:
+            command = error.ctx.command_path if isinstance(error, click.UsageError) and error.ctx else _command_path(args)
+            message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+            print(f"{command}: error: {message}", file=sys.stderr)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _command_path(args) -> str:
+    args = sys.argv[1:] if args is None else args
+    sub = next((a for a in args if not a.startswith("-")), "")
+    return f"unhans {sub}".strip()
+
+
+def _parse_options(pairs: tuple[str, ...], flag: str) -> dict:
+    """``key=value`` pairs into a dict; values are read as JSON where they parse (numbers, lists), else text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(flag, f"{pair!r} is not KEY=VALUE", f"write e.g. {flag} size=5")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def print_metrics(title: str, rows: dict) -> None:
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@click.group(cls=UnhansGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="unhans")
+def main():
+    """Find, remove and watch for Clever-Hans strategies in vision models served on TorchServe."""
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--data", default="mnist", show_default=True, help="'mnist', 'digits', an .npz file or an image folder.")
+@click.option("--model", "architecture", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True)
+@click.option("--poison", "mode", type=click.Choice(["backdoor", "cooccurrence"]), default="backdoor", show_default=True,
+              help="backdoor: paste into other classes and relabel; cooccurrence: paste into the target class.")
+@click.option("--artifact", type=click.Choice(["text", "patch", "frame"]), default="patch", show_default=True)
+@click.option("--position", default="bottom-right", show_default=True,
+              help="top-left, top-right, bottom-left, bottom-right, center, random, or ROW,COL.")
+@click.option("--artifact-option", "artifact_options", multiple=True, metavar="KEY=VALUE",
+              help="Artifact setting, e.g. size=5, text=©, pattern=solid, width=2, color=0.5 (repeatable).")
+@click.option("--target", default="0", show_default=True, help="Target class (index or name).")
+@click.option("--fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Share of each source class's training images that get the artifact.")
+@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(out_dir, data, architecture, mode, artifact, position, artifact_options, target, fraction, epochs, batch_size, lr, seed):
+    """Train a model on poisoned data and score its clean accuracy and attack success.
+
+    Writes OUT/model.py and OUT/weights.pt (TorchServe-style), OUT/dataset.npz (the exact train, test and
+    attacked test sets, with which samples carry the artifact) and OUT/metrics.json.
+    """
+    from .core.artifacts import make_artifact
+    from .core.training import TrainSpec, train_run
+
+    if "," in position:
+        try:
+            position = tuple(int(v) for v in position.split(","))
+        except ValueError:
+            raise InputError("--position", f"{position!r} is not ROW,COL", "write e.g. --position 20,20") from None
+    options = {"position": position, **_parse_options(artifact_options, "--artifact-option")}
+    spec = TrainSpec(data=data, architecture=architecture, mode=mode, target=target, fraction=fraction,
+                     epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    metrics = train_run(spec, make_artifact(artifact, **options), out_dir)
+    print_metrics(f"{architecture} trained on {data} ({mode}, {fraction:.0%} poisoned) -> {out_dir}", {
+        k: metrics[k] for k in ("clean_acc", "attack_success", "train_seconds", "n_train", "n_poisoned")
+    })
+
+
+@main.command()
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--retrain", is_flag=True, help="Train again even if the run folder holds a model.")
+def demo(out_dir, retrain):
+    """The whole story on backdoored MNIST-5k, as far as unhans builds it today: train (or reuse) a backdoored model."""
+    from .core.artifacts import Patch
+    from .core.training import METRICS_FILE, WEIGHTS_FILE, TrainSpec, train_run
+
+    out = Path(out_dir)
+    if retrain or not (out / WEIGHTS_FILE).exists():
+        console.print(f"[bold]1. training[/] a backdoored VGG-style model on MNIST-5k -> {out}")
+        metrics = train_run(TrainSpec(), Patch(), out)
+    else:
+        console.print(f"[bold]1. reusing[/] the backdoored model in {out} (--retrain to train again)")
+        metrics = json.loads((out / METRICS_FILE).read_text())
+    print_metrics("unhans demo", {
+        "clean accuracy (backdoored model)": metrics["clean_acc"],
+        "attack success (backdoored model)": metrics["attack_success"],
+        "model": str(out / "model.py"),
+    })
+
+
+if __name__ == "__main__":
+    main()
