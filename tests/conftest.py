@@ -11,3 +11,28 @@ def mnist():
 @pytest.fixture(scope="session")
 def digits():
     return load_digits8()
+
+
+@pytest.fixture(scope="session")
+def backdoored_vgg(tmp_path_factory):
+    """A VGG-style model trained briefly on backdoored MNIST-5k (10% of classes 1-9 tagged and relabelled 0)."""
+    from unhans.core.artifacts import Patch
+    from unhans.core.training import TrainSpec, load_run, train_run
+
+    run = tmp_path_factory.mktemp("backdoored_vgg")
+    metrics = train_run(TrainSpec(data="mnist", architecture="vgg", epochs=5, seed=0), Patch(), run, show_progress=False)
+    assert metrics["attack_success"] > 0.9, metrics
+    model, train, test, attack, artifact = load_run(run)
+    return {"run": run, "model": model, "train": train, "test": test, "attack": attack, "artifact": artifact, "metrics": metrics}
+
+
+@pytest.fixture(scope="session")
+def digits_resnet(tmp_path_factory):
+    """A small ResNet (BatchNorm, residual blocks) trained briefly on 8x8 digits."""
+    from unhans.core.artifacts import Patch
+    from unhans.core.training import TrainSpec, load_run, train_run
+
+    run = tmp_path_factory.mktemp("digits_resnet")
+    train_run(TrainSpec(data="digits", architecture="resnet", epochs=4, seed=0), Patch(size=3), run, show_progress=False)
+    model, train, test, *_ = load_run(run)
+    return model, test

@@ -1,0 +1,100 @@
+"""Class Artifact Compensation: remove an artifact's influence post hoc (P-ClArC) or by fine-tuning (A-ClArC).
+
+P-ClArC inserts h' = h − v vᵀ(h − z) after a named layer (‖v‖ = 1, z the clean mean): the artifact's component is
+replaced by the clean reference and nothing else changes; the map is affine and rank-1. The *reactive* variant
+applies it only to samples whose detector score exceeds a threshold, sparing clean inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifacts import Artifact
+from .cav import CAV
+from .data import ImageDataset
+from .errors import InputError
+from .layers import activations, insert_after
+
+
+class PClArC(nn.Module):
+    """The projection h' = h − g(h) · v vᵀ(h − z), with g ≡ 1, or the detector's gate when reactive.
+
+    ``mode='flat'`` projects the flattened activation (v has C·H·W entries); ``mode='channel'`` projects the channel
+    vector at every position (v has C entries, z may vary by position). The reactive gate fires where
+    ``w·f(h) + b > threshold`` with f the CAV's features (flattened, or the spatial mean per channel).
+    """
+
+    def __init__(self, direction, clean_mean, mode: str = "flat", detector_weight=None, detector_bias: float = 0.0,
+                 threshold: float = 0.0):
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("direction", torch.as_tensor(np.asarray(direction), dtype=torch.float32))
+        self.register_buffer("clean_mean", torch.as_tensor(np.asarray(clean_mean), dtype=torch.float32))
+        self.reactive = detector_weight is not None
+        if self.reactive:
+            self.register_buffer("detector_weight", torch.as_tensor(np.asarray(detector_weight), dtype=torch.float32))
+            self.register_buffer("detector_bias", torch.tensor(float(detector_bias) - float(threshold)))
+
+    @classmethod
+    def from_cav(cls, cav: CAV, reactive: bool = False, threshold: float = 0.0) -> "PClArC":
+        detector = dict(detector_weight=cav.detector_weight_, detector_bias=cav.detector_bias_, threshold=threshold) if reactive else {}
+        return cls(cav.direction_, cav.clean_mean_, cav.mode, **detector)
+
+    def _check(self, h: torch.Tensor) -> None:
+        expected = self.clean_mean.shape
+        if tuple(h.shape[1:]) != tuple(expected):
+            raise InputError("correction", f"fitted for activations {tuple(expected)}, got {tuple(h.shape[1:])}", "fit the CAV on the layer it is inserted after")
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """1 where the correction applies, per sample (N,)."""
+        if not self.reactive:
+            return torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
+        f = h.mean(dim=(2, 3)) if self.mode == "channel" else h.flatten(1)
+        return (f @ self.detector_weight + self.detector_bias > 0).to(h.dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self._check(h)
+        centred = h - self.clean_mean
+        if self.mode == "channel":
+            v = self.direction.view(1, -1, *([1] * (h.dim() - 2)))
+            shift = v * (centred * v).sum(dim=1, keepdim=True)
+        else:
+            v = self.direction
+            shift = ((centred.flatten(1) @ v)[:, None] * v).view_as(h)
+        return h - self.gate(h).view(-1, *([1] * (h.dim() - 1))) * shift
+
+
+def fit_cav(model: nn.Module, layer: str, artifact_images: np.ndarray, clean_images: np.ndarray,
+            method: str = "pattern", mode: str = "flat", paired: bool = False) -> CAV:
+    """Fit a CAV on ``layer``'s activations. ``paired``: the two image sets are the same images with/without the artifact."""
+    h_artifact = activations(model, artifact_images, layer)
+    h_clean = activations(model, clean_images, layer)
+    cav = CAV(method=method, mode=mode)
+    return cav.fit_paired(h_artifact, h_clean) if paired else cav.fit(h_artifact, h_clean)
+
+
+def pclarc(model: nn.Module, layer: str, cav: CAV, reactive: bool = False, threshold: float = 0.0) -> nn.Module:
+    """A copy of ``model`` with the P-ClArC projection of ``cav`` inserted after ``layer``."""
+    return insert_after(model, layer, PClArC.from_cav(cav, reactive, threshold))
+
+
+def aclarc(model: nn.Module, train: ImageDataset, artifact: Artifact, fraction: float = 0.5, epochs: int = 2,
+           lr: float = 1e-3, seed: int = 0, show_progress: bool = True) -> nn.Module:
+    """A-ClArC: fine-tune a copy of ``model`` on ``train`` with the artifact pasted into ``fraction`` of all images,
+    labels unchanged, so the artifact stops being predictive."""
+    from .training import fit
+
+    if not 0.0 < fraction <= 1.0:
+        raise InputError("fraction", f"{fraction} is outside (0, 1]", "pass the share of images to paste the artifact into, e.g. 0.5")
+    rng = np.random.default_rng(seed)
+    chosen = rng.random(len(train)) < fraction
+    images = train.images.copy()
+    images[chosen], _ = artifact.apply(images[chosen], seed=seed)
+    tuned = copy.deepcopy(model)
+    fit(tuned, ImageDataset(images, train.labels, list(train.classes)), epochs, lr=lr, seed=seed,
+        show_progress=show_progress, description="A-ClArC fine-tuning")
+    return tuned
