@@ -80,6 +80,18 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
 
 
 def test_cli_help_on_every_subcommand():
-    for command in ([], ["train"], ["demo"]):
+    for command in ([], ["train"], ["aclarc"], ["demo"]):
         result = _cli(*command, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_cli_train_then_aclarc(tmp_path):
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert _cli("train", "--out", str(run), "--data", "digits", "--epochs", "3", "--artifact-option", "size=3").returncode == 0
+    result = _cli("aclarc", "--run", str(run), "--out", str(tuned), "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    assert metrics["aclarc"]["source_run"] == str(run)
+    assert set(metrics) >= {"clean_acc_before", "attack_success_before", "clean_acc", "attack_success"}
+    model, *_ = load_run(tuned)  # a run folder of its own, loadable like any other
+    assert not torch.equal(model.state_dict()["classifier.fc2.weight"], load_run(run)[0].state_dict()["classifier.fc2.weight"])
