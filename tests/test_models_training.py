@@ -80,7 +80,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
 
 
 def test_cli_help_on_every_subcommand():
-    for command in ([], ["train"], ["aclarc"], ["demo"]):
+    for command in ([], ["train"], ["audit"], ["aclarc"], ["demo"]):
         result = _cli(*command, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout
 

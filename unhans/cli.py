@@ -115,6 +115,63 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 
 
 @main.command()
+@click.option("--model", "model_file", type=click.Path(dir_okay=False), help="Model file (one nn.Module class), e.g. RUN/model.py.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="state_dict file, e.g. RUN/weights.pt.")
+@click.option("--data", help="Labelled data: an image folder (one sub-folder per class), an .npz file, 'mnist' or 'digits'.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run folder from 'unhans train': sets --model, --weights and --data.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Audit folder (resumed if it exists).")
+@click.option("--layer", default="input", show_default=True, help="Where to analyse relevance: 'input' or a layer name.")
+@click.option("--composite", default="epsilon_plus_flat", show_default=True, help="epsilon_plus_flat or epsilon_gamma_box.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="Images per relevance batch; an interrupted audit loses at most one batch.")
+@click.option("--neighbors", "n_neighbors", type=click.IntRange(1), default=10, show_default=True, help="k of SpRAy's kNN graph.")
+@click.option("--pooling", type=click.IntRange(1), default=2, show_default=True, help="Sum-pool maps PxP before SpRAy.")
+@click.option("--scheduler", help="Address of a Dask scheduler to run relevance batches and SpRAy on (default: this process).")
+@click.option("--jobs", "n_jobs", type=int, default=1, show_default=True, help="Local joblib workers for SpRAy when no scheduler is given.")
+@click.option("--restart", is_flag=True, help="Discard stored relevance and compute everything again.")
+@click.option("--select", "select", metavar="CLASS:CLUSTER", help="Afterwards, write OUT/samples.npz with that cluster as the artifact set.")
+@click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows (.npy or text) as the artifact set.")
+def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids):
+    """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
+
+    Writes OUT/report.html (ranking, spectra, embeddings, prototype heatmaps), OUT/audit.json, OUT/virelay/ (a
+    ViRelAy project: python -m virelay OUT/virelay/project.yaml) and OUT/relevance/ (one HDF5 file per batch), which
+    lets an interrupted audit resume.
+    """
+    import numpy as np
+
+    from .audit.run import AuditSpec, run_audit, select_samples
+    from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+
+    if run_dir:
+        model_file = model_file or str(Path(run_dir) / MODEL_FILE)
+        weights = weights or str(Path(run_dir) / WEIGHTS_FILE)
+        data = data or str(Path(run_dir) / DATASET_FILE)
+    for flag, value in (("--model", model_file), ("--weights", weights), ("--data", data)):
+        if not value:
+            raise InputError(flag, "is missing", "pass it, or --run with a folder from 'unhans train'")
+    spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, composite=composite,
+                     batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs)
+    ranked = run_audit(spec, restart=restart)
+    table = Table(title=f"unhans audit -> {Path(out_dir) / 'report.html'}")
+    for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)"):
+        table.add_column(column)
+    classes = json.loads((Path(out_dir) / "audit.json").read_text())["classes"]
+    for r, summary in zip(ranked, classes):
+        if r.spray is None:
+            table.add_row("-", summary["class"], str(r.n_samples), f"skipped: {r.skipped}", "", "", "")
+        else:
+            table.add_row(str(r.rank), summary["class"], str(r.n_samples), f"{r.suspicion:.3f}", f"{r.lambda2:.4f}", f"{r.fisher_tau:.2f}",
+                          f"{r.n_clusters} {np.bincount(r.labels).tolist()}")
+    console.print(table)
+    if select or select_ids:
+        ids = None
+        if select_ids:
+            ids = np.load(select_ids) if select_ids.endswith(".npy") else np.loadtxt(select_ids, dtype=np.int64, ndmin=1)
+        console.print(f"artifact samples written to {select_samples(out_dir, select, ids)}")
+
+
+@main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder written by 'unhans train'.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write the fine-tuned model to.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,

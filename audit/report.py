@@ -1,0 +1,144 @@
+"""The audit report: one self-contained HTML page plus its PNG images, readable in any browser.
+
+It shows the classes ranked by Clever-Hans suspicion and, per class, the eigenvalue spectrum (a gap after the
+first few eigenvalues means separate strategies), a 2-D embedding coloured by cluster, and prototype heatmaps of
+each cluster overlaid on their images (zennit's ``coldnhot`` colour map: red for evidence for the class).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from zennit.image import imgify  # noqa: E402
+
+PROTOTYPES_PER_CLUSTER = 6
+CLUSTER_COLOURS = plt.get_cmap("tab10")
+
+
+def heatmap_overlay(image: np.ndarray, relevance: np.ndarray, scale: int = 4) -> Image.Image:
+    """An image (C, H, W) in [0, 1] with its relevance (C, H, W) laid over it, enlarged ``scale`` times."""
+    grey = image.mean(axis=0)
+    heat = np.asarray(imgify(relevance.sum(axis=0), symmetric=True, cmap="coldnhot").convert("RGB"), np.float32) / 255
+    weight = np.clip(np.abs(relevance.sum(axis=0)) / (np.abs(relevance.sum(axis=0)).max() + 1e-12), 0, 1)[..., None]
+    blended = (1 - 0.75 * weight) * grey[..., None] + 0.75 * weight * heat
+    picture = Image.fromarray((blended * 255).astype(np.uint8), "RGB")
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def prototypes(embedding: np.ndarray, labels: np.ndarray, cluster: int, count: int = PROTOTYPES_PER_CLUSTER) -> np.ndarray:
+    """Positions (within the class) of the members closest to their cluster's centre in the spectral embedding."""
+    members = np.flatnonzero(labels == cluster)
+    centre = embedding[members].mean(axis=0)
+    order = np.argsort(np.linalg.norm(embedding[members] - centre, axis=1))
+    return members[order[:count]]
+
+
+def _save_strip(path: Path, pictures: list[Image.Image]) -> None:
+    gap = 4
+    strip = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1), max(p.height for p in pictures)), "white")
+    x = 0
+    for picture in pictures:
+        strip.paste(picture, (x, 0))
+        x += picture.width + gap
+    strip.save(path)
+
+
+def _spectrum_plot(path: Path, eigenvalues: np.ndarray, n_clusters: int) -> None:
+    fig, ax = plt.subplots(figsize=(3.6, 2.4), dpi=100)
+    ax.plot(np.arange(1, len(eigenvalues) + 1), eigenvalues, "o-", markersize=3)
+    ax.axvline(n_clusters + 0.5, color="tab:red", linestyle="--", linewidth=1, label=f"gap: {n_clusters} clusters")
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue of L")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _embedding_plot(path: Path, embedding: np.ndarray, labels: np.ndarray, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(3.6, 3.0), dpi=100)
+    for cluster in np.unique(labels):
+        points = embedding[labels == cluster]
+        ax.scatter(points[:, 0], points[:, 1], s=6, color=CLUSTER_COLOURS(int(cluster) % 10), label=f"cluster {cluster} ({len(points)})")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[str], images: np.ndarray, relevance: np.ndarray,
+                 notes: list[str] = ()) -> Path:
+    """Write ``report.html`` and ``report/*.png`` for the ``ranked`` :class:`~unhans.core.spray.ClassResult` list."""
+    out = Path(out_dir)
+    assets = out / "report"
+    assets.mkdir(parents=True, exist_ok=True)
+    rows, sections = [], []
+    for finding in ranked:
+        name = html.escape(classes[finding.class_index])
+        if finding.spray is None:
+            rows.append(f"<tr class='skipped'><td>–</td><td>{name}</td><td>{finding.n_samples}</td><td colspan='6'>skipped: {html.escape(finding.skipped)}</td></tr>")
+            continue
+        spray = finding.spray
+        sizes = np.bincount(spray.labels_).tolist()
+        rows.append(
+            f"<tr><td>{finding.rank}</td><td><a href='#class-{finding.class_index}'>{name}</a></td><td>{finding.n_samples}</td>"
+            f"<td>{finding.suspicion:.3f}</td><td>{spray.lambda2_:.4f}</td><td>{spray.fisher_tau_:.2f}</td>"
+            f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td></tr>"
+        )
+        stem = f"class-{finding.class_index}"
+        _spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
+        embedding = spray.embedding_2d_ if spray.embedding_2d_ is not None else spray.eigenvectors_[:, 1:3]
+        _embedding_plot(assets / f"{stem}-embedding.png", embedding, spray.labels_,
+                        "t-SNE of the spectral embedding" if spray.embedding_2d_ is not None else "eigenvectors 2 and 3")
+        clusters = []
+        for cluster in range(spray.n_clusters_):
+            chosen = finding.indices[prototypes(spray.eigenvectors_[:, : spray.n_clusters_], spray.labels_, cluster)]
+            members = finding.indices[spray.labels_ == cluster]
+            mean_map = relevance[members].mean(axis=0)
+            pictures = [heatmap_overlay(images[members].mean(axis=0), mean_map)] + [heatmap_overlay(images[i], relevance[i]) for i in chosen]
+            _save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
+            clusters.append(
+                f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
+                f"<figcaption>cluster {cluster}: {len(members)} samples — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
+            )
+        sections.append(
+            f"<section id='{stem}'><h2>#{finding.rank} class {name}</h2>"
+            f"<p>{finding.n_samples} samples, {spray.n_clusters_} clusters, λ₂ = {spray.lambda2_:.4f}, τ = {spray.fisher_tau_:.2f}</p>"
+            f"<div class='plots'><img src='report/{stem}-spectrum.png' alt='eigenvalue spectrum'>"
+            f"<img src='report/{stem}-embedding.png' alt='embedding'></div>{''.join(clusters)}</section>"
+        )
+    note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+th:nth-child(2), td:nth-child(2) {{ text-align: left; }} tr.skipped {{ color: #999; }}
+tbody tr:first-child {{ background: #fff3e0; }} .plots img {{ margin-right: 1em; }} figure {{ margin: 0.6em 0; }}
+figcaption {{ font-size: 0.85em; color: #555; }} section {{ border-top: 2px solid #eee; margin-top: 1.5em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Classes ranked by Clever-Hans suspicion: a class whose explanations fall apart into well-separated groups
+(small λ₂, large Fisher separability τ) may be solved with more than one strategy, one of them spurious.
+Look at the prototype heatmaps of each cluster: a cluster whose relevance sits on something other than the object is
+the artifact.</p>
+<ul>{note_items}</ul>
+<h2>Ranking</h2>
+<table id="ranking"><thead><tr><th>rank</th><th>class</th><th>samples</th><th>suspicion</th><th>λ₂</th><th>τ</th>
+<th>eigengap</th><th>clusters</th><th>cluster sizes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+{''.join(sections)}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

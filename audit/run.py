@@ -1,0 +1,200 @@
+"""``unhans audit``: relevance for a whole labelled dataset, SpRAy per class, a ranking, a report, a ViRelAy project.
+
+Relevance is computed in batches and stored as it goes (:class:`~unhans.audit.store.RelevanceStore`), so an interrupted audit resumes.
+Both the relevance batches and the per-class SpRAy fits go through joblib: in-process by default, or on an
+existing Dask cluster when a scheduler address is given (workers receive the model's source and weights, not
+paths, so they need no shared disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed, parallel_config
+from rich.console import Console
+from rich.progress import Progress
+
+from unhans.core.attribution import LRP
+from unhans.core.data import load_dataset
+from unhans.core.errors import InputError
+from unhans.core.models import load_model
+from unhans.core.spray import ClassResult, rank_classes
+
+from .report import write_report
+from .store import RelevanceStore
+from .virelay import write_virelay_project
+
+INPUT = "input"
+console = Console(stderr=True)
+
+
+@dataclass
+class AuditSpec:
+    """Everything that decides an audit (stored in audit.json)."""
+
+    model_file: str
+    weights: str
+    data: str
+    out_dir: str
+    layer: str = INPUT
+    composite: str = "epsilon_plus_flat"
+    batch_size: int = 128
+    n_neighbors: int = 10
+    pooling: int = 2
+    embedding_2d: str = "tsne"
+    scheduler: str | None = None
+    n_jobs: int = 1
+
+
+_LRP_CACHE: dict[str, LRP] = {}
+
+
+def _explain_batch(model_source: str, state: bytes, key: str, composite: str, layer: str, images: np.ndarray, targets: np.ndarray):
+    """Relevance of one batch; runs wherever joblib sends it and keeps one LRP (hooks registered) per process."""
+    lrp = _LRP_CACHE.get(key)
+    if lrp is None:
+        import tempfile
+
+        from unhans.core.models import model_class_from_file
+
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(model_source)
+        model = model_class_from_file(f.name)()
+        model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+        lrp = _LRP_CACHE[key] = LRP(model.eval(), composite, layers=() if layer == INPUT else (layer,))
+    explanation = lrp(torch.from_numpy(images), targets)
+    return {INPUT: explanation.relevance, "logits": explanation.logits, **explanation.layer_relevance}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
+    """Run (or resume) an audit; writes OUT/relevance/, audit.json, report.html and virelay/; returns the ranking."""
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = load_model(spec.model_file, spec.weights)
+    dataset = load_dataset(spec.data, skip_unreadable=True)
+    if dataset.skipped:
+        console.print(f"[yellow]skipped {len(dataset.skipped)} unusable images[/] (listed in {out / 'skipped.txt'})")
+        (out / "skipped.txt").write_text("\n".join(dataset.skipped) + "\n")
+    with torch.no_grad():
+        outputs = model(torch.from_numpy(dataset.images[:2]))
+    if outputs.shape[1] != dataset.num_classes:
+        raise InputError(spec.data, f"has {dataset.num_classes} classes but the model predicts {outputs.shape[1]}",
+                         "audit the model on the data it was trained for (same classes, same order)")
+    if spec.layer != INPUT:
+        from unhans.core.layers import get_layer
+
+        get_layer(model, spec.layer)  # an unknown layer fails here, with the valid names, before any work
+
+    fingerprint = {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": hashlib.sha256(
+        dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest(), "composite": spec.composite, "layer": spec.layer}
+    store_path = out / "relevance"
+    if restart:
+        RelevanceStore.discard(store_path)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    model_source = Path(spec.model_file).read_text()
+    state = Path(spec.weights).read_bytes()
+    with _backend(spec) as parallel_args, nullcontext(RelevanceStore(store_path, len(dataset), spec.batch_size, fingerprint)) as store:
+        pending = store.pending()
+        computed_here = len(pending) / store.num_batches
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"relevance ({spec.composite}, {spec.layer})", total=store.num_batches,
+                                     completed=store.num_batches - len(pending))
+            jobs = (delayed(_explain_batch)(model_source, state, key, spec.composite, spec.layer,
+                                            dataset.images[store.rows(b)], dataset.labels[store.rows(b)]) for b in pending)
+            for batch, arrays in zip(pending, Parallel(return_as="generator", **parallel_args)(jobs)):
+                store.write(batch, arrays)
+                progress.advance(task)
+        arrays = store.read()
+        relevance, analysed = arrays[INPUT], arrays[spec.layer]
+
+        console.print(f"SpRAy on {dataset.num_classes} classes")
+        ranked = rank_classes(analysed, dataset.labels, classes=range(dataset.num_classes), n_jobs=parallel_args["n_jobs"],
+                              n_neighbors=spec.n_neighbors, pooling=spec.pooling, embedding_2d=spec.embedding_2d)
+    seconds = time.perf_counter() - started
+
+    notes = [f"model {spec.model_file}, data {spec.data} ({len(dataset)} samples), composite {spec.composite}, relevance at {spec.layer}",
+             f"{computed_here:.0%} of relevance batches computed in this run (the rest resumed from {store_path.name}/); {seconds:.1f} s"]
+    notes += [f"class {dataset.classes[r.class_index]}: {r.skipped}" for r in ranked if r.skipped]
+    write_report(out, "unhans audit", ranked, dataset.classes, dataset.images, relevance, notes)
+    write_virelay_project(out / "virelay", "unhans audit", Path(spec.model_file).name, dataset.images, dataset.labels,
+                          dataset.classes, relevance, arrays["logits"], spec.composite, [
+                              {"class_index": r.class_index, "index": r.indices, "labels": r.labels, "eigenvalues": r.eigenvalues,
+                               "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])
+    (out / "audit.json").write_text(json.dumps({
+        "spec": spec.__dict__, "seconds": seconds, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
+        "classes": [{**r.summary(), "class": dataset.classes[r.class_index]} for r in ranked],
+        "clusters": {str(r.class_index): {"rows": r.indices.tolist(), "labels": r.labels.tolist()} for r in ranked if r.spray is not None},
+    }, indent=1))
+    return ranked
+
+
+class _backend:
+    """joblib settings: in-process by default, or the Dask cluster at ``spec.scheduler``."""
+
+    def __init__(self, spec: AuditSpec):
+        self.spec = spec
+        self.client = None
+        self.config = None
+
+    def __enter__(self) -> dict:
+        if not self.spec.scheduler:
+            return {"n_jobs": self.spec.n_jobs}
+        from distributed import Client
+
+        try:
+            self.client = Client(self.spec.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as error:
+            raise InputError("--scheduler", f"cannot reach the Dask scheduler at {self.spec.scheduler} ({error})", "start it or check the address") from None
+        self.config = parallel_config(backend="dask")
+        self.config.__enter__()
+        return {"n_jobs": -1}
+
+    def __exit__(self, *exc):
+        if self.config is not None:
+            self.config.__exit__(*exc)
+        if self.client is not None:
+            self.client.close()
+
+
+def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None) -> Path:
+    """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen cluster, or the given ids) and ``clean`` (every
+    other row), the sets ``unhans export --samples`` fits the CAV on."""
+    out = Path(out_dir)
+    audit_file = out / "audit.json"
+    if not audit_file.exists():
+        raise InputError(str(out), "holds no finished audit (audit.json)", "run 'unhans audit' into it first")
+    audit = json.loads(audit_file.read_text())
+    n = sum(c["n"] for c in audit["classes"])
+    if class_cluster is not None:
+        class_name, _, cluster = class_cluster.partition(":")
+        match = [c for c in audit["classes"] if class_name in (c["class"], str(c["class_index"]))]
+        if not match or str(match[0]["class_index"]) not in audit["clusters"]:
+            raise InputError("--select", f"class {class_name!r} has no clusters in this audit", "use CLASS:CLUSTER from the report's ranking")
+        found = audit["clusters"][str(match[0]["class_index"])]
+        labels = np.asarray(found["labels"])
+        if not cluster.isdigit() or int(cluster) not in set(labels.tolist()):
+            raise InputError("--select", f"cluster {cluster!r} of class {class_name} does not exist", f"use one of {sorted(set(labels.tolist()))}")
+        rows = np.asarray(found["rows"])[labels == int(cluster)]
+    else:
+        rows = np.unique(np.asarray(ids, dtype=np.int64))
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= n:
+            raise InputError("--select-ids", f"ids must lie in 0..{n - 1}", "pass dataset row numbers")
+    artifact = np.zeros(n, bool)
+    artifact[rows] = True
+    path = out / "samples.npz"
+    np.savez(path, artifact=np.flatnonzero(artifact), clean=np.flatnonzero(~artifact))
+    return path
+
