@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
+from .clusters import artifact_cluster  # noqa: E402
+
 PROTOTYPES_PER_CLUSTER = 6
 CLUSTER_COLOURS = plt.get_cmap("tab10")
 
@@ -100,6 +102,7 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
         embedding = spray.embedding_2d_ if spray.embedding_2d_ is not None else spray.eigenvectors_[:, 1:3]
         _embedding_plot(assets / f"{stem}-embedding.png", embedding, spray.labels_,
                         "t-SNE of the spectral embedding" if spray.embedding_2d_ is not None else "eigenvectors 2 and 3")
+        suspect, concentrations = artifact_cluster(finding, relevance)
         clusters = []
         for cluster in range(spray.n_clusters_):
             chosen = finding.indices[prototypes(spray.eigenvectors_[:, : spray.n_clusters_], spray.labels_, cluster)]
@@ -109,7 +112,9 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             _save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
-                f"<figcaption>cluster {cluster}: {len(members)} samples — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
+                f"<figcaption>cluster {cluster}: {len(members)} samples, {concentrations[cluster]:.0%} of the mean relevance on 2% of the pixels"
+                f"{' <b>(most concentrated: the likely artifact)</b>' if cluster == suspect else ''}"
+                f" — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
             )
         sections.append(
             f"<section id='{stem}'><h2>#{finding.rank} class {name}</h2>"

@@ -28,6 +28,7 @@ from unhans.core.errors import InputError
 from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
 
+from .clusters import artifact_cluster
 from .report import write_report
 from .store import RelevanceStore
 from .virelay import write_virelay_project
@@ -135,10 +136,17 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
                                "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])
     (out / "audit.json").write_text(json.dumps({
         "spec": spec.__dict__, "seconds": seconds, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
-        "classes": [{**r.summary(), "class": dataset.classes[r.class_index]} for r in ranked],
+        "classes": [{**r.summary(), "class": dataset.classes[r.class_index], **_artifact_summary(r, relevance)} for r in ranked],
         "clusters": {str(r.class_index): {"rows": r.indices.tolist(), "labels": r.labels.tolist()} for r in ranked if r.spray is not None},
     }, indent=1))
     return ranked
+
+
+def _artifact_summary(result: ClassResult, relevance: np.ndarray) -> dict:
+    if result.spray is None:
+        return {}
+    cluster, figures = artifact_cluster(result, relevance)
+    return {"artifact_cluster": cluster, "cluster_concentration": figures}
 
 
 class _backend:
@@ -170,8 +178,8 @@ class _backend:
 
 
 def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None) -> Path:
-    """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen cluster, or the given ids) and ``clean`` (every
-    other row), the sets ``unhans export --samples`` fits the CAV on."""
+    """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen cluster, or the given row ids or boolean mask)
+    and ``clean`` (every other row), the sets ``unhans export --samples`` fits the CAV on."""
     out = Path(out_dir)
     audit_file = out / "audit.json"
     if not audit_file.exists():
@@ -189,9 +197,15 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
             raise InputError("--select", f"cluster {cluster!r} of class {class_name} does not exist", f"use one of {sorted(set(labels.tolist()))}")
         rows = np.asarray(found["rows"])[labels == int(cluster)]
     else:
-        rows = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = np.asarray(ids)
+        if ids.dtype == bool:
+            if ids.shape != (n,):
+                raise InputError("--select-ids", f"the mask has shape {ids.shape} for {n} samples", "pass one boolean per dataset row")
+            rows = np.flatnonzero(ids)
+        else:
+            rows = np.unique(ids.astype(np.int64))
         if rows.size == 0 or rows.min() < 0 or rows.max() >= n:
-            raise InputError("--select-ids", f"ids must lie in 0..{n - 1}", "pass dataset row numbers")
+            raise InputError("--select-ids", f"selects no row in 0..{n - 1}", "pass dataset row numbers or a boolean mask")
     artifact = np.zeros(n, bool)
     artifact[rows] = True
     path = out / "samples.npz"

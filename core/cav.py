@@ -38,6 +38,14 @@ def features(h: np.ndarray, mode: str) -> np.ndarray:
     return h.reshape(len(h), -1)
 
 
+def fingerprint(direction, clean_mean, detector_weight, detector_bias: float) -> str:
+    """A short hash of what a correction depends on, so deployed files can be matched to the CAV they carry."""
+    digest = hashlib.sha256()
+    for array in (np.float32(direction), np.float32(clean_mean), np.float64(detector_weight), np.float64([detector_bias])):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 class CAV(BaseEstimator):
     """Fit ``direction_`` (unit v), ``clean_mean_`` (z, shaped like one sample's activation) and a detector.
 
@@ -116,8 +124,4 @@ class CAV(BaseEstimator):
         return features(h, self.mode) @ self.detector_weight_ + self.detector_bias_
 
     def fingerprint(self) -> str:
-        """A short hash of what the correction depends on, for metadata of deployed files."""
-        digest = hashlib.sha256()
-        for array in (self.direction_, self.clean_mean_, np.float64(self.detector_weight_), np.float64([self.detector_bias_])):
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()[:16]
+        return fingerprint(self.direction_, self.clean_mean_, self.detector_weight_, self.detector_bias_)

@@ -32,11 +32,11 @@ class PClArC(nn.Module):
                  threshold: float = 0.0):
         super().__init__()
         self.mode = mode
-        self.register_buffer("direction", torch.as_tensor(np.asarray(direction), dtype=torch.float32))
-        self.register_buffer("clean_mean", torch.as_tensor(np.asarray(clean_mean), dtype=torch.float32))
+        self.register_buffer("direction", torch.tensor(np.array(direction), dtype=torch.float32))
+        self.register_buffer("clean_mean", torch.tensor(np.array(clean_mean), dtype=torch.float32))
         self.reactive = detector_weight is not None
         if self.reactive:
-            self.register_buffer("detector_weight", torch.as_tensor(np.asarray(detector_weight), dtype=torch.float32))
+            self.register_buffer("detector_weight", torch.tensor(np.array(detector_weight), dtype=torch.float32))
             self.register_buffer("detector_bias", torch.tensor(float(detector_bias) - float(threshold)))
 
     @classmethod

@@ -152,13 +152,14 @@ def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageD
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
     if not class_dirs:
         raise InputError(str(path), "has no class sub-folders", "put the images of each class in a sub-folder named after it")
-    pictures, labels, skipped = [], [], []
+    pictures, files, labels, skipped = [], [], [], []
     for label, class_dir in enumerate(class_dirs):
         for file in sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
             try:
                 with Image.open(file) as picture:
                     picture.load()
                     pictures.append(picture.copy())
+                    files.append(file)
                     labels.append(label)
             except (OSError, UnidentifiedImageError) as error:
                 if not skip_unreadable:
@@ -171,14 +172,14 @@ def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageD
     keep = [i for i, s in enumerate(sizes) if s == common]
     if len(keep) < len(pictures):
         odd = [i for i, s in enumerate(sizes) if s != common]
-        first = pictures[odd[0]]
         if not skip_unreadable:
+            width, height = sizes[odd[0]]
             raise InputError(
-                str(getattr(first, "filename", path)),
-                f"is {first.size[0]}x{first.size[1]} but most images are {common[0]}x{common[1]} ({len(odd)} differ)",
+                str(files[odd[0]]),
+                f"is {width}x{height} but most images are {common[0]}x{common[1]} ({len(odd)} differ)",
                 "resize all images to one size",
             )
-        skipped += [f"{getattr(pictures[i], 'filename', '?')}: size {sizes[i][0]}x{sizes[i][1]}" for i in odd]
+        skipped += [f"{files[i]}: size {sizes[i][0]}x{sizes[i][1]}" for i in odd]
     grey = all(pictures[i].mode in ("L", "1", "I", "I;16", "F") for i in keep)
     mode = "L" if grey else "RGB"
     arrays = [np.asarray(pictures[i].convert(mode), dtype=np.uint8) for i in keep]

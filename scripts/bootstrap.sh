@@ -12,6 +12,16 @@ if [ -z "$java_major" ] || [ "$java_major" -lt 11 ]; then
   exit 1
 fi
 
+# The audit report is tested in headless Chromium.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "unhans: installing chromium (Debian package) for the report tests" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "unhans: chromium is missing (the report tests need it): 'sudo apt-get install -y chromium'" >&2
+  fi
+fi
+
 python=""
 for candidate in python3.13 python3.12 python3.11 python3; do
   if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

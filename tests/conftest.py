@@ -1,4 +1,9 @@
 import pytest
+import torch
+
+# One torch thread: tests share two cores with TorchServe and Dask workers they start, and OpenMP threads that
+# oversubscribe the cores made training up to 40x slower. Speed is measured by bench/, not here.
+torch.set_num_threads(1)
 
 from unhans.core.data import load_digits8, load_mnist5k
 

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from . import __version__
 from .core.errors import InputError
+from .export.cli import archive_command, export_command, inspect_command
+from .output import console, print_table, results
 
-console = Console(stderr=True)
 
 
 class UnhansGroup(click.Group):
@@ -56,15 +56,6 @@ def _parse_options(pairs: tuple[str, ...], flag: str) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
-
-
-def print_metrics(title: str, rows: dict) -> None:
-    table = Table(title=title)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
 
 
 @click.group(cls=UnhansGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +100,7 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
     spec = TrainSpec(data=data, architecture=architecture, mode=mode, target=target, fraction=fraction,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     metrics = train_run(spec, make_artifact(artifact, **options), out_dir)
-    print_metrics(f"{architecture} trained on {data} ({mode}, {fraction:.0%} poisoned) -> {out_dir}", {
+    print_table(f"{architecture} trained on {data} ({mode}, {fraction:.0%} poisoned) -> {out_dir}", {
         k: metrics[k] for k in ("clean_acc", "attack_success", "train_seconds", "n_train", "n_poisoned")
     })
 
@@ -130,7 +121,7 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--jobs", "n_jobs", type=int, default=1, show_default=True, help="Local joblib workers for SpRAy when no scheduler is given.")
 @click.option("--restart", is_flag=True, help="Discard stored relevance and compute everything again.")
 @click.option("--select", "select", metavar="CLASS:CLUSTER", help="Afterwards, write OUT/samples.npz with that cluster as the artifact set.")
-@click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows (.npy or text) as the artifact set.")
+@click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
 def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
@@ -163,7 +154,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
         else:
             table.add_row(str(r.rank), summary["class"], str(r.n_samples), f"{r.suspicion:.3f}", f"{r.lambda2:.4f}", f"{r.fisher_tau:.2f}",
                           f"{r.n_clusters} {np.bincount(r.labels).tolist()}")
-    console.print(table)
+    results.print(table)
     if select or select_ids:
         ids = None
         if select_ids:
@@ -208,7 +199,7 @@ def aclarc(run_dir, out_dir, fraction, epochs, lr, seed):
         "aclarc": {"source_run": str(run), "fraction": fraction, "epochs": epochs, "lr": lr, "seed": seed},
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    print_metrics(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
+    print_table(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
 
 
 @main.command()
@@ -226,12 +217,15 @@ def demo(out_dir, retrain):
     else:
         console.print(f"[bold]1. reusing[/] the backdoored model in {out} (--retrain to train again)")
         metrics = json.loads((out / METRICS_FILE).read_text())
-    print_metrics("unhans demo", {
+    print_table("unhans demo", {
         "clean accuracy (backdoored model)": metrics["clean_acc"],
         "attack success (backdoored model)": metrics["attack_success"],
         "model": str(out / "model.py"),
     })
 
+
+for command in (export_command, inspect_command, archive_command):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,111 @@
+"""Package a corrected ONNX graph for TorchServe: one ``.mar`` holding the graph, its PyTorch twin and their config.
+
+The twin (model.py + weights.pt + the correction spec) is checked against the graph before packing, so the archive
+never ships two models that disagree. torch-model-archiver runs as a subprocess with its scratch folder inside a
+private staging folder: it otherwise works in ``/tmp/NAME``, which concurrent archives of one name would share.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..core.errors import InputError
+from ..core.layers import insert_after
+from ..core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, load_run
+from .correction import load_correction
+from .onnx import META, TOLERANCE, correction_path, load_onnx
+from .runtime import run_batched, session
+
+GRAPH_FILE, SPEC_FILE = "model.onnx", "correction.npz"
+HANDLER_MODULE = "unhans.handlers.onnx_handler"
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accepts in /predictions/NAME
+
+
+def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_store: str | Path, batch_size: int = 8,
+                  max_batch_delay_ms: int = 20, workers: int = 1, topk: int = 3, threads: int = 1, version: str = "1.0",
+                  force: bool = False) -> Path:
+    """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file`` and the run it was exported from.
+
+    ``batch_size`` / ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads
+    of each worker's onnxruntime session (TorchServe's own ONNX loader would take every core per worker).
+    """
+    onnx_file, run_dir, model_store = Path(onnx_file), Path(run_dir), Path(model_store)
+    if not NAME_PATTERN.match(name):
+        raise InputError("--name", f"{name!r} is not a valid model name", "use letters, digits, '_' and '-', starting with a letter")
+    if not model_store.is_dir():
+        raise InputError("--model-store", f"{model_store} is not a folder", "create it or pass TorchServe's model store")
+    target = model_store / f"{name}.mar"
+    if target.exists() and not force:
+        raise InputError("--name", f"{target} exists", "pass --force to replace it, or another name")
+    for needed in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE):
+        if not (run_dir / needed).is_file():
+            raise InputError("--run", f"{run_dir / needed} is missing", "pass the run folder the graph was exported from")
+    graph = load_onnx(onnx_file)
+    spec_file = correction_path(onnx_file)
+    if not spec_file.is_file():
+        raise InputError("--onnx", f"{spec_file} is missing", "export the graph with 'unhans export', which writes the spec beside it")
+    correction, layer = load_correction(spec_file)
+    recorded = {p.key: p.value for p in graph.metadata_props}.get(META + "cav.fingerprint")
+    if recorded != correction.fingerprint():
+        raise InputError("--onnx", f"{spec_file.name} (fingerprint {correction.fingerprint()}) is not the correction in the graph ({recorded})",
+                         "export again so graph and spec match")
+    model, train, test, *_ = load_run(run_dir)
+    _check_twin(graph, model, layer, correction, test.images[:32])
+
+    staging = Path(tempfile.mkdtemp(prefix=".unhans-archive-", dir=model_store))
+    try:
+        files = staging / "files"
+        files.mkdir()
+        shutil.copyfile(onnx_file, files / GRAPH_FILE)
+        shutil.copyfile(spec_file, files / SPEC_FILE)
+        for needed in (MODEL_FILE, WEIGHTS_FILE):
+            shutil.copyfile(run_dir / needed, files / needed)
+        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(train.classes)}))
+        (files / "metrics.yaml").write_text(yaml.safe_dump(_metrics_config(), sort_keys=False))
+        config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
+                  "responseTimeout": 120, "unhans": {"topk": topk, "intra_op_threads": threads, "layer": layer}}
+        (files / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        extra = [files / n for n in (MODEL_FILE, WEIGHTS_FILE, SPEC_FILE, "index_to_name.json", "metrics.yaml")]
+        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
+                   "--serialized-file", str(files / GRAPH_FILE), "--handler", importlib.util.find_spec(HANDLER_MODULE).origin,
+                   "--extra-files", ",".join(map(str, extra)), "--config-file", str(files / "model-config.yaml"),
+                   "--export-path", str(staging), "--force"]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(staging)})
+        if done.returncode != 0 or not (staging / f"{name}.mar").is_file():
+            problem = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise InputError("archive", f"torch-model-archiver failed ({problem[0]})", "check that torch-model-archiver is installed")
+        (staging / f"{name}.mar").replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _check_twin(graph, model, layer: str, correction, images: np.ndarray) -> None:
+    """Refuse to pack a PyTorch twin whose corrected outputs differ from the graph's."""
+    twin = insert_after(model, layer, correction.module())
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(images)).numpy()
+    got = run_batched(session(graph.SerializeToString(), cuda=False), images)[0]
+    diff, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
+    if not diff <= TOLERANCE * max(scale, 1e-12):
+        raise InputError("--run", f"the run's model with the correction differs from the graph by {diff:.3g} (max |logit| {scale:.3g})",
+                         "pass the run folder the graph was exported from")
+
+
+def _metrics_config() -> dict:
+    """The metric the handler emits, in TorchServe's metrics.yaml format (TorchServe reads the file named by
+    ``metrics_config`` in config.properties; this copy documents what the archive's handler reports)."""
+    return {"dimensions": ["ModelName", "Level"],
+            "model_metrics": {"counter": [{"name": "ArtifactDetected", "unit": "Count", "dimensions": ["ModelName", "Level"]}]}}

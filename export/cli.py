@@ -1,0 +1,169 @@
+"""``unhans export``, ``unhans inspect`` and ``unhans archive``: thin click layers over :mod:`unhans.export`.
+
+Defined as plain commands; the main group registers them (``main.add_command(export_command)`` ...), and its
+error handling turns every :class:`InputError` into one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..core.cav import CAV_METHODS, CAV_MODES
+from ..core.errors import InputError
+from ..output import print_table, results
+
+PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
+
+
+def _images(path: str, argument: str, shape: tuple) -> np.ndarray:
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(argument, f"cannot read {path} ({error})", "pass a .npy array of images (N, C, H, W)") from None
+    if images.ndim != 4 or (shape and tuple(images.shape[1:]) != tuple(shape)) or len(images) < 2:
+        raise InputError(argument, f"{path} holds shape {images.shape}", f"pass at least 2 images shaped (N, {', '.join(map(str, shape)) or 'C, H, W'})")
+    return np.ascontiguousarray(images, np.float32)
+
+
+def _index(z, key: str, n: int, path: str) -> np.ndarray:
+    if key not in z:
+        raise InputError("--samples", f"{path} has no array {key!r}", "write arrays 'artifact' and 'clean' (boolean masks or indices)")
+    index = np.asarray(z[key])
+    if index.dtype == bool:
+        if index.shape != (n,):
+            raise InputError("--samples", f"mask {key!r} has shape {index.shape}, the run's training set {n} samples", "write one entry per training sample")
+        return np.flatnonzero(index)
+    if not np.issubdtype(index.dtype, np.integer) or index.ndim != 1 or (index.size and (index.min() < -n or index.max() >= n)):
+        raise InputError("--samples", f"{key!r} is not a list of indices into {n} training samples", "write boolean masks or integer indices")
+    return index
+
+
+def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndarray, np.ndarray]:
+    """(artifact images, clean images) for fitting the CAV, from the options in order of precedence."""
+    train = None
+    if run_dir is not None:
+        from ..core.poison import load_scenario
+        from ..core.training import DATASET_FILE
+
+        if not (Path(run_dir) / DATASET_FILE).is_file():
+            raise InputError("--run", f"{Path(run_dir) / DATASET_FILE} is missing", "pass a run folder written by 'unhans train'")
+        train = load_scenario(Path(run_dir) / DATASET_FILE)[0]
+    shape = train.image_shape if train is not None else ()
+    if artifact_samples:
+        artifact = _images(artifact_samples, "--artifact-samples", shape)
+        if clean_samples:
+            return artifact, _images(clean_samples, "--clean-samples", artifact.shape[1:])
+        if train is None:
+            raise InputError("--clean-samples", "is needed without --run", "pass images without the artifact, or --run")
+        return artifact, train.images[~train.has_artifact]
+    if train is None:
+        raise InputError("--run", "no samples to fit the CAV on", "pass --run, or --artifact-samples and --clean-samples")
+    if samples:
+        with np.load(samples, allow_pickle=False) as z:
+            artifact, clean = (_index(z, key, len(train), samples) for key in ("artifact", "clean"))
+        return train.images[artifact], train.images[clean]
+    if not train.has_artifact.any():
+        raise InputError("--run", "its training set marks no sample as carrying the artifact", "pass --samples or --artifact-samples")
+    return train.images[train.has_artifact], train.images[~train.has_artifact]
+
+
+@click.command("export")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder written by 'unhans train' (model and samples).")
+@click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph).")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Correct this existing ONNX graph instead of exporting the run's model.")
+@click.option("--tensor", help="With --onnx: the tensor to correct, by name (instead of --layer).")
+@click.option("--mode", type=click.Choice(CAV_MODES), default="flat", show_default=True,
+              help="flat: the whole activation (fixed-position artifacts); channel: the channel vector at every position.")
+@click.option("--method", type=click.Choice(CAV_METHODS), default="pattern", show_default=True, help="How the CAV direction is fitted.")
+@click.option("--reactive", is_flag=True, help="Correct only samples whose detector score exceeds --threshold (never folded).")
+@click.option("--threshold", type=float, default=0.0, show_default=True, help="Detector score above which a sample counts as carrying the artifact (and, with --reactive, is corrected).")
+@click.option("--no-fold", "no_fold", is_flag=True, help="Insert the correction as ops even where it could be folded into a linear layer.")
+@click.option("--samples", type=click.Path(dir_okay=False), help=".npz with 'artifact' and 'clean' masks or indices into the run's training set.")
+@click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
+@click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write; the correction spec goes beside it.")
+def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out):
+    """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
+
+    Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
+    that is exact (else inserts a few rank-1 ops), and writes OUT plus OUT's .correction.npz. With --onnx the
+    model is an existing graph and activations come from onnxruntime.
+    """
+    from .correction import Correction
+    from .onnx import export_onnx, export_torch, fit_cav_onnx, load_onnx
+
+    if onnx_file is None and (run_dir is None or layer is None or tensor is not None):
+        raise InputError("--run/--layer", "exporting a PyTorch run needs --run and --layer (--tensor only with --onnx)",
+                         "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
+    artifact, clean = _samples(run_dir, samples, artifact_samples, clean_samples)
+    probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
+    fold = not no_fold
+    if onnx_file is not None:
+        cav = fit_cav_onnx(load_onnx(onnx_file), artifact, clean, tensor, layer, method, mode)
+        report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold)
+    else:
+        from ..core.clarc import fit_cav
+        from ..core.training import MODEL_FILE, WEIGHTS_FILE
+        from ..core.models import load_model
+
+        model = load_model(Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE)
+        cav = fit_cav(model, layer, artifact, clean, method, mode)
+        report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold)
+    print_table(f"unhans export -> {report.path}", {
+        "tensor": report.tensor, "folded": report.folded, "nodes": f"{report.nodes_before} -> {report.nodes_after}",
+        "max |onnxruntime - torch|": report.max_abs_diff, "max |logit|": report.logit_scale,
+        "max |score - detector|": "no detector" if report.score_max_abs_diff is None else report.score_max_abs_diff,
+        "correction spec": report.spec_path, "seconds": report.seconds, "cav fingerprint": report.metadata["unhans.cav.fingerprint"],
+    })
+
+
+@click.command("inspect")
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as one JSON object.")
+def inspect_command(onnx_file, as_json):
+    """Print what an ONNX file says about itself: unhans's correction metadata, inputs and outputs."""
+    import onnx
+
+    from .onnx import read_metadata
+
+    metadata = read_metadata(onnx_file)
+    if as_json:
+        click.echo(json.dumps(metadata, indent=2))
+        return
+    model = onnx.load(onnx_file, load_external_data=False)
+
+    def signature(values):
+        dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        return ", ".join(f"{v.name}{dims(v)}" for v in values)
+
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    print_table(f"{onnx_file}", {"inputs": signature(model.graph.input), "outputs": signature(model.graph.output),
+                            "nodes": len(model.graph.node), "ir version": model.ir_version, "opsets": opsets, **metadata})
+    if not any(key.startswith("unhans.") for key in metadata):
+        results.print("no unhans correction recorded in this file")
+
+
+@click.command("archive")
+@click.option("--onnx", "onnx_file", required=True, type=click.Path(dir_okay=False), help="Graph written by 'unhans export'.")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder the graph was exported from.")
+@click.option("--name", required=True, help="Model name: TorchServe serves it at /predictions/NAME.")
+@click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="TorchServe server-side batch size.")
+@click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="Milliseconds TorchServe waits to fill a batch.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="onnxruntime intra-op threads per worker.")
+@click.option("--topk", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an archive of the same name.")
+def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, force):
+    """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe."""
+    from .archive import build_archive
+
+    path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force)
+    print_table(f"unhans archive -> {path}", {
+        "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
+        "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",
+    })

@@ -1,0 +1,51 @@
+"""The one place unhans opens onnxruntime sessions, so every session avoids the same traps (NOTES.md §3).
+
+onnxruntime's thread pool spins between runs and can slow PyTorch in the same process 30-50×, so spinning is off
+and thread counts are explicit. The CUDA provider is requested only where a GPU is really there: onnxruntime-gpu
+lists it even without one and logs errors when it is asked for blindly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def cuda_available() -> bool:
+    """True where onnxruntime has its CUDA provider and a CUDA device is present."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def session(model: bytes | str | Path, threads: int = 1, cuda: bool | None = None) -> ort.InferenceSession:
+    """An inference session on ``model`` (serialised bytes or a path) with ``threads`` intra-op threads, no spinning.
+
+    ``cuda=None`` uses the GPU when one is available; verification passes ``cuda=False`` so it compares float32 CPU
+    kernels with PyTorch's rather than GPU kernels that may use reduced precision.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    use_cuda = cuda_available() if cuda is None else cuda
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+def run_batched(sess: ort.InferenceSession, images: np.ndarray, outputs: list[str] | None = None, batch_size: int = 256) -> list[np.ndarray]:
+    """Run ``sess`` on ``images`` in batches; returns the requested outputs (default: all), concatenated."""
+    name = sess.get_inputs()[0].name
+    chunks = [sess.run(outputs, {name: np.ascontiguousarray(images[i : i + batch_size], np.float32)})
+              for i in range(0, len(images), batch_size)]
+    return [np.concatenate(parts) for parts in zip(*chunks)]

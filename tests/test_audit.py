@@ -1,0 +1,179 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+from unhans.audit.run import AuditSpec, run_audit, select_samples
+from unhans.core.artifacts import Patch
+from unhans.core.errors import InputError
+from unhans.core.training import TrainSpec, train_run
+
+
+@pytest.fixture(scope="module")
+def audited(backdoored_vgg, tmp_path_factory):
+    run = backdoored_vgg["run"]
+    out = tmp_path_factory.mktemp("audit")
+    spec = AuditSpec(model_file=str(run / "model.py"), weights=str(run / "weights.pt"), data=str(run / "dataset.npz"), out_dir=str(out))
+    return spec, run_audit(spec), backdoored_vgg["train"]
+
+
+def test_audit_flags_the_poisoned_class_and_its_artifact_cluster(audited):
+    spec, ranked, train = audited
+    assert ranked[0].class_index == train.target
+    labels = ranked[0].labels
+    members = train.labels == train.target
+    assert adjusted_rand_score(train.has_artifact[members], labels) >= 0.9
+    summary = json.loads((Path(spec.out_dir) / "audit.json").read_text())
+    assert summary["classes"][0]["class_index"] == train.target and summary["classes"][0]["rank"] == 1
+    assert len(summary["classes"]) == 10
+
+
+def test_select_writes_the_artifact_sample_sets(audited):
+    spec, ranked, train = audited
+    members = np.flatnonzero(train.labels == train.target)
+    tagged = int(np.bincount(ranked[0].labels, weights=train.has_artifact[members]).argmax())
+    path = select_samples(spec.out_dir, f"{train.target}:{tagged}")
+    with np.load(path) as samples:
+        artifact, clean = samples["artifact"], samples["clean"]
+    assert len(artifact) + len(clean) == len(train) and not set(artifact) & set(clean)
+    assert train.has_artifact[artifact].mean() > 0.95 and train.has_artifact[clean].mean() < 0.01
+    with pytest.raises(InputError, match="cluster '7'"):
+        select_samples(spec.out_dir, f"{train.target}:7")
+    ids_path = select_samples(spec.out_dir, ids=np.array([3, 1, 3]))
+    assert np.load(ids_path)["artifact"].tolist() == [1, 3]
+    mask = np.zeros(len(train), bool)
+    mask[[0, 5]] = True
+    assert np.load(select_samples(spec.out_dir, ids=mask))["artifact"].tolist() == [0, 5]
+    with pytest.raises(InputError, match="one boolean per dataset row"):
+        select_samples(spec.out_dir, ids=mask[:-1])
+
+
+def test_report_renders_in_headless_chromium(audited, tmp_path):
+    spec, ranked, train = audited
+    report = Path(spec.out_dir) / "report.html"
+    page = report.read_text()
+    assert "id=\"ranking\"" in page and f"class-{train.target}-cluster-0.png" in page
+    for image in Path(spec.out_dir, "report").glob("*.png"):
+        Image.open(image).verify()
+    shot = tmp_path / "shot.png"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/bootstrap.sh"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1400", f"--screenshot={shot}", report.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (1400, 1200)
+    # the ranking table's highlighted first row (#fff3e0) and the warm colours of the heatmaps are on screen
+    assert ((pixels == [255, 243, 224]).all(axis=2)).sum() > 1000
+    warm = (pixels[..., 0] > 180) & (pixels[..., 2] < 110) & (pixels[..., 0] - pixels[..., 2] > 100)
+    assert warm.sum() > 1000
+
+
+def test_virelay_loads_the_project(audited):
+    from virelay.model import Project
+
+    spec, ranked, train = audited
+    project = Project(str(Path(spec.out_dir) / "virelay" / "project.yaml"))
+    try:
+        assert len(project.dataset.get_sample(0).data) > 0
+        database = project.analyses["spectral"][0]
+        categories = {c.name for c in database.get_categories()}
+        assert str(train.target) in categories and len(categories) == 10
+        clustering = database.get_clustering_names()[0]
+        analysis = database.get_analysis(str(train.target), clustering, "spectral")
+        assert len(analysis.attribution_indices) == (train.labels == train.target).sum()
+        assert analysis.eigenvalues is not None and analysis.eigenvalues[0] < 1e-6
+        assert project.attributions[0].get_attribution(int(analysis.attribution_indices[0])).data.size == 28 * 28
+    finally:
+        project.close()
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("digits_run")
+    train_run(TrainSpec(data="digits", epochs=3), Patch(size=3), run, show_progress=False)
+    return run
+
+
+def _spec(run, out, **extra):
+    return AuditSpec(model_file=str(run / "model.py"), weights=str(run / "weights.pt"), data=str(run / "dataset.npz"),
+                     out_dir=str(out), embedding_2d=None, **extra)
+
+
+def test_killed_audit_resumes_without_redoing_work(digits_run, tmp_path):
+    out = tmp_path / "audit"
+    command = [sys.executable, "-m", "unhans.cli", "audit", "--run", str(digits_run), "--out", str(out), "--batch-size", "16"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((out / "relevance").glob("batch-*.h5"))) < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {p.name for p in (out / "relevance").glob("batch-*.h5")}
+    total = -(-int(json.loads((out / "relevance" / "meta.json").read_text())["n"]) // 16)
+    assert 20 <= len(done_before) < total
+    resumed = run_audit(_spec(digits_run, out, batch_size=16))
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["computed_fraction_this_run"] == pytest.approx((total - len(done_before)) / total)
+    fresh = run_audit(_spec(digits_run, tmp_path / "fresh", batch_size=16))
+    assert [r.class_index for r in resumed] == [r.class_index for r in fresh]
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(resumed, fresh))
+
+
+def test_resume_refuses_another_model(digits_run, tmp_path):
+    run_audit(_spec(digits_run, tmp_path))
+    other = tmp_path / "other"
+    shutil.copytree(digits_run, other)
+    train_run(TrainSpec(data="digits", epochs=1, seed=5), Patch(size=3), other, show_progress=False)
+    with pytest.raises(InputError, match="another audit"):
+        run_audit(_spec(other, tmp_path))
+    run_audit(_spec(other, tmp_path), restart=True)
+
+
+def test_bad_images_are_listed_and_skipped_and_mismatches_stop(digits_run, tmp_path):
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (folder / str(c)).mkdir(parents=True)
+        for i in range(12 if c != 4 else 0):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / str(c) / f"{i}.png")
+    (folder / "3" / "broken.png").write_bytes(b"nope")
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(folder / "3" / "odd.png")
+    spec = _spec(digits_run, tmp_path / "a", n_neighbors=5)
+    spec.data = str(folder)
+    ranked = run_audit(spec)
+    skipped = (tmp_path / "a" / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 2 and any("broken.png" in s for s in skipped) and any("odd.png" in s for s in skipped)
+    empty = next(r for r in ranked if r.class_index == 4)
+    assert empty.spray is None and "0 samples" in empty.skipped
+    summary = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert summary["skipped_images"] == 2
+    three = tmp_path / "three.npz"
+    np.savez(three, images=rng.random((30, 8, 8)), labels=np.arange(30) % 3)
+    spec.data, spec.out_dir = str(three), str(tmp_path / "b")
+    with pytest.raises(InputError, match="has 3 classes but the model predicts 10"):
+        run_audit(spec)
+    spec.data, spec.layer = str(digits_run / "dataset.npz"), "features.pool9"
+    with pytest.raises(InputError, match="features.pool"):
+        run_audit(spec)
+
+
+def test_audit_on_a_local_dask_cluster(digits_run, tmp_path):
+    from distributed import LocalCluster
+
+    local = run_audit(_spec(digits_run, tmp_path / "local"))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as cluster:
+        remote = run_audit(_spec(digits_run, tmp_path / "dask", scheduler=cluster.scheduler_address))
+    assert [r.class_index for r in remote] == [r.class_index for r in local]
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(remote, local))
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler"):
+        run_audit(_spec(digits_run, tmp_path / "none", scheduler="tcp://127.0.0.1:9"))

@@ -1,0 +1,308 @@
+"""export/: P-ClArC baked into ONNX graphs (PyTorch and ONNX-only routes), folded exactly, verified, served by TorchServe."""
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from unhans.core.clarc import fit_cav, pclarc
+from unhans.core.errors import InputError
+from unhans.core.layers import activations, insert_after
+from unhans.core.training import predict
+from unhans.export import onnx as onnx_export
+from unhans.export.archive import build_archive
+from unhans.export.cli import export_command, inspect_command
+from unhans.export.correction import Correction, load_correction
+from unhans.export.graph import scope_output
+from unhans.export.runtime import run_batched, session
+
+LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
+FOLDABLE = {("vgg", "flat"): True, ("vgg", "channel"): True, ("resnet", "flat"): False, ("resnet", "channel"): True}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Backdoored 8x8-digits VGG and ResNet run folders, with pattern CAVs in both modes and their uncorrected graphs."""
+    from unhans.core.artifacts import Patch
+    from unhans.core.training import TrainSpec, load_run, train_run
+
+    root = tmp_path_factory.mktemp("export_runs")
+    out = {}
+    for arch in LAYERS:
+        train_run(TrainSpec(data="digits", architecture=arch, epochs=4, seed=0), Patch(size=3), root / arch, show_progress=False)
+        model, train, test, attack, _ = load_run(root / arch)
+        artifact, clean = train.images[train.has_artifact], train.images[~train.has_artifact]
+        out[arch] = {
+            "dir": root / arch, "model": model, "train": train, "test": test, "attack": attack,
+            "probe": np.concatenate([artifact[:16], clean[:16]]),
+            "cav": {mode: fit_cav(model, LAYERS[arch], artifact, clean, mode=mode) for mode in ("flat", "channel")},
+        }
+        out[arch]["plain"] = root / f"{arch}_plain.onnx"
+        onnx.save(onnx_export.torch_to_onnx(model, out[arch]["probe"]), str(out[arch]["plain"]))
+    return out
+
+
+def _logits(path_or_model, images):
+    model = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else path_or_model
+    return run_batched(session(model), images)[0]
+
+
+def _torch_logits(model, images):
+    with torch.no_grad():
+        return model(torch.from_numpy(images)).numpy()
+
+
+@pytest.mark.parametrize("arch,mode", sorted(FOLDABLE))
+def test_pytorch_route_matches_pclarc(runs, arch, mode, tmp_path):
+    run, cav = runs[arch], runs[arch]["cav"][mode]
+    out = tmp_path / "corrected.onnx"
+    report = onnx_export.export_torch(run["model"], LAYERS[arch], Correction.from_cav(cav, detector=False), run["probe"], out)
+    assert report.folded == FOLDABLE[(arch, mode)]
+    # unfolded: Flatten, 2 Gemms, Reshape (flat); 1x1 Conv + Add (channel)
+    assert report.nodes_after - report.nodes_before == (0 if report.folded else (4 if mode == "flat" else 2))
+    reference = pclarc(run["model"], LAYERS[arch], cav)
+    images = np.concatenate([run["test"].images, run["attack"].images])
+    got, expected = _logits(out, images), _torch_logits(reference, images)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert (got.argmax(1) == predict(reference, images)).mean() >= 0.999
+    assert np.allclose(_logits(out, images[:1]), expected[:1], atol=1e-4 * np.abs(expected).max())  # batch axis is dynamic
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.ir_version <= onnx_export.MAX_IR_VERSION and model.opset_import[0].version >= 18
+    assert all(i.data_location != onnx.TensorProto.EXTERNAL for i in model.graph.initializer) and len(list(tmp_path.iterdir())) == 2
+    assert report.spec_path.is_file() and load_correction(report.spec_path)[1] == LAYERS[arch]
+
+
+@pytest.mark.parametrize("arch,mode", sorted(FOLDABLE))
+def test_folding_is_exact_and_adds_no_node(runs, arch, mode, tmp_path):
+    run = runs[arch]
+    correction = Correction.from_cav(run["cav"][mode], detector=False)
+    folded = onnx_export.export_onnx(run["plain"], correction, run["probe"], tmp_path / "folded.onnx", layer=LAYERS[arch])
+    inserted = onnx_export.export_onnx(run["plain"], correction, run["probe"], tmp_path / "inserted.onnx", layer=LAYERS[arch], fold=False)
+    assert folded.folded == FOLDABLE[(arch, mode)] and not inserted.folded
+    if folded.folded:
+        assert folded.nodes_after == folded.nodes_before
+    else:
+        assert folded.nodes_after == inserted.nodes_after > inserted.nodes_before
+    # never a dense DxD matrix: new weights are vectors of one activation's size, or the CxC channel projection
+    sizes = [i.dims for i in onnx.load(str(tmp_path / "inserted.onnx")).graph.initializer if i.name.startswith("unhans.pclarc")]
+    shape = run["cav"][mode].clean_mean_.shape
+    assert max(int(np.prod(d)) for d in sizes) == (int(np.prod(shape)) if mode == "flat" else shape[0] ** 2)
+    images = np.concatenate([run["test"].images, run["attack"].images])
+    a, b = _logits(tmp_path / "folded.onnx", images), _logits(tmp_path / "inserted.onnx", images)
+    expected = _torch_logits(pclarc(run["model"], LAYERS[arch], run["cav"][mode]), images)
+    scale = np.abs(expected).max()
+    assert np.abs(a - b).max() <= 1e-4 * scale and np.abs(a - expected).max() <= 1e-4 * scale
+
+
+def test_channel_insertion_forms_are_exact(runs, tmp_path, monkeypatch):
+    """Wide layers get 3 rank-1 nodes instead of the CxC Conv; a z that is the same at every position makes one Conv."""
+    from unhans.export import graph
+
+    run = runs["resnet"]
+    cav = run["cav"]["channel"]
+    uniform = np.broadcast_to(cav.clean_mean_.mean(axis=(1, 2), keepdims=True), cav.clean_mean_.shape)
+    images = np.concatenate([run["test"].images[:64], run["attack"].images[:64]])
+    for correction, dense_max, added in ((Correction(cav.direction_, uniform, "channel"), 256, 1),
+                                         (Correction.from_cav(cav, detector=False), 0, 3)):
+        monkeypatch.setattr(graph, "DENSE_CHANNELS_MAX", dense_max)
+        report = onnx_export.export_onnx(run["plain"], correction, run["probe"], tmp_path / "c.onnx", layer=LAYERS["resnet"], fold=False)
+        assert report.nodes_after - report.nodes_before == added
+        reference = insert_after(run["model"], LAYERS["resnet"], correction.module())
+        expected = _torch_logits(reference, images)
+        assert np.abs(_logits(tmp_path / "c.onnx", images) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_onnx_route_without_pytorch_source(runs, tmp_path):
+    """A foreign graph (no name scopes, IR version 14): fit the CAV on onnxruntime activations, correct by tensor name."""
+    run = runs["vgg"]
+    foreign = onnx.load(str(run["plain"]))
+    tensor = scope_output(foreign, LAYERS["vgg"])
+    for node in foreign.graph.node:
+        del node.metadata_props[:]
+    foreign.ir_version = 14
+    source = tmp_path / "foreign.onnx"
+    onnx.save(foreign, str(source))
+    model = onnx_export.load_onnx(source)
+    with pytest.raises(InputError, match="did you mean"):
+        onnx_export.fit_cav_onnx(model, run["probe"], run["probe"], tensor=tensor[:-1])
+    train = run["train"]
+    cav = onnx_export.fit_cav_onnx(model, train.images[train.has_artifact], train.images[~train.has_artifact], tensor=tensor)
+    assert float(cav.direction_ @ run["cav"]["flat"].direction_) > 0.9999  # the same CAV as from PyTorch activations
+    report = onnx_export.export_onnx(source, Correction.from_cav(cav), run["probe"], tmp_path / "out.onnx", tensor=tensor)
+    assert report.folded and report.tensor == tensor
+    images = run["attack"].images
+    got = run_batched(session(str(tmp_path / "out.onnx")), images)
+    expected = _torch_logits(pclarc(run["model"], LAYERS["vgg"], cav), images)
+    assert np.abs(got[0] - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.allclose(got[1], cav.decision_function(activations(run["model"], images, LAYERS["vgg"])), atol=1e-3)
+    assert onnx.load(str(tmp_path / "out.onnx")).ir_version == onnx_export.MAX_IR_VERSION
+    assert onnx_export.read_metadata(tmp_path / "out.onnx")["unhans.source.sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_reactive_gate_lives_in_the_graph(runs, tmp_path):
+    run, mode = runs["vgg"], "flat"
+    cav = run["cav"][mode]
+    report = onnx_export.export_torch(run["model"], LAYERS["vgg"], Correction.from_cav(cav, reactive=True), run["probe"], tmp_path / "r.onnx", fold=True)
+    assert not report.folded  # a per-sample gate is not affine: it cannot fold
+    images = np.concatenate([run["test"].images, run["attack"].images])
+    logits, scores = run_batched(session(str(tmp_path / "r.onnx")), images)
+    plain = _logits(run["plain"], images)
+    quiet = scores <= 0
+    assert quiet[: len(run["test"])].mean() > 0.9 and (~quiet[len(run["test"]):]).mean() > 0.9
+    assert np.array_equal(logits[quiet], plain[quiet])  # clean rows pass through the uncorrected path untouched
+    corrected = _torch_logits(pclarc(run["model"], LAYERS["vgg"], cav), images)
+    assert np.abs(logits[~quiet] - corrected[~quiet]).max() <= 1e-4 * np.abs(corrected).max()
+    assert np.allclose(scores, cav.decision_function(activations(run["model"], images, LAYERS["vgg"])), atol=1e-3)
+
+
+def test_refuses_mismatch_and_bad_input_leaving_no_file(runs, tmp_path, monkeypatch):
+    run = runs["vgg"]
+    out = tmp_path / "out" / "x.onnx"
+    correction = Correction.from_cav(run["cav"]["flat"])
+    real = onnx_export.apply_correction
+
+    def corrupted(model, tensor, correction, fold):
+        graph, folded = real(model, tensor, correction, fold)
+        weight = next(i for i in graph.graph.initializer if i.name == "classifier.fc1.weight")
+        array = onnx.numpy_helper.to_array(weight).copy()
+        array[0, :] += 0.05
+        weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+        return graph, folded
+
+    monkeypatch.setattr(onnx_export, "apply_correction", corrupted)
+    with pytest.raises(InputError, match="differs from PyTorch"):
+        onnx_export.export_onnx(run["plain"], correction, run["probe"], out, layer=LAYERS["vgg"])
+    monkeypatch.undo()
+    pool1 = fit_cav(run["model"], "features.pool1", run["probe"][:16], run["probe"][16:])
+    with pytest.raises(InputError, match="fit the CAV on the layer"):
+        onnx_export.export_onnx(run["plain"], Correction.from_cav(pool1), run["probe"], out, layer=LAYERS["vgg"])
+    with pytest.raises(InputError, match="did you mean.*features.pool2"):
+        onnx_export.export_onnx(run["plain"], correction, run["probe"], out, layer="features.pool")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a graph")
+    with pytest.raises(InputError, match="not an ONNX model"):
+        onnx_export.load_onnx(garbage)
+    broken = onnx.load(str(run["plain"]))
+    broken.graph.node[0].input[0] = "nowhere"
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(InputError, match="checker"):
+        onnx_export.load_onnx(tmp_path / "broken.onnx")
+    future = onnx.load(str(run["plain"]))
+    future.opset_import[0].version = 99
+    onnx.save(future, str(tmp_path / "future.onnx"))
+    with pytest.raises(InputError, match="checker|onnxruntime"):
+        onnx_export.load_onnx(tmp_path / "future.onnx")
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_metadata_inspect_and_cli(runs, tmp_path):
+    run = runs["vgg"]
+    train = run["train"]
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, artifact=train.has_artifact, clean=np.flatnonzero(~train.has_artifact))
+    out = tmp_path / "cli.onnx"
+    runner = CliRunner()
+    result = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--mode", "channel",
+                                            "--samples", str(samples), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metadata = onnx_export.read_metadata(out)
+    cav = run["cav"]["channel"]
+    assert metadata["unhans.cav.fingerprint"] == cav.fingerprint() == Correction.from_cav(cav).fingerprint()
+    assert metadata["unhans.correction.layer"] == LAYERS["vgg"] and metadata["unhans.correction.mode"] == "channel"
+    assert metadata["unhans.folded"] == "true" and metadata["unhans.correction.reactive"] == "false"
+    assert metadata["unhans.source.kind"] == "pytorch state_dict"
+    assert float(metadata["unhans.verify.max_abs_diff"]) <= 1e-4 * float(metadata["unhans.verify.logit_scale"])
+    shown = runner.invoke(inspect_command, [str(out), "--json"])
+    assert json.loads(shown.output)["unhans.version"] == metadata["unhans.version"]
+    assert "artifact_score" in runner.invoke(inspect_command, [str(out)]).output
+    bad = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", "features.pool3", "--out", str(tmp_path / "bad.onnx")])
+    assert isinstance(bad.exception, InputError) and "features.pool2" in str(bad.exception)
+    assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.correction.npz").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _torchserve(store: Path, name: str, work: Path):
+    """A real TorchServe on free loopback ports, token auth on, in its own working and temp folder; always stopped."""
+    config = (REPO / "model_store" / "config.properties").read_text()
+    ports = {}
+    for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
+        ports[key] = _free_port()
+        config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{ports[key]}")
+    assert "disable_token_authorization=false" in config
+    (work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n")
+    bin_dir = Path(sys.executable).parent
+    # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
+    env = {**os.environ, "TMPDIR": str(work), "TEMP": str(work), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(bin_dir / "torchserve"), "--ncs", "--model-store", str(store), "--ts-config", str(work / "config.properties")]
+    # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
+    with open(work / "torchserve.out", "wb") as log:
+        try:
+            subprocess.run(command[:1] + ["--start"] + command[1:] + ["--models", f"{name}={name}.mar"], cwd=work, env=env, check=True,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=60)
+            yield f"http://127.0.0.1:{ports['inference_address']}"
+        finally:
+            subprocess.run([str(bin_dir / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, stdout=log,
+                           stderr=subprocess.STDOUT, timeout=90)
+
+
+def _post(url: str, body: bytes, key: str | None, content_type: str):
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
+    return json.loads(urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30).read())
+
+
+@pytest.mark.integration
+def test_integration_torchserve_serves_the_archive(runs, tmp_path):
+    """Integration: build the .mar, start a real TorchServe (token auth on), ask it for predictions, stop it."""
+    run = runs["vgg"]
+    graph = tmp_path / "vgg.onnx"
+    onnx_export.export_torch(run["model"], LAYERS["vgg"], Correction.from_cav(run["cav"]["flat"]), run["probe"], graph)
+    store, work = tmp_path / "store", tmp_path / "work"
+    store.mkdir()
+    work.mkdir()
+    with pytest.raises(InputError, match="--name"):
+        build_archive(graph, run["dir"], "bad name", store)
+    mar = build_archive(graph, run["dir"], "vgg", store)
+    assert mar == store / "vgg.mar" and sorted(p.name for p in store.iterdir()) == ["vgg.mar"]
+    image = run["attack"].images[0]
+    expected_logits, expected_score = run_batched(session(str(graph)), image[None])
+    with _torchserve(store, "vgg", work) as url:
+        deadline, key, answer = time.monotonic() + 75, None, None
+        npy = io.BytesIO()
+        np.save(npy, image)
+        while answer is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if (work / "key_file.json").is_file():
+                key = json.loads((work / "key_file.json").read_text())["inference"]["key"]
+                try:
+                    answer = _post(f"{url}/predictions/vgg", npy.getvalue(), key, "application/octet-stream")
+                except (urllib.error.URLError, ConnectionError):
+                    continue  # the worker is still loading
+        assert answer is not None, (work / "logs" / "model_log.log").read_text()[-3000:]
+        assert answer["label"] == int(expected_logits.argmax()) and len(answer["probabilities"]) == 3
+        assert abs(answer["artifact_score"] - float(expected_score[0])) < 1e-4 * max(1.0, abs(float(expected_score[0])))
+        as_json = _post(f"{url}/predictions/vgg", json.dumps(image.tolist()).encode(), key, "application/json")
+        assert as_json["label"] == answer["label"]
+        with pytest.raises(urllib.error.HTTPError):  # token authorization is on
+            _post(f"{url}/predictions/vgg", npy.getvalue(), None, "application/octet-stream")
