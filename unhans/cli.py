@@ -204,24 +204,13 @@ def aclarc(run_dir, out_dir, fraction, epochs, lr, seed):
 
 @main.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
 @click.option("--retrain", is_flag=True, help="Train again even if the run folder holds a model.")
-def demo(out_dir, retrain):
-    """The whole story on backdoored MNIST-5k, as far as unhans builds it today: train (or reuse) a backdoored model."""
-    from .core.artifacts import Patch
-    from .core.training import METRICS_FILE, WEIGHTS_FILE, TrainSpec, train_run
+def demo(out_dir, model_store, retrain):
+    """The story on backdoored MNIST-5k: train, audit, find the artifact, patch it in ONNX, archive for TorchServe."""
+    from .demo import run_demo
 
-    out = Path(out_dir)
-    if retrain or not (out / WEIGHTS_FILE).exists():
-        console.print(f"[bold]1. training[/] a backdoored VGG-style model on MNIST-5k -> {out}")
-        metrics = train_run(TrainSpec(), Patch(), out)
-    else:
-        console.print(f"[bold]1. reusing[/] the backdoored model in {out} (--retrain to train again)")
-        metrics = json.loads((out / METRICS_FILE).read_text())
-    print_table("unhans demo", {
-        "clean accuracy (backdoored model)": metrics["clean_acc"],
-        "attack success (backdoored model)": metrics["attack_success"],
-        "model": str(out / "model.py"),
-    })
+    print_table("unhans demo", run_demo(out_dir, model_store, retrain))
 
 
 for command in (export_command, inspect_command, archive_command):
