@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from common import report
 from sklearn.metrics import adjusted_rand_score
 
 from unhans.audit.run import AuditSpec, run_audit
@@ -77,15 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         figures = measure(args.run or Path(scratch) / "vgg", Path(scratch))
-    table = Table(title="audit: backdoored MNIST-5k, VGG-style, input relevance (EpsilonPlusFlat)")
-    for column in ("figure", "value", "target"):
-        table.add_column(column)
-    for key, value in figures.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value), TARGETS.get(key, ""))
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-
+    report("audit: backdoored MNIST-5k, VGG-style, input relevance (EpsilonPlusFlat)", figures, TARGETS, args.json)
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,12 @@ the last max-pool (features.pool2, flattened), pattern method.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
+from common import report
+from science_spray import measure as measure_spray_scale
 from sklearn.metrics import adjusted_rand_score
 
 from unhans.core.artifacts import Patch
@@ -29,8 +27,6 @@ from unhans.core.clarc import aclarc, fit_cav, pclarc
 from unhans.core.spray import rank_classes
 from unhans.core.training import TrainSpec, attack_success, clean_accuracy, load_run, train_run
 
-sys.path.insert(0, str(Path(__file__).parent))
-from science_spray import measure as measure_spray_scale  # noqa: E402
 
 LAYER = "features.pool2"
 TARGETS = {
@@ -82,15 +78,7 @@ def main() -> None:
     if not args.skip_scale:
         figures.update(measure_spray_scale())
 
-    table = Table(title="explanation core: backdoored MNIST-5k (VGG-style), SpRAy at scale")
-    for column in ("figure", "value", "target"):
-        table.add_column(column)
-    for key, value in figures.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value), TARGETS.get(key, ""))
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-
+    report("explanation core: backdoored MNIST-5k (VGG-style), SpRAy at scale", figures, TARGETS, args.json)
 
 if __name__ == "__main__":
     main()

@@ -168,19 +168,9 @@ def main() -> None:
         print(json.dumps(child_100k(args.seed)))
         return
 
-    from rich.console import Console
-    from rich.table import Table
+    from common import report
 
-    results = measure(args.seed)
-    table = Table(title="SpRAy: agreement with CoRelAy (real MNIST), speed and memory (synthetic relevance maps)")
-    for column in ("figure", "value", "target"):
-        table.add_column(column)
-    for key, value in results.items():
-        table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value), TARGETS.get(key, ""))
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-
+    report("SpRAy: agreement with CoRelAy (real MNIST), speed and memory (synthetic relevance maps)", measure(args.seed), TARGETS, args.json)
 
 if __name__ == "__main__":
     main()

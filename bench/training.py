@@ -9,12 +9,11 @@ resnet_train_seconds. Targets (issue 2): VGG >= 0.96 / >= 0.95 in <= 180 s on 2 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+
+from common import report
 
 from unhans.core.artifacts import Patch
 from unhans.core.training import TrainSpec, train_run
@@ -42,15 +41,7 @@ def main() -> None:
             results[f"{architecture}_attack_success"] = metrics["attack_success"]
             results[f"{architecture}_train_seconds"] = metrics["train_seconds"]
 
-    table = Table(title="training: backdoored MNIST-5k, 10% poisoning, 5x5 checker patch")
-    for column in ("figure", "value", "target"):
-        table.add_column(column)
-    for key, value in results.items():
-        table.add_row(key, f"{value:.4f}" if "seconds" not in key else f"{value:.1f}", TARGETS[key])
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-
+    report("training: backdoored MNIST-5k, 10% poisoning, 5x5 checker patch", results, TARGETS, args.json)
 
 if __name__ == "__main__":
     main()

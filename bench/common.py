@@ -1,0 +1,22 @@
+"""What every benchmark ends with: a table of its figures against their targets, and optionally a JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def report(title: str, figures: dict, targets: dict, json_path: Path | None) -> None:
+    """Print ``figures`` (name -> value) beside their ``targets``; write them as one JSON object to ``json_path``."""
+    table = Table(title=title)
+    for column in ("figure", "value", "target"):
+        table.add_column(column)
+    for key, value in figures.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, shown, targets.get(key, ""))
+    Console().print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2))
