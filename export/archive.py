@@ -29,7 +29,7 @@ from .onnx import META, TOLERANCE, correction_path, load_onnx
 from .runtime import run_batched, session
 
 GRAPH_FILE, SPEC_FILE = "model.onnx", "correction.npz"
-HANDLER_MODULE = "unhans.handlers.onnx_handler"
+HANDLER_MODULE = "unhans.handlers.unhans_handler"
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accepts in /predictions/NAME
 
 
@@ -75,7 +75,10 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
         (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(train.classes)}))
         (files / "metrics.yaml").write_text(yaml.safe_dump(_metrics_config(), sort_keys=False))
         config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
-                  "responseTimeout": 120, "unhans": {"topk": topk, "intra_op_threads": threads, "layer": layer}}
+                  "responseTimeout": 120, "unhans": {
+                      "topk": topk, "intra_op_threads": threads, "layer": layer,
+                      "preprocess": dict(zip(("channels", "height", "width"), map(int, train.image_shape))),
+                  }}
         (files / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         extra = [files / n for n in (MODEL_FILE, WEIGHTS_FILE, SPEC_FILE, "index_to_name.json", "metrics.yaml")]
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,

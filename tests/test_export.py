@@ -3,14 +3,6 @@
 import hashlib
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +24,6 @@ from unhans.export.runtime import run_batched, session
 
 LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
 FOLDABLE = {("vgg", "flat"): True, ("vgg", "channel"): True, ("resnet", "flat"): False, ("resnet", "channel"): True}
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -236,44 +227,8 @@ def test_metadata_inspect_and_cli(runs, tmp_path):
     assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.correction.npz").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _torchserve(store: Path, name: str, work: Path):
-    """A real TorchServe on free loopback ports, token auth on, in its own working and temp folder; always stopped."""
-    config = (REPO / "model_store" / "config.properties").read_text()
-    ports = {}
-    for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
-        ports[key] = _free_port()
-        config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{ports[key]}")
-    assert "disable_token_authorization=false" in config
-    (work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n")
-    bin_dir = Path(sys.executable).parent
-    # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
-    env = {**os.environ, "TMPDIR": str(work), "TEMP": str(work), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    command = [str(bin_dir / "torchserve"), "--ncs", "--model-store", str(store), "--ts-config", str(work / "config.properties")]
-    # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
-    with open(work / "torchserve.out", "wb") as log:
-        try:
-            subprocess.run(command[:1] + ["--start"] + command[1:] + ["--models", f"{name}={name}.mar"], cwd=work, env=env, check=True,
-                           stdout=log, stderr=subprocess.STDOUT, timeout=60)
-            yield f"http://127.0.0.1:{ports['inference_address']}"
-        finally:
-            subprocess.run([str(bin_dir / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, timeout=90)
-
-
-def _post(url: str, body: bytes, key: str | None, content_type: str):
-    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
-    return json.loads(urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30).read())
-
-
 @pytest.mark.integration
-def test_integration_torchserve_serves_the_archive(runs, tmp_path):
+def test_integration_torchserve_serves_the_archive(runs, tmp_path, torchserve):
     """Integration: build the .mar, start a real TorchServe (token auth on), ask it for predictions, stop it."""
     run = runs["vgg"]
     graph = tmp_path / "vgg.onnx"
@@ -287,22 +242,14 @@ def test_integration_torchserve_serves_the_archive(runs, tmp_path):
     assert mar == store / "vgg.mar" and sorted(p.name for p in store.iterdir()) == ["vgg.mar"]
     image = run["attack"].images[0]
     expected_logits, expected_score = run_batched(session(str(graph)), image[None])
-    with _torchserve(store, "vgg", work) as url:
-        deadline, key, answer = time.monotonic() + 75, None, None
+    with torchserve(store, "vgg", work) as server:
         npy = io.BytesIO()
         np.save(npy, image)
-        while answer is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if (work / "key_file.json").is_file():
-                key = json.loads((work / "key_file.json").read_text())["inference"]["key"]
-                try:
-                    answer = _post(f"{url}/predictions/vgg", npy.getvalue(), key, "application/octet-stream")
-                except (urllib.error.URLError, ConnectionError):
-                    continue  # the worker is still loading
-        assert answer is not None, (work / "logs" / "model_log.log").read_text()[-3000:]
+        status, answer = server.post("/predictions/vgg", npy.getvalue(), "application/octet-stream")
+        assert status == 200, answer
         assert answer["label"] == int(expected_logits.argmax()) and len(answer["probabilities"]) == 3
         assert abs(answer["artifact_score"] - float(expected_score[0])) < 1e-4 * max(1.0, abs(float(expected_score[0])))
-        as_json = _post(f"{url}/predictions/vgg", json.dumps(image.tolist()).encode(), key, "application/json")
-        assert as_json["label"] == answer["label"]
-        with pytest.raises(urllib.error.HTTPError):  # token authorization is on
-            _post(f"{url}/predictions/vgg", npy.getvalue(), None, "application/octet-stream")
+        status, as_json = server.post("/predictions/vgg", json.dumps(image.tolist()).encode(), "application/json")
+        assert status == 200 and as_json["label"] == answer["label"]
+        status, _ = server.post("/predictions/vgg", npy.getvalue(), "application/octet-stream", authorize=False)
+        assert status in (400, 401)  # token authorization is on

@@ -1,0 +1,188 @@
+"""Turning TorchServe request rows into model inputs and options, and relevance into response fields.
+
+Pure functions, no TorchServe: everything a client can get wrong is decided here and raised as
+:class:`RequestError`, which the handler turns into that request's own 4xx answer while the rest of the batch is
+served normally.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+OPTIONS = ("explain", "target", "format", "downsample", "topk")
+FORMATS = ("none", "float16-base64", "png", "list")
+
+
+class RequestError(Exception):
+    """A client mistake in one request: answered with ``status`` and a JSON body naming the field and the problem."""
+
+    def __init__(self, field: str, problem: str, status: int = 400):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem, self.status = field, problem, status
+
+    def body(self) -> dict:
+        return {"error": {"field": self.field, "problem": self.problem, "status": self.status}}
+
+
+@dataclass
+class Preprocess:
+    """How raw inputs become model inputs, declared in the archive's model-config.yaml (``unhans.preprocess``)."""
+
+    channels: int
+    height: int
+    width: int
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    max_payload_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """[0, 1] pixels to model inputs: (x − mean) / std per channel."""
+        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        return ((x - mean) / std).astype(np.float32)
+
+
+@dataclass
+class Request:
+    """One HTTP request: its instances (N, C, H, W) and options; ``many`` when the client sent ``instances``."""
+
+    inputs: np.ndarray
+    many: bool
+    explain: bool = False
+    targets: list[int | None] = field(default_factory=list)
+    format: str = "float16-base64"
+    downsample: int = 1
+    topk: int = 3
+
+
+def _image(data: bytes, pre: Preprocess) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            picture = picture.convert("L" if pre.channels == 1 else "RGB").resize((pre.width, pre.height))
+            pixels = np.asarray(picture, np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise RequestError("body", f"is not a decodable PNG/JPEG image or .npy array ({error})") from None
+    return pixels.reshape(pre.height, pre.width, pre.channels).transpose(2, 0, 1)
+
+
+def _array(value, pre: Preprocess, where: str) -> np.ndarray:
+    """A nested list or array as one (C, H, W) instance in [0, 1]: shape, channels and finiteness checked."""
+    try:
+        x = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RequestError(where, "is not a numeric array") from None
+    if x.ndim == 2 and pre.channels == 1:
+        x = x[None]
+    if x.ndim == 3 and x.shape[-1] == pre.channels and x.shape[0] != pre.channels:
+        x = x.transpose(2, 0, 1)
+    if x.shape != pre.shape:
+        channel_hint = f" (got {x.shape[0]} channels, the model takes {pre.channels})" if x.ndim == 3 and x.shape[1:] == pre.shape[1:] else ""
+        raise RequestError(where, f"has shape {list(x.shape)}, the model takes {list(pre.shape)} (C, H, W){channel_hint}", 422)
+    if not np.isfinite(x).all():
+        raise RequestError(where, "contains NaN or Inf", 422)
+    if x.min() < 0 or x.max() > 1:
+        raise RequestError(where, f"has values in [{x.min():.3g}, {x.max():.3g}]; send pixels scaled to [0, 1]", 422)
+    return x
+
+
+def _options(source: dict, request: Request, n: int) -> None:
+    unknown = sorted(set(source) - set(OPTIONS) - {"instances", "data", "body", "inputs"})
+    if unknown:
+        raise RequestError(unknown[0], f"is not an option; use {list(OPTIONS)}")
+    explain = source.get("explain", request.explain)
+    if isinstance(explain, str):
+        explain = explain.strip().lower() in ("1", "true", "yes")
+    request.explain = bool(explain)
+    fmt = source.get("format", request.format)
+    if fmt not in FORMATS:
+        raise RequestError("format", f"{fmt!r} is unknown; use one of {list(FORMATS)}")
+    request.format = fmt
+    for name in ("downsample", "topk"):
+        value = source.get(name, getattr(request, name))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(name, f"is {value!r}; use an integer >= 1")
+        setattr(request, name, value)
+    target = source.get("target", "predicted")
+    targets = target if isinstance(target, list) else [target] * n
+    if len(targets) != n:
+        raise RequestError("target", f"has {len(targets)} entries for {n} instances; give one, or one per instance")
+    request.targets = []
+    for t in targets:
+        if t in ("predicted", None):
+            request.targets.append(None)
+        elif isinstance(t, int) and not isinstance(t, bool):
+            request.targets.append(t)
+        else:
+            raise RequestError("target", f"{t!r} is not 'predicted' or a class index")
+
+
+def parse(row: dict, pre: Preprocess, explain_header: bool = False) -> Request:
+    """One TorchServe row (``data``/``body``: JSON, image bytes or ``.npy`` bytes) as a :class:`Request`."""
+    body = row.get("data") if row.get("data") is not None else row.get("body")
+    if body is None:
+        raise RequestError("body", "is empty; send an image, a .npy array or JSON with 'instances'")
+    if isinstance(body, (bytes, bytearray)) and len(body) > pre.max_payload_bytes:
+        raise RequestError("body", f"has {len(body)} bytes, more than the limit of {pre.max_payload_bytes}", 413)
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body)
+        if body.startswith(b"\x93NUMPY"):
+            try:
+                array = np.load(io.BytesIO(body), allow_pickle=False)
+            except ValueError as error:
+                raise RequestError("body", f"is not a readable .npy array ({error})") from None
+            return _single(array, pre, explain_header)
+        if body[:1] in (b"{", b"["):
+            try:
+                body = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise RequestError("body", f"is not valid JSON ({error})") from None
+        else:
+            request = Request(_image(body, pre)[None], many=False, explain=explain_header)
+            _options({}, request, 1)
+            return request
+    if isinstance(body, dict):
+        instances = body.get("instances", body.get("inputs"))
+        if instances is None:
+            raise RequestError("instances", "is missing; send {\"instances\": [...]} or one array")
+        if not isinstance(instances, list) or not instances:
+            raise RequestError("instances", "must be a non-empty list of arrays")
+        request = Request(np.stack([_array(x, pre, f"instances[{i}]") for i, x in enumerate(instances)]), many=True, explain=explain_header)
+        _options(body, request, len(instances))
+        return request
+    return _single(body, pre, explain_header)
+
+
+def _single(value, pre: Preprocess, explain_header: bool) -> Request:
+    request = Request(_array(value, pre, "body")[None], many=False, explain=explain_header)
+    _options({}, request, 1)
+    return request
+
+
+def encode_relevance(relevance: np.ndarray, fmt: str, downsample: int) -> dict | list | None:
+    """One instance's relevance (C, H, W), channels summed and sum-pooled by ``downsample``, in the asked format."""
+    if fmt == "none":
+        return None
+    heat = relevance.sum(axis=0)
+    if downsample > 1:
+        h, w = heat.shape
+        heat = np.pad(heat, ((0, -h % downsample), (0, -w % downsample)))
+        heat = heat.reshape(heat.shape[0] // downsample, downsample, heat.shape[1] // downsample, downsample).sum(axis=(1, 3))
+    if fmt == "list":
+        return heat.astype(float).tolist()
+    if fmt == "float16-base64":
+        return {"dtype": "float16", "shape": list(heat.shape), "data": base64.b64encode(heat.astype(np.float16).tobytes()).decode()}
+    from zennit.image import imgify
+
+    buffer = io.BytesIO()
+    imgify(heat, symmetric=True, cmap="coldnhot").save(buffer, format="PNG")
+    return {"png": base64.b64encode(buffer.getvalue()).decode(), "shape": list(heat.shape)}

@@ -1,0 +1,125 @@
+"""TorchServe handler for unhans archives: predictions from the corrected ONNX graph, and on request the relevance
+maps of that very model.
+
+Predictions and the artifact detector's score come from onnxruntime (unhans's session helper: CPU unless a GPU is
+really there, explicit threads, no spinning). Relevance comes from the PyTorch twin in the archive, the run's model
+with the same correction inserted, through zennit with hooks kept registered, so the explanation is that of the
+model that predicted. At start the handler checks that both runtimes agree and refuses to start if they do not.
+
+Each HTTP request is one row of TorchServe's batch and may carry several instances; all instances of the batch run
+through the graph together. A request that is malformed gets its own 4xx answer with a JSON body naming the field
+and the problem; the other requests of the batch are answered normally and the worker keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from unhans.core.attribution import LRP
+from unhans.core.layers import insert_after
+from unhans.core.models import load_model
+from unhans.export.correction import load_correction
+from unhans.export.graph import SCORE_OUTPUT
+from unhans.export.onnx import TOLERANCE
+from unhans.export.runtime import session
+from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
+
+logger = logging.getLogger(__name__)
+PROBE_ROWS = 8
+
+
+class UnhansHandler(BaseHandler):
+    def initialize(self, context):
+        model_dir = context.system_properties["model_dir"]
+        self.manifest = context.manifest
+        config = (getattr(context, "model_yaml_config", None) or {}).get("unhans", {})
+        threads = int(config.get("intra_op_threads", 1))
+        torch.set_num_threads(threads)
+        self.graph = session(os.path.join(model_dir, self.manifest["model"]["serializedFile"]), threads=threads)
+        self.input_name = self.graph.get_inputs()[0].name
+        self.outputs = [o.name for o in self.graph.get_outputs()]
+        self.preprocess_config = Preprocess(**config["preprocess"])
+        self.topk = int(config.get("topk", 3))
+        names = os.path.join(model_dir, "index_to_name.json")
+        self.classes = json.loads(open(names).read()) if os.path.isfile(names) else {}
+
+        correction, layer = load_correction(os.path.join(model_dir, "correction.npz"))
+        model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
+        self.twin = insert_after(model, layer, correction.module())
+        self.lrp = LRP(self.twin, config.get("composite", "epsilon_plus_flat"))
+        self._check_agreement()
+        self.initialized = True
+
+    def _check_agreement(self) -> None:
+        """Refuse to serve if the graph and the twin that explains it disagree on a probe batch."""
+        probe = np.random.default_rng(0).random((PROBE_ROWS, *self.preprocess_config.shape), dtype=np.float32)
+        probe = self.preprocess_config.normalise(probe)
+        graph_logits = self.graph.run([self.outputs[0]], {self.input_name: probe})[0]
+        twin_logits = self.lrp(torch.from_numpy(probe)).logits
+        diff, scale = float(np.abs(graph_logits - twin_logits).max()), float(np.abs(twin_logits).max())
+        if not diff <= TOLERANCE * max(scale, 1e-12):
+            message = (f"unhans: the ONNX graph and its PyTorch twin disagree by {diff:.3g} (max |logit| {scale:.3g}); "
+                       "refusing to start: rebuild the archive with 'unhans archive'")
+            logger.error(message)
+            raise RuntimeError(message)
+        logger.info("unhans: ONNX graph and PyTorch twin agree to %.3g on %d probe rows", diff, PROBE_ROWS)
+
+    def handle(self, data, context):
+        self.context = context
+        explain_header = str(context.get_request_header(0, "explain") or "").lower() == "true"
+        requests, answers = [], [None] * len(data)
+        for i, row in enumerate(data):
+            try:
+                requests.append((i, parse(row, self.preprocess_config, explain_header)))
+            except RequestError as error:
+                context.set_response_status(error.status, error.problem, idx=i)
+                answers[i] = error.body()
+        if requests:
+            inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in requests])
+            outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs})))
+            start = 0
+            for i, request in requests:
+                rows = slice(start, start + len(request.inputs))
+                start = rows.stop
+                try:
+                    predictions = self._answer(request, inputs[rows], outputs["logits"][rows],
+                                               outputs[SCORE_OUTPUT][rows] if SCORE_OUTPUT in outputs else None)
+                except RequestError as error:
+                    context.set_response_status(error.status, error.problem, idx=i)
+                    answers[i] = error.body()
+                    continue
+                answers[i] = {"predictions": predictions} if request.many else predictions[0]
+        return answers
+
+    def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores) -> list[dict]:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        predicted = logits.argmax(1)
+        predictions = []
+        for k, p in enumerate(probabilities):
+            top = np.argsort(-p)[: request.topk]
+            predictions.append({
+                "label": int(predicted[k]),
+                "class": self.classes.get(str(int(predicted[k])), str(int(predicted[k]))),
+                "probabilities": {self.classes.get(str(c), str(c)): float(p[c]) for c in top},
+                "artifact_score": None if scores is None else float(scores[k]),
+            })
+        if request.explain and request.format != "none":
+            targets = np.array([predicted[k] if t is None else t for k, t in enumerate(request.targets)])
+            if (targets < 0).any() or (targets >= logits.shape[1]).any():
+                raise RequestError("target", f"class indices must lie in 0..{logits.shape[1] - 1}", 422)
+            started = time.perf_counter()
+            relevance = self.lrp(torch.from_numpy(inputs), targets).relevance
+            seconds = time.perf_counter() - started
+            for k, prediction in enumerate(predictions):
+                prediction["target"] = int(targets[k])
+                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
+            logger.debug("unhans: relevance of %d instances in %.4f s", len(inputs), seconds)
+        return predictions

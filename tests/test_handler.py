@@ -1,0 +1,135 @@
+"""handlers/: request parsing and encoding (unit), and the handler inside a real TorchServe (integration)."""
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unhans.core.attribution import LRP
+from unhans.core.clarc import fit_cav, pclarc
+from unhans.export.archive import build_archive
+from unhans.export.correction import Correction
+from unhans.export.onnx import export_torch
+from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
+
+PRE = Preprocess(channels=1, height=28, width=28, max_payload_bytes=100_000)
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, np.float32))
+    return buffer.getvalue()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_parse_accepts_every_documented_form():
+    image = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
+    many = parse({"body": {"instances": [image.tolist(), image[0].tolist()], "explain": True, "target": [3, "predicted"],
+                           "format": "png", "downsample": 2}}, PRE)
+    assert many.many and many.inputs.shape == (2, 1, 28, 28) and many.explain and many.targets == [3, None]
+    assert many.format == "png" and many.downsample == 2
+    single = parse({"data": _npy(image)}, PRE, explain_header=True)
+    assert not single.many and single.explain and np.array_equal(single.inputs[0], image)
+    pixels = (image[0] * 255).astype(np.uint8)
+    picture = parse({"body": bytearray(_png(pixels))}, PRE)
+    assert np.allclose(picture.inputs[0, 0], pixels / 255.0)
+    rgb = parse({"body": _png(np.dstack([pixels] * 3))}, PRE)  # colour images become grey for a grey model
+    assert rgb.inputs.shape == (1, 1, 28, 28)
+    assert parse({"body": json.dumps(image.tolist()).encode()}, PRE).inputs.shape == (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("row, field, status", [
+    ({"body": b"\x89PNG broken"}, "body", 400),
+    ({"body": b"\x93NUMPY garbage"}, "body", 400),
+    ({"body": np.zeros((3, 28, 28)).tolist()}, "body", 422),
+    ({"body": np.zeros((1, 14, 14)).tolist()}, "body", 422),
+    ({"body": np.full((1, 28, 28), np.nan).tolist()}, "body", 422),
+    ({"body": np.full((1, 28, 28), 7.0).tolist()}, "body", 422),
+    ({"body": b"x" * 100_001}, "body", 413),
+    ({"body": {"instances": [np.zeros((1, 28, 28)).tolist()], "colour": "red"}}, "colour", 400),
+    ({"body": {"instances": [np.zeros((1, 28, 28)).tolist()], "format": "jpeg"}}, "format", 400),
+    ({"body": {"instances": [np.zeros((1, 28, 28)).tolist()] * 2, "target": [1]}}, "target", 400),
+    ({"body": {"instances": [np.zeros((1, 28, 28)).tolist(), "a"]}}, "instances[1]", 400),
+    ({"body": {"instances": []}}, "instances", 400),
+    ({"body": None}, "body", 400),
+])
+def test_parse_names_the_field_and_the_problem(row, field, status):
+    with pytest.raises(RequestError) as error:
+        parse(row, PRE)
+    assert error.value.field == field and error.value.status == status
+    assert error.value.body()["error"]["field"] == field and error.value.problem
+
+
+def test_relevance_encodings():
+    relevance = np.random.default_rng(1).normal(size=(1, 28, 28)).astype(np.float32)
+    packed = encode_relevance(relevance, "float16-base64", 1)
+    decoded = np.frombuffer(base64.b64decode(packed["data"]), np.float16).reshape(packed["shape"])
+    assert np.allclose(decoded, relevance[0], atol=2e-3)
+    pooled = np.asarray(encode_relevance(relevance, "list", 4))
+    assert pooled.shape == (7, 7) and np.isclose(pooled.sum(), relevance.sum(), atol=1e-4)
+    picture = Image.open(io.BytesIO(base64.b64decode(encode_relevance(relevance, "png", 1)["png"])))
+    assert picture.size == (28, 28)
+    assert encode_relevance(relevance, "none", 1) is None
+
+
+@pytest.fixture(scope="module")
+def served_archive(backdoored_vgg, tmp_path_factory):
+    """The backdoored VGG with its P-ClArC correction, exported and archived with server-side batching."""
+    root = tmp_path_factory.mktemp("served")
+    model, train = backdoored_vgg["model"], backdoored_vgg["train"]
+    cav = fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact])
+    graph = export_torch(model, "features.pool2", Correction.from_cav(cav), train.images[:64], root / "vgg.onnx").path
+    (root / "store").mkdir()
+    build_archive(graph, backdoored_vgg["run"], "vgg", root / "store", batch_size=8, max_batch_delay_ms=300)
+    return root, pclarc(model, "features.pool2", cav)
+
+
+@pytest.mark.integration
+def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_path):
+    root, corrected = served_archive
+    attack, test = backdoored_vgg["attack"], backdoored_vgg["test"]
+    images = np.concatenate([attack.images[:3], test.images[:3]])
+    expected = LRP(corrected).explain(images)
+    with torchserve(root / "store", "vgg", tmp_path) as server:
+        pids = {w["pid"] for w in server.workers()}
+        body = json.dumps({"instances": images.tolist(), "explain": True, "format": "float16-base64"}).encode()
+        status, answer = server.post("/predictions/vgg", body, "application/json")
+        assert status == 200, answer
+        for k, prediction in enumerate(answer["predictions"]):
+            assert prediction["label"] == expected.targets[k] and prediction["target"] == expected.targets[k]
+            packed = prediction["relevance"]
+            relevance = np.frombuffer(base64.b64decode(packed["data"]), np.float16).reshape(packed["shape"])
+            # the relevance of the corrected model that predicted, as zennit computes it (float16 on the wire)
+            assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
+        # TorchServe's explanations endpoint reaches the same handler; a target per instance is honoured
+        status, explained = server.post("/explanations/vgg", _npy(images[0]), "application/octet-stream")
+        assert status == 200 and "relevance" in explained
+        status, targeted = server.post("/predictions/vgg", json.dumps({"instances": images[:2].tolist(), "explain": True,
+                                                                        "target": [5, 7], "format": "list"}).encode(), "application/json")
+        assert status == 200 and [p["target"] for p in targeted["predictions"]] == [5, 7]
+        assert np.allclose(targeted["predictions"][1]["relevance"], LRP(corrected).explain(images[1:2], target=7).relevance[0, 0], atol=1e-5)
+        status, plain = server.post("/predictions/vgg", _npy(images[0]), "application/octet-stream")
+        assert status == 200 and "relevance" not in plain and plain["artifact_score"] is not None
+
+        # one batch, good and bad requests together: the bad ones get their own 4xx, the rest are served
+        bad = {"nan": (json.dumps(np.full((1, 28, 28), np.nan).tolist()).encode(), "application/json", 422),
+               "garbage": (b"\x89PNG not really", "application/octet-stream", 400),
+               "option": (json.dumps({"instances": [images[0].tolist()], "colour": 1}).encode(), "application/json", 400)}
+        jobs = [(_npy(images[k]), "application/octet-stream", 200) for k in range(5)] + list(bad.values())
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: server.post("/predictions/vgg", job[0], job[1]), jobs))
+        for (body, _, want), (status, reply) in zip(jobs, answers):
+            assert status == want, reply
+            if want != 200:
+                assert reply["error"]["field"] and reply["error"]["problem"]
+        assert {w["pid"] for w in server.workers()} == pids  # no worker died or restarted
