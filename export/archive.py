@@ -108,7 +108,12 @@ def _check_twin(graph, model, layer: str, correction, images: np.ndarray) -> Non
 
 
 def _metrics_config() -> dict:
-    """The metric the handler emits, in TorchServe's metrics.yaml format (TorchServe reads the file named by
-    ``metrics_config`` in config.properties; this copy documents what the archive's handler reports)."""
-    return {"dimensions": ["ModelName", "Level"],
-            "model_metrics": {"counter": [{"name": "ArtifactDetected", "unit": "Count", "dimensions": ["ModelName", "Level"]}]}}
+    """The metrics the handler emits, in TorchServe's metrics.yaml format. TorchServe reads the file named by
+    ``metrics_config`` globally; the template config.properties sets ``model_metrics_auto_detect`` instead, and this
+    copy documents what the archive's handler reports."""
+    from ..handlers.unhans_handler import METRICS
+
+    by_kind: dict[str, list] = {}
+    for name, (kind, unit, dimensions, _) in METRICS.items():
+        by_kind.setdefault(kind.value, []).append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level", *dimensions]})
+    return {"dimensions": ["ModelName", "Level"], "model_metrics": by_kind}

@@ -22,9 +22,11 @@ FORMATS = ("none", "float16-base64", "png", "list")
 class RequestError(Exception):
     """A client mistake in one request: answered with ``status`` and a JSON body naming the field and the problem."""
 
-    def __init__(self, field: str, problem: str, status: int = 400):
+    def __init__(self, field: str, problem: str, status: int = 400, reason: str | None = None):
         super().__init__(f"{field}: {problem}")
         self.field, self.problem, self.status = field, problem, status
+        # a bounded label for metrics: the field without its index, or a fixed word where the client picks the name
+        self.reason = reason or field.split("[")[0]
 
     def body(self) -> dict:
         return {"error": {"field": self.field, "problem": self.problem, "status": self.status}}
@@ -98,7 +100,7 @@ def _array(value, pre: Preprocess, where: str) -> np.ndarray:
 def _options(source: dict, request: Request, n: int) -> None:
     unknown = sorted(set(source) - set(OPTIONS) - {"instances", "data", "body", "inputs"})
     if unknown:
-        raise RequestError(unknown[0], f"is not an option; use {list(OPTIONS)}")
+        raise RequestError(unknown[0], f"is not an option; use {list(OPTIONS)}", reason="unknown_option")
     explain = source.get("explain", request.explain)
     if isinstance(explain, str):
         explain = explain.strip().lower() in ("1", "true", "yes")

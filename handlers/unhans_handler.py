@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from unhans.core.attribution import LRP
@@ -33,6 +35,13 @@ from unhans.handlers.requests import Preprocess, RequestError, encode_relevance,
 
 logger = logging.getLogger(__name__)
 PROBE_ROWS = 8
+# What the handler reports through TorchServe's metrics (declared in the archive's metrics.yaml; Prometheus names)
+METRICS = {  # name: (type, unit, extra dimensions, what it counts)
+    "unhans_relevance_requests_total": (MetricTypes.COUNTER, "count", [], "instances whose relevance was computed"),
+    "unhans_relevance_seconds": (MetricTypes.HISTOGRAM, "s", [], "time to compute the relevance of one batch"),
+    "unhans_artifact_score": (MetricTypes.HISTOGRAM, "score", [], "artifact detector score of each served instance"),
+    "unhans_rejected_requests_total": (MetricTypes.COUNTER, "count", ["reason"], "requests answered with a 4xx, by reason"),
+}
 
 
 class UnhansHandler(BaseHandler):
@@ -79,8 +88,7 @@ class UnhansHandler(BaseHandler):
             try:
                 requests.append((i, parse(row, self.preprocess_config, explain_header)))
             except RequestError as error:
-                context.set_response_status(error.status, error.problem, idx=i)
-                answers[i] = error.body()
+                answers[i] = self._reject(error, i)
         if requests:
             inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in requests])
             outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs})))
@@ -92,11 +100,19 @@ class UnhansHandler(BaseHandler):
                     predictions = self._answer(request, inputs[rows], outputs["logits"][rows],
                                                outputs[SCORE_OUTPUT][rows] if SCORE_OUTPUT in outputs else None)
                 except RequestError as error:
-                    context.set_response_status(error.status, error.problem, idx=i)
-                    answers[i] = error.body()
+                    answers[i] = self._reject(error, i)
                     continue
                 answers[i] = {"predictions": predictions} if request.many else predictions[0]
         return answers
+
+    def _metric(self, name: str, value: float, **dimensions) -> None:
+        kind, unit, _, _ = METRICS[name]
+        self.context.metrics.add_metric(name, value, unit, dimensions=[Dimension(k, v) for k, v in dimensions.items()], metric_type=kind)
+
+    def _reject(self, error: RequestError, idx: int) -> dict:
+        self.context.set_response_status(error.status, error.problem, idx=idx)
+        self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
+        return error.body()
 
     def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores) -> list[dict]:
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -111,6 +127,8 @@ class UnhansHandler(BaseHandler):
                 "probabilities": {self.classes.get(str(c), str(c)): float(p[c]) for c in top},
                 "artifact_score": None if scores is None else float(scores[k]),
             })
+            if scores is not None:
+                self._metric("unhans_artifact_score", float(scores[k]))
         if request.explain and request.format != "none":
             targets = np.array([predicted[k] if t is None else t for k, t in enumerate(request.targets)])
             if (targets < 0).any() or (targets >= logits.shape[1]).any():
@@ -121,5 +139,6 @@ class UnhansHandler(BaseHandler):
             for k, prediction in enumerate(predictions):
                 prediction["target"] = int(targets[k])
                 prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-            logger.debug("unhans: relevance of %d instances in %.4f s", len(inputs), seconds)
+            self._metric("unhans_relevance_seconds", seconds)
+            self._metric("unhans_relevance_requests_total", len(inputs))
         return predictions

@@ -68,6 +68,7 @@ def test_parse_names_the_field_and_the_problem(row, field, status):
         parse(row, PRE)
     assert error.value.field == field and error.value.status == status
     assert error.value.body()["error"]["field"] == field and error.value.problem
+    assert error.value.reason in ("body", "format", "target", "instances", "unknown_option")
 
 
 def test_relevance_encodings():
@@ -133,3 +134,12 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
             if want != 200:
                 assert reply["error"]["field"] and reply["error"]["problem"]
         assert {w["pid"] for w in server.workers()} == pids  # no worker died or restarted
+
+        import urllib.request
+
+        exposed = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+        for name in ("unhans_relevance_requests_total", "unhans_artifact_score_bucket", "unhans_relevance_seconds_bucket"):
+            assert name in exposed, (name, exposed[-2000:])
+        rejected = {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                    for line in exposed.splitlines() if line.startswith("unhans_rejected_requests_total{")}
+        assert rejected == {"body": 2.0, "unknown_option": 1.0}
