@@ -83,10 +83,12 @@ class UnhansHandler(BaseHandler):
     def handle(self, data, context):
         self.context = context
         explain_header = str(context.get_request_header(0, "explain") or "").lower() == "true"
+        # TorchServe's KServe v1 envelope (service_envelope=kserve) hands over one request's instances as bare arrays
+        self._enveloped = bool(data) and not isinstance(data[0], dict)
         requests, answers = [], [None] * len(data)
         for i, row in enumerate(data):
             try:
-                requests.append((i, parse(row, self.preprocess_config, explain_header)))
+                requests.append((i, parse(row if isinstance(row, dict) else {"body": row}, self.preprocess_config, explain_header)))
             except RequestError as error:
                 answers[i] = self._reject(error, i)
         if requests:
@@ -110,7 +112,7 @@ class UnhansHandler(BaseHandler):
         self.context.metrics.add_metric(name, value, unit, dimensions=[Dimension(k, v) for k, v in dimensions.items()], metric_type=kind)
 
     def _reject(self, error: RequestError, idx: int) -> dict:
-        self.context.set_response_status(error.status, error.problem, idx=idx)
+        self.context.set_response_status(error.status, error.problem, idx=0 if self._enveloped else idx)
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
 

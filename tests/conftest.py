@@ -49,7 +49,7 @@ def digits_resnet(tmp_path_factory):
 class TorchServe:
     """A real TorchServe on free loopback ports, token authorization on, in its own working and temp folder."""
 
-    def __init__(self, store, name, work):
+    def __init__(self, store, name, work, extra_config: str = ""):
         import socket
         import sys
         from pathlib import Path
@@ -66,7 +66,7 @@ class TorchServe:
             self.ports[key] = free_port()
             config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{self.ports[key]}")
         assert "disable_token_authorization=false" in config
-        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={free_port()}\n")
+        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={free_port()}\n{extra_config}\n")
         self.bin = Path(sys.executable).parent
         # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
         self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}

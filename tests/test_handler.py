@@ -143,3 +143,19 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
         rejected = {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                     for line in exposed.splitlines() if line.startswith("unhans_rejected_requests_total{")}
         assert rejected == {"body": 2.0, "unknown_option": 1.0}
+
+
+@pytest.mark.integration
+def test_kserve_v1_envelope(served_archive, backdoored_vgg, torchserve, tmp_path):
+    root, corrected = served_archive
+    images = backdoored_vgg["test"].images[:2]
+    with torchserve(root / "store", "vgg", tmp_path, extra_config="service_envelope=kserve") as server:
+        status, answer = server.post("/predictions/vgg", json.dumps({"instances": images.tolist()}).encode(), "application/json")
+        assert status == 200, answer
+        labels = corrected(torch.from_numpy(images)).argmax(1).tolist()
+        assert [p["label"] for p in answer["predictions"]] == labels
+        status, explained = server.post("/explanations/vgg", json.dumps({"instances": images[:1].tolist()}).encode(), "application/json")
+        assert status == 200 and "relevance" in explained["explanations"][0]
+        status, rejected = server.post("/predictions/vgg", json.dumps({"instances": [np.full((1, 28, 28), 2.0).tolist()]}).encode(),
+                                       "application/json")
+        assert status == 422 and rejected["predictions"][0]["error"]["field"] == "body"
