@@ -5,7 +5,7 @@ reads windows of them back with a :class:`ShardReader` and re-runs SpRAy on them
 any fsspec URL (``s3://...``, ``memory://...``) so many replicas can share one. Layout::
 
     <sink>/<model>/<version>/<writer_id>-<seq:08d>.shard   closed shard: complete, immutable
-    <sink>/<model>/<version>/<writer_id>-<seq:08d>.open    the open shard of a live (or crashed) writer, local sinks only
+    <sink>/<model>/<version>/<writer_id>-<seq:08d>.open    open shard of a live (or crashed) writer, local sinks only
 
 A shard is a run of framed records. Each frame is ``MAGIC | u32 payload length | u32 crc32(payload) | payload``
 (little endian), so a reader detects a torn tail (a frame cut short by a crash) and corrupt bytes (CRC mismatch)
@@ -189,8 +189,8 @@ def _shards(fs, directory: str) -> list[_Shard]:
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
         match = _SHARD.match(name)
         if match:
-            found.append(_Shard(int(match["seq"]), name, info["name"], match["suffix"] == CLOSED, int(info.get("size") or 0),
-                                _mtime(info), match["writer"]))
+            found.append(_Shard(int(match["seq"]), name, info["name"], match["suffix"] == CLOSED,
+                                int(info.get("size") or 0), _mtime(info), match["writer"]))
     return found
 
 
@@ -210,12 +210,16 @@ class ShardWriter:
     """Append-only writer of one worker: records go to ``<sink>/<model>/<version>/<writer_id>-<seq:08d>.shard``.
 
     Each writer owns its shards, so many workers and replicas share a sink without coordination as long as their
-    ``writer_id``\\ s differ (e.g. ``f"{socket.gethostname()}-{os.getpid()}"``). Appends are buffered and flushed
-    every ``flush_every`` records or ``flush_seconds``; a local flush is fsync-ed, so a crash loses at most the
-    unflushed tail. The open shard is rotated (closed under its final name, atomically) when the next record would
-    push it past ``max_shard_bytes`` or when it is older than ``max_shard_seconds``; time only passes for the writer
-    when it is called, so call :meth:`poll` from time to time when traffic may stop. After each rotation the oldest
-    closed shards of this writer are deleted while they exceed ``max_total_bytes`` or ``max_shards``.
+    ``writer_id``\\ s differ: e.g. ``f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"``, the start time
+    because container restarts reuse host names and pids (a writer that finds shards of its own id continues
+    their sequence, but an id reused after :func:`prune` removed all its shards would start again at 0).
+
+    Appends are buffered and flushed every ``flush_every`` records or ``flush_seconds``; a local flush is fsync-ed,
+    so a crash loses at most the unflushed tail. The open shard is rotated (closed under its final name, atomically)
+    when the next record would push it past ``max_shard_bytes`` or when it is older than ``max_shard_seconds``; time
+    only passes for the writer when it is called, so call :meth:`poll` from time to time when traffic may stop.
+    After each rotation the oldest closed shards of this writer are deleted while they exceed ``max_total_bytes`` or
+    ``max_shards``.
 
     On an object store the open shard lives in memory until rotation (one put, never a partial object), so a crash
     loses the open shard: keep ``max_shard_seconds`` short there. Thread-safe.
@@ -235,7 +239,8 @@ class ShardWriter:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.max_shard_bytes, self.max_shard_seconds = int(max_shard_bytes), float(max_shard_seconds)
         self.max_total_bytes, self.max_shards = int(max_total_bytes), max_shards
-        self.flush_every, self.flush_seconds, self.fsync, self.clock = int(flush_every), float(flush_seconds), fsync, clock
+        self.flush_every, self.flush_seconds = int(flush_every), float(flush_seconds)
+        self.fsync, self.clock = fsync, clock
         self._lock = threading.Lock()
         self.fs.makedirs(self.directory, exist_ok=True)
         own = sorted(s for s in _shards(self.fs, self.directory) if s.writer == writer_id)
@@ -374,7 +379,8 @@ class Position:
     writers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "writers": {key: [seq, offset] for key, (seq, offset) in sorted(self.writers.items())}}
+        writers = {key: [seq, offset] for key, (seq, offset) in sorted(self.writers.items())}
+        return {"format": FORMAT, "writers": writers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -453,7 +459,8 @@ class ShardReader:
             shards.sort()
         return writers
 
-    def read(self, position: Position | dict | str | None = None, limit: int | None = None) -> Iterator[tuple[Position, Record]]:
+    def read(self, position: Position | dict | str | None = None,
+             limit: int | None = None) -> Iterator[tuple[Position, Record]]:
         """Yield ``(position after the record, record)`` from ``position`` on, at most ``limit`` records."""
         self.position = Position.of(position)
         if limit is not None and limit <= 0:
@@ -543,6 +550,7 @@ def seal_stale(url: str, model: str, older_than_s: float, *, now: float | None =
     Run it from the monitor, with a bound well above the writers' ``flush_seconds`` and ``max_shard_seconds``, so
     records of crashed workers get read by closed-only readers and count towards retention. Returns the new paths.
     """
+    _check_name("model", model)
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     now = time.time() if now is None else now
@@ -566,6 +574,7 @@ def prune(url: str, model: str, *, max_total_bytes: int | None = None, max_age_s
     Writers only bound their own shards; shards of workers that died (and whose ids never come back) are bounded
     only by this, so the monitor should run it now and then. Returns the deleted paths.
     """
+    _check_name("model", model)
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     now = time.time() if now is None else now

@@ -49,7 +49,7 @@ def digits_resnet(tmp_path_factory):
 class TorchServe:
     """A real TorchServe on free loopback ports, token authorization on, in its own working and temp folder."""
 
-    def __init__(self, store, name, work, extra_config: str = ""):
+    def __init__(self, store, name, work, extra_config: str = "", ready_timeout: float = 120):
         import socket
         import sys
         from pathlib import Path
@@ -59,7 +59,7 @@ class TorchServe:
                 s.bind(("127.0.0.1", 0))
                 return s.getsockname()[1]
 
-        self.name, self.work = name, Path(work)
+        self.name, self.work, self.ready_timeout = name, Path(work), ready_timeout
         config = (Path(__file__).resolve().parents[1] / "model_store" / "config.properties").read_text()
         self.ports = {}
         for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
@@ -85,7 +85,7 @@ class TorchServe:
         # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
         self.log = open(self.work / "torchserve.out", "wb")
         subprocess.run(command, cwd=self.work, env=self.env, check=True, stdout=self.log, stderr=subprocess.STDOUT, timeout=60)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             time.sleep(0.5)
             if self.key is None and (self.work / "key_file.json").is_file():

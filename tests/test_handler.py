@@ -159,3 +159,27 @@ def test_kserve_v1_envelope(served_archive, backdoored_vgg, torchserve, tmp_path
         status, rejected = server.post("/predictions/vgg", json.dumps({"instances": [np.full((1, 28, 28), 2.0).tolist()]}).encode(),
                                        "application/json")
         assert status == 422 and rejected["predictions"][0]["error"]["field"] == "body"
+
+
+@pytest.mark.integration
+def test_worker_refuses_to_start_when_runtimes_disagree(served_archive, torchserve, tmp_path):
+    """An archive whose PyTorch twin no longer matches its graph must not serve: the worker logs why and stays down."""
+    import zipfile
+
+    root, _ = served_archive
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(root / "store" / "vgg.mar") as source, zipfile.ZipFile(store / "vgg.mar", "w") as tampered:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "weights.pt":
+                state = torch.load(io.BytesIO(data), weights_only=True)
+                state["classifier.fc2.bias"] += 1.0
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                data = buffer.getvalue()
+            tampered.writestr(item, data)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(AssertionError, match="refusing to start"):
+        with torchserve(store, "vgg", tmp_path / "work", ready_timeout=45):
+            pass
