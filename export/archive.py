@@ -28,19 +28,23 @@ from .correction import load_correction
 from .onnx import META, TOLERANCE, correction_path, load_onnx
 from .runtime import run_batched, session
 
-GRAPH_FILE, SPEC_FILE = "model.onnx", "correction.npz"
+GRAPH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "correction.npz", "explain.onnx"
 HANDLER_MODULE = "unhans.handlers.unhans_handler"
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accepts in /predictions/NAME
 
 
 def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_store: str | Path, batch_size: int = 8,
                   max_batch_delay_ms: int = 20, workers: int = 1, topk: int = 3, threads: int = 1, version: str = "1.0",
-                  force: bool = False) -> Path:
+                  force: bool = False, sample_fraction: float = 0.0, sink: str | None = None) -> Path:
     """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file`` and the run it was exported from.
 
     ``batch_size`` / ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads
     of each worker's onnxruntime session (TorchServe's own ONNX loader would take every core per worker).
+    ``sample_fraction`` of served instances are recorded with their relevance to ``sink`` (a folder or fsspec URL;
+    default ``$UNHANS_SINK``, else ``unhans-sink`` in TorchServe's working directory) for ``unhans monitor``.
     """
+    if not 0.0 <= sample_fraction <= 1.0:
+        raise InputError("--sample-fraction", f"{sample_fraction} is outside [0, 1]", "pass the share of requests to record, e.g. 0.1")
     onnx_file, run_dir, model_store = Path(onnx_file), Path(run_dir), Path(model_store)
     if not NAME_PATTERN.match(name):
         raise InputError("--name", f"{name!r} is not a valid model name", "use letters, digits, '_' and '-', starting with a letter")
@@ -78,9 +82,14 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
                   "responseTimeout": 120, "unhans": {
                       "topk": topk, "intra_op_threads": threads, "layer": layer,
                       "preprocess": dict(zip(("channels", "height", "width"), map(int, train.image_shape))),
+                      "sample": {"fraction": sample_fraction, **({"sink": sink} if sink else {})},
                   }}
         (files / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         extra = [files / n for n in (MODEL_FILE, WEIGHTS_FILE, SPEC_FILE, "index_to_name.json", "metrics.yaml")]
+        explain = onnx_file.with_name(f"{onnx_file.stem}.explain.onnx")  # written by 'unhans export --explain'
+        if explain.is_file():
+            shutil.copyfile(explain, files / EXPLAIN_FILE)
+            extra.append(files / EXPLAIN_FILE)
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
                    "--serialized-file", str(files / GRAPH_FILE), "--handler", importlib.util.find_spec(HANDLER_MODULE).origin,
                    "--extra-files", ",".join(map(str, extra)), "--config-file", str(files / "model-config.yaml"),

@@ -86,7 +86,8 @@ def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndar
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write; the correction spec goes beside it.")
-def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out):
+@click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance (EpsilonPlusFlat) of the corrected model.")
+def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out, explain):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
     Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
@@ -99,6 +100,8 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
     if onnx_file is None and (run_dir is None or layer is None or tensor is not None):
         raise InputError("--run/--layer", "exporting a PyTorch run needs --run and --layer (--tensor only with --onnx)",
                          "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
+    if explain and onnx_file is not None:
+        raise InputError("--explain", "needs the PyTorch model of a run", "pass --run and --layer instead of --onnx")
     artifact, clean = _samples(run_dir, samples, artifact_samples, clean_samples)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
@@ -119,6 +122,13 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         "max |score - detector|": "no detector" if report.score_max_abs_diff is None else report.score_max_abs_diff,
         "correction spec": report.spec_path, "seconds": report.seconds, "cav fingerprint": report.metadata["unhans.cav.fingerprint"],
     })
+    if explain:  # after the prediction graph is written: an unexplainable model still gets that
+        from ..core.layers import insert_after
+        from .explain import explain_path, export_explain
+
+        explained = export_explain(insert_after(model, layer, Correction.from_cav(cav, reactive, threshold).module()),
+                                   explain_path(out), layer=layer, probe=probe)
+        print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
 
 @click.command("inspect")
@@ -157,12 +167,16 @@ def inspect_command(onnx_file, as_json):
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="onnxruntime intra-op threads per worker.")
 @click.option("--topk", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--sample-fraction", type=float, default=0.0, show_default=True,
+              help="Share of served instances recorded with their relevance for 'unhans monitor'.")
+@click.option("--sink", help="Where sampled records go: a folder or an fsspec URL such as s3://bucket/unhans (default: $UNHANS_SINK, else ./unhans-sink of TorchServe).")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
-def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, force):
+def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink, force):
     """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe."""
     from .archive import build_archive
 
-    path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force)
+    path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force,
+                         sample_fraction=sample_fraction, sink=sink)
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import TOLERANCE
 from unhans.export.runtime import session
 from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
+from unhans.handlers.sink import Record, ShardWriter
 
 logger = logging.getLogger(__name__)
 PROBE_ROWS = 8
@@ -41,7 +43,10 @@ METRICS = {  # name: (type, unit, extra dimensions, what it counts)
     "unhans_relevance_seconds": (MetricTypes.HISTOGRAM, "s", [], "time to compute the relevance of one batch"),
     "unhans_artifact_score": (MetricTypes.HISTOGRAM, "score", [], "artifact detector score of each served instance"),
     "unhans_rejected_requests_total": (MetricTypes.COUNTER, "count", ["reason"], "requests answered with a 4xx, by reason"),
+    "unhans_sampled_total": (MetricTypes.COUNTER, "count", [], "instances recorded to the sink for the monitor"),
+    "unhans_sink_errors_total": (MetricTypes.COUNTER, "count", [], "records the sink could not write"),
 }
+THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
 
 
 class UnhansHandler(BaseHandler):
@@ -64,7 +69,24 @@ class UnhansHandler(BaseHandler):
         self.twin = insert_after(model, layer, correction.module())
         self.lrp = LRP(self.twin, config.get("composite", "epsilon_plus_flat"))
         self._check_agreement()
+        self._start_sampling(config.get("sample", {}))
         self.initialized = True
+
+    def _start_sampling(self, sample: dict) -> None:
+        """Record ``fraction`` of served instances (with relevance, computed if the client did not ask) to the sink."""
+        self.sample_fraction = float(sample.get("fraction", 0.0))
+        self.sink = None
+        if self.sample_fraction <= 0:
+            return
+        model = self.manifest["model"]
+        url = sample.get("sink") or os.environ.get("UNHANS_SINK") or os.path.join(os.getcwd(), "unhans-sink")
+        # restarts reuse hostnames and pids: the start time keeps two live writers from sharing an id
+        writer_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+        self.sink = ShardWriter(url, model["modelName"], str(model.get("modelVersion", "1.0")), writer_id,
+                                max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
+                                max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
+        self.sample_rng = np.random.default_rng()
+        logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * self.sample_fraction, url, writer_id)
 
     def _check_agreement(self) -> None:
         """Refuse to serve if the graph and the twin that explains it disagree on a probe batch."""
@@ -131,16 +153,51 @@ class UnhansHandler(BaseHandler):
             })
             if scores is not None:
                 self._metric("unhans_artifact_score", float(scores[k]))
-        if request.explain and request.format != "none":
+        explain = request.explain and request.format != "none"
+        sampled = np.flatnonzero(self.sample_rng.random(len(inputs)) < self.sample_fraction) if self.sink else np.zeros(0, int)
+        if explain or len(sampled):
             targets = np.array([predicted[k] if t is None else t for k, t in enumerate(request.targets)])
             if (targets < 0).any() or (targets >= logits.shape[1]).any():
                 raise RequestError("target", f"class indices must lie in 0..{logits.shape[1] - 1}", 422)
+            rows = np.arange(len(inputs)) if explain else sampled
             started = time.perf_counter()
-            relevance = self.lrp(torch.from_numpy(inputs), targets).relevance
-            seconds = time.perf_counter() - started
-            for k, prediction in enumerate(predictions):
-                prediction["target"] = int(targets[k])
-                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-            self._metric("unhans_relevance_seconds", seconds)
-            self._metric("unhans_relevance_requests_total", len(inputs))
+            relevance = np.zeros(inputs.shape, np.float32)
+            relevance[rows] = self.lrp(torch.from_numpy(inputs[rows]), targets[rows]).relevance
+            self._metric("unhans_relevance_seconds", time.perf_counter() - started)
+            self._metric("unhans_relevance_requests_total", len(rows))
+            if explain:
+                for k, prediction in enumerate(predictions):
+                    prediction["target"] = int(targets[k])
+                    prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
+            self._record(sampled, inputs, relevance, targets, predicted, probabilities, scores)
         return predictions
+
+    def _record(self, rows, inputs, relevance, targets, predicted, probabilities, scores) -> None:
+        """Append the sampled instances to the sink; a sink failure is counted, never fails the request."""
+        model = self.manifest["model"]
+        try:
+            for k in rows:
+                thumbnail = _thumbnail(inputs[k])
+                self.sink.append(Record(
+                    prediction=int(predicted[k]), target=int(targets[k]), probabilities=probabilities[k].tolist(),
+                    relevance=relevance[k].sum(axis=0), thumbnail=thumbnail, score=None if scores is None else float(scores[k]),
+                    timestamp=time.time(), model=model["modelName"], version=str(model.get("modelVersion", "1.0")),
+                    request_id=str(self.context.get_request_id(0) if self.context else ""),
+                ))
+            if len(rows):
+                self.sink.flush()  # once per batch: TorchServe stops workers without a hook, so nothing waits unflushed
+                self._metric("unhans_sampled_total", len(rows))
+            self.sink.poll()
+        except OSError as error:
+            logger.warning("unhans: the sink could not write (%s)", error)
+            self._metric("unhans_sink_errors_total", len(rows))
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """A small uint8 (H, W, C) copy of an input for evidence pages (inputs are assumed scaled to [0, 1])."""
+    from PIL import Image
+
+    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+    picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return np.asarray(picture).reshape(picture.height, picture.width, -1)

@@ -183,3 +183,29 @@ def test_worker_refuses_to_start_when_runtimes_disagree(served_archive, torchser
     with pytest.raises(AssertionError, match="refusing to start"):
         with torchserve(store, "vgg", tmp_path / "work", ready_timeout=45):
             pass
+
+
+@pytest.mark.integration
+def test_sampled_requests_reach_the_sink(backdoored_vgg, served_archive, torchserve, tmp_path):
+    """With sampling on, every served instance (fraction 1) is recorded with its relevance, even unasked."""
+    from unhans.handlers.sink import ShardReader
+
+    root, corrected = served_archive
+    store, sink = tmp_path / "store", tmp_path / "sink"
+    store.mkdir()
+    build_archive(root / "vgg.onnx", backdoored_vgg["run"], "vgg", store, sample_fraction=1.0, sink=str(sink))
+    images = backdoored_vgg["attack"].images[:4]
+    with torchserve(store, "vgg", tmp_path) as server:
+        for image in images:
+            assert server.post("/predictions/vgg", _npy(image), "application/octet-stream")[0] == 200
+        status, _ = server.post("/predictions/vgg", json.dumps({"instances": images[:2].tolist()}).encode(), "application/json")
+        assert status == 200
+    # TorchServe stopped: the worker's open shard was flushed on every batch; seal it and read everything
+    from unhans.handlers.sink import seal_stale
+
+    seal_stale(str(sink), "vgg", older_than_s=0)
+    records = [record for _, record in ShardReader(str(sink), "vgg").read()]
+    assert len(records) == 6
+    expected = LRP(corrected).explain(images).relevance.sum(axis=1)
+    assert np.allclose(records[0].relevance, expected[0], atol=2e-3 * max(1.0, np.abs(expected[0]).max()))
+    assert records[0].thumbnail.shape[:2] == (16, 16) and records[0].score is not None and records[0].version == "1.0"
