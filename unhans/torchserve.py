@@ -1,0 +1,111 @@
+"""Run a real TorchServe on this machine for tests, benchmarks and the demo: loopback only, token auth on.
+
+TorchServe's traps, all handled here: its pid file lives in ``TMPDIR`` and its worker sockets in ``TEMP``, so each
+server gets private ones or parallel servers collide; ``torchserve --start`` hangs when its output is a pipe, so it
+writes to a file; the inference and management keys appear in ``key_file.json`` of its working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "model_store" / "config.properties"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalTorchServe:
+    """A real TorchServe on free loopback ports, token authorization on, in its own working and temp folder.
+
+    ``with LocalTorchServe(store, "name", work) as server:`` starts it with ``store/name.mar`` (or several names),
+    waits until every worker is READY, and stops it on exit, also after an error.
+    """
+
+    def __init__(self, store, names: str | list[str], work, extra_config: str = "", ready_timeout: float = 120):
+        self.names = [names] if isinstance(names, str) else list(names)
+        self.name, self.work, self.ready_timeout = self.names[0], Path(work), ready_timeout
+        config = CONFIG_TEMPLATE.read_text()
+        self.ports = {}
+        for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
+            self.ports[key] = _free_port()
+            config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{self.ports[key]}")
+        assert "disable_token_authorization=false" in config
+        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n{extra_config}\n")
+        self.bin = Path(sys.executable).parent
+        # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
+        self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
+        self.store = Path(store)
+        self.url = f"http://127.0.0.1:{self.ports['inference_address']}"
+        self.management_url = f"http://127.0.0.1:{self.ports['management_address']}"
+        self.metrics_url = f"http://127.0.0.1:{self.ports['metrics_address']}/metrics"
+        self.key = self.management_key = None
+
+    def __enter__(self):
+        command = [str(self.bin / "torchserve"), "--start", "--ncs", "--model-store", str(self.store), "--ts-config",
+                   str(self.work / "config.properties"), "--models", *(f"{n}={n}.mar" for n in self.names)]
+        # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
+        self.log = open(self.work / "torchserve.out", "wb")
+        subprocess.run(command, cwd=self.work, env=self.env, check=True, stdout=self.log, stderr=subprocess.STDOUT, timeout=60)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if self.key is None and (self.work / "key_file.json").is_file():
+                keys = json.loads((self.work / "key_file.json").read_text())
+                self.key, self.management_key = keys["inference"]["key"], keys["management"]["key"]
+            if self.key is not None and all(self.workers_ready(n) for n in self.names):
+                return self
+        self.__exit__()
+        raise RuntimeError("TorchServe did not get ready: " + self.model_log()[-3000:])
+
+    def workers(self, name: str | None = None) -> list[dict]:
+        """A model's workers as the management API describes them (status, pid, ...)."""
+        status, body = self.request("GET", f"/models/{name or self.name}", management=True)
+        return body[0]["workers"] if status == 200 and isinstance(body, list) and body else []
+
+    def workers_ready(self, name: str | None = None) -> bool:
+        workers = self.workers(name)
+        return bool(workers) and all(w["status"] == "READY" for w in workers)
+
+    def model_log(self) -> str:
+        log = self.work / "logs" / "model_log.log"
+        return log.read_text() if log.is_file() else ""
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, authorize: bool = True,
+                management: bool = False):
+        """(status, decoded JSON body) of one HTTP call; status 0 when nothing answered."""
+        headers = dict(headers or {})
+        key = self.management_key if management else self.key
+        if authorize and key:
+            headers["Authorization"] = f"Bearer {key}"
+        base = self.management_url if management else self.url
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data=body, headers=headers, method=method), timeout=60) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            text = error.read()
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, text.decode(errors="replace")
+        except (urllib.error.URLError, ConnectionError) as error:
+            return 0, str(error)
+
+    def post(self, path: str, body: bytes, content_type: str, headers: dict | None = None, authorize: bool = True):
+        return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})}, authorize)
+
+    def __exit__(self, *exc):
+        subprocess.run([str(self.bin / "torchserve"), "--stop", "--foreground"], cwd=self.work, env=self.env, stdout=self.log,
+                       stderr=subprocess.STDOUT, timeout=90)
+        self.log.close()
