@@ -169,7 +169,8 @@ class UnhansHandler(BaseHandler):
                 for k, prediction in enumerate(predictions):
                     prediction["target"] = int(targets[k])
                     prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-            self._record(sampled, inputs, relevance, targets, predicted, probabilities, scores)
+            if self.sink is not None:
+                self._record(sampled, inputs, relevance, targets, predicted, probabilities, scores)
         return predictions
 
     def _record(self, rows, inputs, relevance, targets, predicted, probabilities, scores) -> None:

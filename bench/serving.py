@@ -1,0 +1,130 @@
+"""Benchmark: the unhans handler against TorchServe's stock handler, over HTTP, in one real TorchServe.
+
+    python bench/serving.py [--json PATH] [--run DIR] [--requests N]
+
+Three models are served side by side from one TorchServe: `ours` (the P-ClArC-corrected ONNX graph with the unhans
+handler), `ours_sampled` (the same with 10% of instances recorded to a sink with their relevance) and `stock`
+(the same run's PyTorch model with TorchServe's stock ImageClassifier, bench/stock_mnist_handler.py). Every request
+carries one MNIST-5k test image as PNG. Keys:
+
+- explain_speedup_vs_torchserve_ig: median latency of `POST /explanations/stock` (Captum Integrated Gradients, 15
+  steps) over that of `POST /explanations/ours` (LRP of the corrected model), alternating requests; target >= 10;
+- predict_throughput_vs_stock_handler: requests/s of `ours` over `stock`, 8 concurrent clients, rounds interleaved;
+  target >= 1.0;
+- sampling_cost_pct: throughput lost by `ours_sampled` against `ours`, interleaved; target <= 3;
+- bad_requests_sent (malformed requests mixed into the load; each must get a 4xx) and worker_restarts (target 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import report
+from PIL import Image
+
+from unhans.core.artifacts import Patch
+from unhans.core.clarc import fit_cav
+from unhans.core.training import TrainSpec, load_run, train_run
+from unhans.export.archive import build_archive
+from unhans.export.correction import Correction
+from unhans.export.onnx import export_torch
+from unhans.torchserve import LocalTorchServe
+
+TARGETS = {"explain_speedup_vs_torchserve_ig": ">= 10", "predict_throughput_vs_stock_handler": ">= 1.0",
+           "sampling_cost_pct": "<= 3", "worker_restarts": "0"}
+CLIENTS, ROUNDS = 8, 3
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((image[0] * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _stock_archive(run: Path, store: Path, scratch: Path) -> None:
+    config = scratch / "stock-config.yaml"
+    config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 120\n")
+    subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "stock", "--version", "1.0",
+                    "--model-file", str(run / "model.py"), "--serialized-file", str(run / "weights.pt"),
+                    "--handler", str(Path(__file__).with_name("stock_mnist_handler.py")), "--config-file", str(config),
+                    "--export-path", str(store), "--force"], check=True, env={**os.environ, "TMPDIR": str(scratch)})
+
+
+def _throughput(server: LocalTorchServe, name: str, bodies: list[bytes]) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        statuses = list(pool.map(lambda body: server.post(f"/predictions/{name}", body, "image/png")[0], bodies))
+    assert all(s == 200 for s in statuses), statuses
+    return len(bodies) / (time.perf_counter() - started)
+
+
+def measure(run: Path, scratch: Path, requests: int) -> dict:
+    if not (run / "weights.pt").exists():
+        train_run(TrainSpec(), Patch(), run)
+    model, train, test, *_ = load_run(run)
+    cav = fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact])
+    graph = export_torch(model, "features.pool2", Correction.from_cav(cav), train.images[:64], scratch / "vgg.onnx").path
+    store = scratch / "store"
+    store.mkdir()
+    build_archive(graph, run, "ours", store, batch_size=8, max_batch_delay_ms=5)
+    build_archive(graph, run, "ours_sampled", store, batch_size=8, max_batch_delay_ms=5, sample_fraction=0.1, sink=str(scratch / "sink"))
+    _stock_archive(run, store, scratch)
+    bodies = [_png(image) for image in test.images[:requests]]
+    figures = {}
+    (scratch / "work").mkdir()
+    with LocalTorchServe(store, ["ours", "ours_sampled", "stock"], scratch / "work", ready_timeout=240) as server:
+        pids = {name: {w["pid"] for w in server.workers(name)} for name in server.names}
+        latency = {"ours": [], "stock": []}
+        for body in bodies[:40]:
+            for name in latency:
+                started = time.perf_counter()
+                status, answer = server.post(f"/explanations/{name}", body, "image/png")
+                latency[name].append(time.perf_counter() - started)
+                assert status == 200, (name, answer)
+        figures["explain_ms_ours"] = 1000 * statistics.median(latency["ours"])
+        figures["explain_ms_torchserve_ig"] = 1000 * statistics.median(latency["stock"])
+        figures["explain_speedup_vs_torchserve_ig"] = figures["explain_ms_torchserve_ig"] / figures["explain_ms_ours"]
+
+        rates = {"ours": [], "stock": [], "ours_sampled": []}
+        for _ in range(ROUNDS):
+            for name in rates:
+                rates[name].append(_throughput(server, name, bodies))
+        figures.update({f"requests_per_s_{name}": statistics.median(r) for name, r in rates.items()})
+        figures["predict_throughput_vs_stock_handler"] = figures["requests_per_s_ours"] / figures["requests_per_s_stock"]
+        figures["sampling_cost_pct"] = 100 * (1 - figures["requests_per_s_ours_sampled"] / figures["requests_per_s_ours"])
+
+        bad = [json.dumps(np.full((1, 28, 28), np.nan).tolist()).encode(), b"\x89PNG truncated", b"{not json", b"\x93NUMPY bad"] * 5
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            mixed = list(pool.map(lambda body: server.post("/predictions/ours", body, "application/octet-stream")[0], bad + bodies[:40]))
+        assert all(400 <= s < 500 for s in mixed[: len(bad)]) and all(s == 200 for s in mixed[len(bad):]), mixed
+        figures["bad_requests_sent"] = len(bad)
+        figures["worker_restarts"] = sum(len(pids[name] ^ {w["pid"] for w in server.workers(name)}) // 2 for name in server.names)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the figures as one JSON object here")
+    parser.add_argument("--run", type=Path, help="run folder of the backdoored VGG (trained here if missing)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per throughput round")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        figures = measure(args.run or Path(scratch) / "vgg", Path(scratch), args.requests)
+    report("serving: unhans handler vs TorchServe's stock handler (VGG-style, MNIST-5k PNG requests)", figures, TARGETS, args.json)
+
+
+if __name__ == "__main__":
+    main()

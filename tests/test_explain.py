@@ -1,0 +1,130 @@
+"""export/explain.py: LRP (zennit's rules, with the P-ClArC correction inside) as one ONNX graph, checked against zennit.
+
+Each export traces and exports a graph (about 8-20 s here), so each test covers several aspects of one graph.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from unhans.core.attribution import LRP
+from unhans.core.clarc import fit_cav, pclarc
+from unhans.core.errors import InputError
+from unhans.export import explain as explain_module
+from unhans.export.explain import SUPPORTED_LAYERS, explain_graph, explain_path, export_explain
+from unhans.export.onnx import read_metadata
+from unhans.export.runtime import session
+
+LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Backdoored 8x8-digits VGG and ResNet runs (a few seconds to train)."""
+    from unhans.core.artifacts import Patch
+    from unhans.core.training import TrainSpec, load_run, train_run
+
+    out = {}
+    for arch in LAYERS:
+        folder = tmp_path_factory.mktemp(f"explain_{arch}")
+        train_run(TrainSpec(data="digits", architecture=arch, epochs=3), Patch(size=3), folder, show_progress=False)
+        model, train, test, attack, _ = load_run(folder)
+        out[arch] = {"dir": folder, "model": model, "train": train, "probe": np.concatenate([attack.images[:8], test.images[:8]])}
+    return out
+
+
+def _corrected(run, arch, mode, reactive):
+    train = run["train"]
+    cav = fit_cav(run["model"], LAYERS[arch], train.images[train.has_artifact], train.images[~train.has_artifact], mode=mode)
+    return pclarc(run["model"], LAYERS[arch], cav, reactive=reactive)
+
+
+def _rel(got, expected):
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def _check_against_zennit(graph, model, composite, layer, images, tolerance=1e-4):
+    """Predicted (-1) and given targets, the full batch and one row, relevance and layer relevance, vs LRP."""
+    sess = session(graph.SerializeToString(), cuda=False)
+    with LRP(model, composite, layers=(layer,)) as lrp:
+        predicted = lrp(torch.from_numpy(images))
+        given = (predicted.targets + 3) % predicted.logits.shape[1]
+        for feed, expected in ((np.full(len(images), -1), predicted), (given, lrp(torch.from_numpy(images), given))):
+            logits, relevance, layer_relevance = sess.run(None, {"input": images, "target": feed.astype(np.int64)})
+            assert np.abs(logits - expected.logits).max() <= 1e-5
+            assert relevance.shape == images.shape
+            assert _rel(relevance, expected.relevance) <= tolerance
+            assert _rel(layer_relevance, expected.layer_relevance[layer]) <= tolerance
+        single = sess.run(["relevance"], {"input": images[:1], "target": given[:1].astype(np.int64)})[0]
+        assert _rel(single, lrp(torch.from_numpy(images[:1]), given[:1]).relevance) <= tolerance
+
+
+def test_plain_vgg_matches_zennit_and_is_written_with_metadata(runs, tmp_path):
+    run = runs["vgg"]
+    report = export_explain(run["model"], tmp_path / "m.explain.onnx", "epsilon_plus_flat", LAYERS["vgg"], probe=run["probe"])
+    graph = onnx.load(str(report.path))
+    assert [o.name for o in graph.graph.output] == ["logits", "relevance", "layer_relevance"]
+    assert [i.name for i in graph.graph.input] == ["input", "target"]
+    _check_against_zennit(graph, run["model"], "epsilon_plus_flat", LAYERS["vgg"], run["probe"])
+    metadata = read_metadata(report.path)
+    assert metadata["unhans.explain.composite"] == "epsilon_plus_flat"
+    assert metadata["unhans.explain.layer"] == LAYERS["vgg"]
+    assert float(metadata["unhans.verify.rel_l2_vs_zennit"]) <= 1e-4
+    assert float(metadata["unhans.verify.logit_max_abs_diff"]) <= 1e-5
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_reactive_flat_correction_vgg_epsilon_gamma_box(runs):
+    run = runs["vgg"]
+    corrected = _corrected(run, "vgg", "flat", reactive=True)
+    graph = explain_graph(corrected, "epsilon_gamma_box", LAYERS["vgg"], probe=run["probe"])
+    _check_against_zennit(graph, corrected, "epsilon_gamma_box", LAYERS["vgg"], run["probe"])
+
+
+def test_channel_correction_resnet_is_accepted_against_float64_zennit(runs):
+    """A corrected ResNet is ill-conditioned for LRP in float32: zennit's own float32 maps differ from float64 by
+    ~1e-3, so the graph is held to zennit-in-float64 instead (both figures recorded)."""
+    run = runs["resnet"]
+    corrected = _corrected(run, "resnet", "channel", reactive=False)
+    graph = explain_graph(corrected, "epsilon_plus_flat", LAYERS["resnet"], probe=run["probe"])
+    metadata = {p.key: float(p.value) for p in graph.metadata_props if p.key.startswith("unhans.verify.")}
+    assert metadata["unhans.verify.logit_max_abs_diff"] <= 1e-5
+    if metadata["unhans.verify.rel_l2_vs_zennit"] > 1e-4:
+        assert metadata["unhans.verify.rel_l2_vs_zennit64"] <= explain_module.FLOAT32_SLACK * metadata["unhans.verify.zennit32_rel_l2_vs_zennit64"]
+    _check_against_zennit(graph, corrected, "epsilon_plus_flat", LAYERS["resnet"], run["probe"], tolerance=1e-2)
+
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_unsupported_layer_is_named(runs):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), Custom(), nn.Flatten(), nn.Linear(72, 3))
+    with pytest.raises(InputError, match=r"layer '1' \(Custom\).*supported layers: Conv2d"):
+        explain_graph(model, probe=runs["vgg"]["probe"])
+    assert nn.LSTM not in SUPPORTED_LAYERS
+
+
+def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs, tmp_path, monkeypatch):
+    from unhans.cli import main
+
+    run = runs["vgg"]
+    out = tmp_path / "corrected.onnx"
+    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--mode", "channel", "--out", str(out), "--explain"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and explain_path(out) == tmp_path / "corrected.explain.onnx" and explain_path(out).is_file()
+    graph = onnx.load(str(explain_path(out)))
+    prediction = session(out.read_bytes(), cuda=False).run(None, {"input": run["probe"]})[0]
+    logits = session(graph.SerializeToString(), cuda=False).run(["logits"], {"input": run["probe"], "target": np.full(len(run["probe"]), -1)})[0]
+    assert np.abs(prediction - logits).max() <= 1e-4 * np.abs(prediction).max()
+
+    monkeypatch.setattr(explain_module, "SUPPORTED_LAYERS", (nn.Linear,))
+    other = tmp_path / "other.onnx"
+    result = CliRunner().invoke(main, [*args[:-2], str(other), "--explain"])
+    assert result.exit_code != 0 and "not supported by the explain graph" in result.output
+    assert other.is_file() and not explain_path(other).exists()
