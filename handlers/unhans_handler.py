@@ -25,15 +25,12 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from unhans.core.attribution import LRP
-from unhans.core.layers import insert_after
-from unhans.core.models import load_model
-from unhans.export.correction import load_correction
 from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import TOLERANCE
 from unhans.export.runtime import session
+from unhans.handlers.relevance import Explainer, Sampler
 from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
-from unhans.handlers.sink import Record, ShardWriter
+from unhans.handlers.sink import ShardWriter
 
 logger = logging.getLogger(__name__)
 PROBE_ROWS = 8
@@ -44,9 +41,9 @@ METRICS = {  # name: (type, unit, extra dimensions, what it counts)
     "unhans_artifact_score": (MetricTypes.HISTOGRAM, "score", [], "artifact detector score of each served instance"),
     "unhans_rejected_requests_total": (MetricTypes.COUNTER, "count", ["reason"], "requests answered with a 4xx, by reason"),
     "unhans_sampled_total": (MetricTypes.COUNTER, "count", [], "instances recorded to the sink for the monitor"),
-    "unhans_sink_errors_total": (MetricTypes.COUNTER, "count", [], "records the sink could not write"),
+    "unhans_sample_dropped_total": (MetricTypes.COUNTER, "count", [], "sampled instances dropped: the sampler was behind"),
+    "unhans_sink_errors_total": (MetricTypes.COUNTER, "count", [], "sampled instances the sink could not write"),
 }
-THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
 
 
 class UnhansHandler(BaseHandler):
@@ -64,43 +61,40 @@ class UnhansHandler(BaseHandler):
         names = os.path.join(model_dir, "index_to_name.json")
         self.classes = json.loads(open(names).read()) if os.path.isfile(names) else {}
 
-        correction, layer = load_correction(os.path.join(model_dir, "correction.npz"))
-        model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
-        self.twin = insert_after(model, layer, correction.module())
-        self.lrp = LRP(self.twin, config.get("composite", "epsilon_plus_flat"))
+        self.explainer = Explainer(model_dir, config.get("composite", "epsilon_plus_flat"), threads)
         self._check_agreement()
         self._start_sampling(config.get("sample", {}))
         self.initialized = True
 
     def _start_sampling(self, sample: dict) -> None:
         """Record ``fraction`` of served instances (with relevance, computed if the client did not ask) to the sink."""
-        self.sample_fraction = float(sample.get("fraction", 0.0))
-        self.sink = None
-        if self.sample_fraction <= 0:
+        self.sampler = None
+        fraction = float(sample.get("fraction", 0.0))
+        if fraction <= 0:
             return
         model = self.manifest["model"]
         url = sample.get("sink") or os.environ.get("UNHANS_SINK") or os.path.join(os.getcwd(), "unhans-sink")
         # restarts reuse hostnames and pids: the start time keeps two live writers from sharing an id
         writer_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
-        self.sink = ShardWriter(url, model["modelName"], str(model.get("modelVersion", "1.0")), writer_id,
-                                max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
-                                max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
-        self.sample_rng = np.random.default_rng()
-        logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * self.sample_fraction, url, writer_id)
+        version = str(model.get("modelVersion", "1.0"))
+        writer = ShardWriter(url, model["modelName"], version, writer_id, max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
+                             max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
+        self.sampler = Sampler(writer, self.explainer, fraction, model["modelName"], version)
+        logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
     def _check_agreement(self) -> None:
-        """Refuse to serve if the graph and the twin that explains it disagree on a probe batch."""
+        """Refuse to serve if the prediction graph and what explains it disagree on a probe batch."""
         probe = np.random.default_rng(0).random((PROBE_ROWS, *self.preprocess_config.shape), dtype=np.float32)
         probe = self.preprocess_config.normalise(probe)
         graph_logits = self.graph.run([self.outputs[0]], {self.input_name: probe})[0]
-        twin_logits = self.lrp(torch.from_numpy(probe)).logits
-        diff, scale = float(np.abs(graph_logits - twin_logits).max()), float(np.abs(twin_logits).max())
+        explained_logits, _ = self.explainer(probe)
+        diff, scale = float(np.abs(graph_logits - explained_logits).max()), float(np.abs(explained_logits).max())
         if not diff <= TOLERANCE * max(scale, 1e-12):
-            message = (f"unhans: the ONNX graph and its PyTorch twin disagree by {diff:.3g} (max |logit| {scale:.3g}); "
-                       "refusing to start: rebuild the archive with 'unhans archive'")
+            message = (f"unhans: the ONNX graph and its explainer ({self.explainer.kind}) disagree by {diff:.3g} "
+                       f"(max |logit| {scale:.3g}); refusing to start: rebuild the archive with 'unhans archive'")
             logger.error(message)
             raise RuntimeError(message)
-        logger.info("unhans: ONNX graph and PyTorch twin agree to %.3g on %d probe rows", diff, PROBE_ROWS)
+        logger.info("unhans: ONNX graph and %s agree to %.3g on %d probe rows", self.explainer.kind, diff, PROBE_ROWS)
 
     def handle(self, data, context):
         self.context = context
@@ -153,52 +147,21 @@ class UnhansHandler(BaseHandler):
             })
             if scores is not None:
                 self._metric("unhans_artifact_score", float(scores[k]))
-        explain = request.explain and request.format != "none"
-        sampled = np.flatnonzero(self.sample_rng.random(len(inputs)) < self.sample_fraction) if self.sink else np.zeros(0, int)
-        if explain or len(sampled):
+        if request.explain and request.format != "none":
             targets = np.array([predicted[k] if t is None else t for k, t in enumerate(request.targets)])
             if (targets < 0).any() or (targets >= logits.shape[1]).any():
                 raise RequestError("target", f"class indices must lie in 0..{logits.shape[1] - 1}", 422)
-            rows = np.arange(len(inputs)) if explain else sampled
             started = time.perf_counter()
-            relevance = np.zeros(inputs.shape, np.float32)
-            relevance[rows] = self.lrp(torch.from_numpy(inputs[rows]), targets[rows]).relevance
+            _, relevance = self.explainer(inputs, targets)
             self._metric("unhans_relevance_seconds", time.perf_counter() - started)
-            self._metric("unhans_relevance_requests_total", len(rows))
-            if explain:
-                for k, prediction in enumerate(predictions):
-                    prediction["target"] = int(targets[k])
-                    prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-            if self.sink is not None:
-                self._record(sampled, inputs, relevance, targets, predicted, probabilities, scores)
+            self._metric("unhans_relevance_requests_total", len(inputs))
+            for k, prediction in enumerate(predictions):
+                prediction["target"] = int(targets[k])
+                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
+        if self.sampler is not None:
+            self.sampler.offer(inputs, predicted, probabilities, scores, str(self.context.get_request_id(0) or ""))
+            counts = self.sampler.take_counts()
+            for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
+                if counts[key]:
+                    self._metric(name, counts[key])
         return predictions
-
-    def _record(self, rows, inputs, relevance, targets, predicted, probabilities, scores) -> None:
-        """Append the sampled instances to the sink; a sink failure is counted, never fails the request."""
-        model = self.manifest["model"]
-        try:
-            for k in rows:
-                thumbnail = _thumbnail(inputs[k])
-                self.sink.append(Record(
-                    prediction=int(predicted[k]), target=int(targets[k]), probabilities=probabilities[k].tolist(),
-                    relevance=relevance[k].sum(axis=0), thumbnail=thumbnail, score=None if scores is None else float(scores[k]),
-                    timestamp=time.time(), model=model["modelName"], version=str(model.get("modelVersion", "1.0")),
-                    request_id=str(self.context.get_request_id(0) if self.context else ""),
-                ))
-            if len(rows):
-                self.sink.flush()  # once per batch: TorchServe stops workers without a hook, so nothing waits unflushed
-                self._metric("unhans_sampled_total", len(rows))
-            self.sink.poll()
-        except OSError as error:
-            logger.warning("unhans: the sink could not write (%s)", error)
-            self._metric("unhans_sink_errors_total", len(rows))
-
-
-def _thumbnail(image: np.ndarray) -> np.ndarray:
-    """A small uint8 (H, W, C) copy of an input for evidence pages (inputs are assumed scaled to [0, 1])."""
-    from PIL import Image
-
-    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
-    picture = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-    picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    return np.asarray(picture).reshape(picture.height, picture.width, -1)

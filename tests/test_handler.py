@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -200,11 +201,11 @@ def test_sampled_requests_reach_the_sink(backdoored_vgg, served_archive, torchse
             assert server.post("/predictions/vgg", _npy(image), "application/octet-stream")[0] == 200
         status, _ = server.post("/predictions/vgg", json.dumps({"instances": images[:2].tolist()}).encode(), "application/json")
         assert status == 200
-    # TorchServe stopped: the worker's open shard was flushed on every batch; seal it and read everything
-    from unhans.handlers.sink import seal_stale
-
-    seal_stale(str(sink), "vgg", older_than_s=0)
-    records = [record for _, record in ShardReader(str(sink), "vgg").read()]
+        # the sampler works off the request path: wait until it has flushed all six
+        deadline, records = time.monotonic() + 30, []
+        while len(records) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            records = [record for _, record in ShardReader(str(sink), "vgg", include_open=True).read()]
     assert len(records) == 6
     expected = LRP(corrected).explain(images).relevance.sum(axis=1)
     assert np.allclose(records[0].relevance, expected[0], atol=2e-3 * max(1.0, np.abs(expected[0]).max()))

@@ -1,0 +1,142 @@
+"""Relevance of the served model and the sampling of traffic for the monitor, both off TorchServe's plumbing.
+
+:class:`Explainer` answers with the relevance of the model that predicts: the archive's explain graph
+(onnxruntime, ``unhans export --explain``) when it has one, else the PyTorch twin through zennit with hooks kept.
+:class:`Sampler` records a fraction of served instances off the request path: a bounded queue, drained by one
+thread that computes relevance for the sampled instances in batches and appends them to the sink; when the queue
+is full, instances are dropped and counted rather than slowing requests down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unhans.core.attribution import LRP
+from unhans.core.layers import insert_after
+from unhans.core.models import load_model
+from unhans.export.correction import load_correction
+from unhans.export.runtime import session
+
+from .sink import Record, ShardWriter
+
+logger = logging.getLogger(__name__)
+EXPLAIN_FILE = "explain.onnx"
+THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
+
+
+class Explainer:
+    """``explainer(inputs, targets) -> (logits, relevance)``; thread-safe (one call at a time)."""
+
+    def __init__(self, model_dir: str, composite: str = "epsilon_plus_flat", threads: int = 1):
+        self._lock = threading.Lock()
+        explain = os.path.join(model_dir, EXPLAIN_FILE)
+        if os.path.isfile(explain):
+            self.kind = "onnx explain graph"
+            self._graph = session(explain, threads=threads)
+            self._lrp = None
+        else:
+            self.kind = "zennit on the PyTorch twin"
+            correction, layer = load_correction(os.path.join(model_dir, "correction.npz"))
+            model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
+            self._lrp = LRP(insert_after(model, layer, correction.module()), composite)
+
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._lrp is not None:
+                explanation = self._lrp(torch.from_numpy(inputs), targets)
+                return explanation.logits, explanation.relevance
+            target = np.full(len(inputs), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+            logits, relevance = self._graph.run(["logits", "relevance"], {"input": inputs, "target": target})
+            return logits, relevance
+
+
+@dataclass
+class _Pending:
+    image: np.ndarray
+    prediction: int
+    probabilities: list[float]
+    score: float | None
+    timestamp: float
+    request_id: str
+
+
+class Sampler:
+    """Record ``fraction`` of offered instances, with their relevance for the predicted class, to ``writer``."""
+
+    def __init__(self, writer: ShardWriter, explainer: Explainer, fraction: float, model: str, version: str,
+                 queue_size: int = 1024, batch: int = 32):
+        self.writer, self.explainer, self.fraction = writer, explainer, fraction
+        self.model, self.version, self.batch = model, version, batch
+        self._queue: queue.Queue[_Pending] = queue.Queue(queue_size)
+        self._rng = np.random.default_rng()
+        self._counts = {"sampled": 0, "dropped": 0, "errors": 0}
+        self._counts_lock = threading.Lock()
+        threading.Thread(target=self._drain, name="unhans-sampler", daemon=True).start()
+
+    def offer(self, inputs: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, scores, request_id: str) -> None:
+        """Called on the request path: picks instances at random and queues them; never blocks."""
+        for k in np.flatnonzero(self._rng.random(len(inputs)) < self.fraction):
+            item = _Pending(inputs[k], int(predicted[k]), probabilities[k].tolist(),
+                            None if scores is None else float(scores[k]), time.time(), request_id)
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._count("dropped", 1)
+
+    def take_counts(self) -> dict[str, int]:
+        """Counts since the last call (the handler turns them into metrics on the request path)."""
+        with self._counts_lock:
+            counts, self._counts = self._counts, {k: 0 for k in self._counts}
+        return counts
+
+    def _count(self, key: str, n: int) -> None:
+        with self._counts_lock:
+            self._counts[key] += n
+
+    def _drain(self) -> None:
+        while True:
+            items = []
+            try:
+                items.append(self._queue.get(timeout=0.5))
+                while len(items) < self.batch:
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                if items:
+                    self._write(items)
+                self.writer.poll()  # time-based flush and rotation happen here even when traffic stops
+            except Exception as error:  # the sampler must outlive any failure; losses are counted
+                logger.warning("unhans: sampling failed (%s)", error)
+                self._count("errors", len(items))
+
+    def _write(self, items: list[_Pending]) -> None:
+        images = np.stack([item.image for item in items])
+        targets = np.array([item.prediction for item in items])
+        _, relevance = self.explainer(images, targets)
+        for item, heat in zip(items, relevance):
+            self.writer.append(Record(
+                prediction=item.prediction, target=item.prediction, probabilities=item.probabilities,
+                relevance=heat.sum(axis=0), thumbnail=thumbnail(item.image), score=item.score, timestamp=item.timestamp,
+                model=self.model, version=self.version, request_id=item.request_id,
+            ))
+        self.writer.flush()
+        self._count("sampled", len(items))
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """A small uint8 (H, W, C) copy of an input for evidence pages (inputs are assumed scaled to [0, 1])."""
+    from PIL import Image
+
+    pixels = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+    picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return np.asarray(picture).reshape(picture.height, picture.width, -1)
