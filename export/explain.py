@@ -39,7 +39,7 @@ from .runtime import session
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.BatchNorm2d,
                     nn.Dropout, nn.Identity, PClArC, nn.Sequential, Corrected, BasicBlock)
 RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zennit
-LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch
+LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
 OUTPUTS = ("logits", "relevance", "layer_relevance")
 
@@ -176,7 +176,7 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
             high: float) -> dict[str, float]:
     """onnxruntime vs zennit on ``probe`` (predicted and shifted targets), or refuse.
 
-    Figures: worst relative L2 of relevance and layer relevance, max |Δlogit|. Some models are ill-conditioned
+    Figures: worst relative L2 of relevance and layer relevance, max |Δlogit| (allowed relative to the logit scale). Some models are ill-conditioned
     for LRP in float32 (zennit's own float32 maps then differ from its float64 ones by more than the tolerance,
     e.g. a P-ClArC-corrected ResNet); those are accepted when the graph's error against zennit in float64 is
     within ``FLOAT32_SLACK`` times zennit's own float32 error, and both figures are recorded.
@@ -186,6 +186,7 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
     runs = []
     with LRP(model, key, layers=layers, low=low, high=high) as lrp:
         predicted = lrp(torch.from_numpy(probe))
+        figures["logit_scale"] = float(np.abs(predicted.logits).max())
         shifted = (predicted.targets + 1) % predicted.logits.shape[1]
         for feed, expected in ((np.full(len(probe), -1), predicted), (shifted, lrp(torch.from_numpy(probe), shifted))):
             got = sess.run(None, {"input": probe, "target": feed.astype(np.int64)})
@@ -205,8 +206,9 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
                              f"vs zennit in float64 {figures['rel_l2_vs_zennit64']:.3g}, zennit's own float32 error "
                              f"{figures['zennit32_rel_l2_vs_zennit64']:.3g}); nothing was written",
                              "explain this model with zennit (unhans.core.attribution.LRP) instead")
-    if not figures["logit_max_abs_diff"] <= LOGIT_TOLERANCE:
-        raise InputError("explain", f"logits differ from torch by {figures['logit_max_abs_diff']:.3g} (allowed {LOGIT_TOLERANCE:g}); "
+    allowed = LOGIT_TOLERANCE * max(1.0, figures["logit_scale"])
+    if not figures["logit_max_abs_diff"] <= allowed:
+        raise InputError("explain", f"logits differ from torch by {figures['logit_max_abs_diff']:.3g} (allowed {allowed:.3g}); "
                          "nothing was written", "explain this model with zennit (unhans.core.attribution.LRP) instead")
     return figures
 

@@ -165,8 +165,12 @@ def parse(row: dict, pre: Preprocess, explain_header: bool = False) -> Request:
 
 
 def _single(value, pre: Preprocess, explain_header: bool) -> Request:
-    request = Request(_array(value, pre, "body")[None], many=False, explain=explain_header)
-    _options({}, request, 1)
+    """A bare array: one instance (C, H, W), or a stack of them (N, C, H, W) as KServe v2 inputs carry."""
+    if np.ndim(value) == 4:
+        request = Request(np.stack([_array(x, pre, f"body[{i}]") for i, x in enumerate(value)]), many=True, explain=explain_header)
+    else:
+        request = Request(_array(value, pre, "body")[None], many=False, explain=explain_header)
+    _options({}, request, len(request.inputs))
     return request
 
 

@@ -99,8 +99,10 @@ class UnhansHandler(BaseHandler):
     def handle(self, data, context):
         self.context = context
         explain_header = str(context.get_request_header(0, "explain") or "").lower() == "true"
-        # TorchServe's KServe v1 envelope (service_envelope=kserve) hands over one request's instances as bare arrays
-        self._enveloped = bool(data) and not isinstance(data[0], dict)
+        # TorchServe's KServe envelopes hand over one request's inputs as rows of their own: v1 (service_envelope=kserve)
+        # bare arrays, v2 (kservev2) tensors {name, shape, datatype, data} whose answers must be arrays too
+        self._enveloped = bool(data) and (not isinstance(data[0], dict) or "datatype" in data[0])
+        v2 = bool(data) and isinstance(data[0], dict) and "datatype" in data[0]
         requests, answers = [], [None] * len(data)
         for i, row in enumerate(data):
             try:
@@ -120,7 +122,10 @@ class UnhansHandler(BaseHandler):
                 except RequestError as error:
                     answers[i] = self._reject(error, i)
                     continue
-                answers[i] = {"predictions": predictions} if request.many else predictions[0]
+                if v2:  # a tensor answer per input: the class probabilities of each of its instances
+                    answers[i] = _softmax(outputs["logits"][rows]).tolist()
+                else:
+                    answers[i] = {"predictions": predictions} if request.many else predictions[0]
         return answers
 
     def _metric(self, name: str, value: float, **dimensions) -> None:
@@ -133,8 +138,7 @@ class UnhansHandler(BaseHandler):
         return error.body()
 
     def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores) -> list[dict]:
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        probabilities = _softmax(logits)
         predicted = logits.argmax(1)
         predictions = []
         for k, p in enumerate(probabilities):
@@ -165,3 +169,8 @@ class UnhansHandler(BaseHandler):
                 if counts[key]:
                     self._metric(name, counts[key])
         return predictions
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

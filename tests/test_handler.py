@@ -163,6 +163,20 @@ def test_kserve_v1_envelope(served_archive, backdoored_vgg, torchserve, tmp_path
 
 
 @pytest.mark.integration
+def test_kserve_v2_envelope(served_archive, backdoored_vgg, torchserve, tmp_path):
+    root, corrected = served_archive
+    images = backdoored_vgg["test"].images[:3]
+    with torchserve(root / "store", "vgg", tmp_path, extra_config="service_envelope=kservev2") as server:
+        body = {"id": "r1", "inputs": [{"name": "input-0", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}]}
+        status, answer = server.post("/predictions/vgg", json.dumps(body).encode(), "application/json")
+        assert status == 200, answer
+        assert answer["id"] == "r1" and answer["outputs"][0]["name"] == "input-0"
+        probabilities = np.asarray(answer["outputs"][0]["data"]).reshape(3, 10)
+        expected = torch.softmax(corrected(torch.from_numpy(images)), 1).detach().numpy()
+        assert np.allclose(probabilities, expected, atol=1e-4)
+
+
+@pytest.mark.integration
 def test_worker_refuses_to_start_when_runtimes_disagree(served_archive, torchserve, tmp_path):
     """An archive whose PyTorch twin no longer matches its graph must not serve: the worker logs why and stays down."""
     import zipfile
