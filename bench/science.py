@@ -16,7 +16,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from common import report
 from science_spray import measure as measure_spray_scale
 from sklearn.metrics import adjusted_rand_score

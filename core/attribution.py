@@ -77,12 +77,10 @@ class LRP:
 
     def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat", layers: tuple[str, ...] = (),
                  low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6, gamma: float = 0.25):
-        self.composite_name = _composite_key(composite)
         self.layers = tuple(layers)
         self.model = copy.deepcopy(model).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.num_classes = None
         self._outputs: dict[str, torch.Tensor] = {}
         self._composite = make_composite(composite, self.model, low, high, epsilon, gamma)
         self._composite.register(self.model)

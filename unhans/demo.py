@@ -17,7 +17,7 @@ import numpy as np
 from .audit.run import AuditSpec, run_audit, select_samples
 from .core.artifacts import Patch
 from .core.clarc import fit_cav, pclarc
-from .core.training import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, TrainSpec, attack_success, clean_accuracy, load_run, train_run
+from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, TrainSpec, attack_success, clean_accuracy, load_run, train_run
 from .export.archive import build_archive
 from .export.correction import Correction
 from .export.onnx import export_torch
