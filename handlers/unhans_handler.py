@@ -101,8 +101,8 @@ class UnhansHandler(BaseHandler):
         explain_header = str(context.get_request_header(0, "explain") or "").lower() == "true"
         # TorchServe's KServe envelopes hand over one request's inputs as rows of their own: v1 (service_envelope=kserve)
         # bare arrays, v2 (kservev2) tensors {name, shape, datatype, data} whose answers must be arrays too
-        self._enveloped = bool(data) and (not isinstance(data[0], dict) or "datatype" in data[0])
         v2 = bool(data) and isinstance(data[0], dict) and "datatype" in data[0]
+        self._enveloped = bool(data) and (v2 or not isinstance(data[0], dict))
         requests, answers = [], [None] * len(data)
         for i, row in enumerate(data):
             try:
@@ -116,9 +116,10 @@ class UnhansHandler(BaseHandler):
             for i, request in requests:
                 rows = slice(start, start + len(request.inputs))
                 start = rows.stop
+                request_id = str(context.get_request_id(0 if self._enveloped else i) or "")
                 try:
                     predictions = self._answer(request, inputs[rows], outputs["logits"][rows],
-                                               outputs[SCORE_OUTPUT][rows] if SCORE_OUTPUT in outputs else None)
+                                               outputs[SCORE_OUTPUT][rows] if SCORE_OUTPUT in outputs else None, request_id)
                 except RequestError as error:
                     answers[i] = self._reject(error, i)
                     continue
@@ -137,7 +138,7 @@ class UnhansHandler(BaseHandler):
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
 
-    def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores) -> list[dict]:
+    def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores, request_id: str) -> list[dict]:
         probabilities = _softmax(logits)
         predicted = logits.argmax(1)
         predictions = []
@@ -163,7 +164,7 @@ class UnhansHandler(BaseHandler):
                 prediction["target"] = int(targets[k])
                 prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
         if self.sampler is not None:
-            self.sampler.offer(inputs, predicted, probabilities, scores, str(self.context.get_request_id(0) or ""))
+            self.sampler.offer(inputs, predicted, probabilities, scores, request_id)
             counts = self.sampler.take_counts()
             for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
                 if counts[key]:

@@ -224,3 +224,4 @@ def test_sampled_requests_reach_the_sink(backdoored_vgg, served_archive, torchse
     expected = LRP(corrected).explain(images).relevance.sum(axis=1)
     assert np.allclose(records[0].relevance, expected[0], atol=2e-3 * max(1.0, np.abs(expected[0]).max()))
     assert records[0].thumbnail.shape[:2] == (16, 16) and records[0].score is not None and records[0].version == "1.0"
+    assert len({record.request_id for record in records}) == 5  # each HTTP request keeps its own id
