@@ -196,7 +196,7 @@ def test_worker_refuses_to_start_when_runtimes_disagree(served_archive, torchser
             tampered.writestr(item, data)
     (tmp_path / "work").mkdir()
     with pytest.raises(RuntimeError, match="refusing to start"):
-        with torchserve(store, "vgg", tmp_path / "work", ready_timeout=45):
+        with torchserve(store, "vgg", tmp_path / "work", ready_timeout=60):
             pass
 
 

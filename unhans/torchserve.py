@@ -58,16 +58,26 @@ class LocalTorchServe:
         # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
         self.log = open(self.work / "torchserve.out", "wb")
         subprocess.run(command, cwd=self.work, env=self.env, check=True, stdout=self.log, stderr=subprocess.STDOUT, timeout=60)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            if self.key is None and (self.work / "key_file.json").is_file():
-                keys = json.loads((self.work / "key_file.json").read_text())
-                self.key, self.management_key = keys["inference"]["key"], keys["management"]["key"]
-            if self.key is not None and all(self.workers_ready(n) for n in self.names):
-                return self
-        self.__exit__()
-        raise RuntimeError("TorchServe did not get ready: " + self.model_log()[-3000:])
+        try:
+            deadline = time.monotonic() + self.ready_timeout
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                if self.key is None:
+                    self._read_keys()
+                if self.key is not None and all(self.workers_ready(n) for n in self.names):
+                    return self
+            raise RuntimeError("TorchServe did not get ready: " + self.model_log()[-3000:])
+        except BaseException:
+            self.__exit__()  # never leave a server behind: a leaked one starves the next of CPU and ports
+            raise
+
+    def _read_keys(self) -> None:
+        """The inference and management keys, once TorchServe has written key_file.json completely."""
+        try:
+            keys = json.loads((self.work / "key_file.json").read_text())
+            self.key, self.management_key = keys["inference"]["key"], keys["management"]["key"]
+        except (OSError, ValueError, KeyError):
+            pass  # not there yet, or half written
 
     def workers(self, name: str | None = None) -> list[dict]:
         """A model's workers as the management API describes them (status, pid, ...)."""
@@ -92,13 +102,9 @@ class LocalTorchServe:
         base = self.management_url if management else self.url
         try:
             with urllib.request.urlopen(urllib.request.Request(base + path, data=body, headers=headers, method=method), timeout=60) as response:
-                return response.status, json.loads(response.read() or b"null")
+                return response.status, _decode(response.read())
         except urllib.error.HTTPError as error:
-            text = error.read()
-            try:
-                return error.code, json.loads(text)
-            except ValueError:
-                return error.code, text.decode(errors="replace")
+            return error.code, _decode(error.read())
         except (urllib.error.URLError, ConnectionError) as error:
             return 0, str(error)
 
@@ -109,3 +115,11 @@ class LocalTorchServe:
         subprocess.run([str(self.bin / "torchserve"), "--stop", "--foreground"], cwd=self.work, env=self.env, stdout=self.log,
                        stderr=subprocess.STDOUT, timeout=90)
         self.log.close()
+
+
+def _decode(body: bytes):
+    """A response body as JSON, or as text when it is not JSON."""
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return body.decode(errors="replace")
