@@ -42,7 +42,7 @@ def prototypes(embedding: np.ndarray, labels: np.ndarray, cluster: int, count: i
     return members[order[:count]]
 
 
-def _save_strip(path: Path, pictures: list[Image.Image]) -> None:
+def save_strip(path: Path, pictures: list[Image.Image]) -> None:
     gap = 4
     strip = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1), max(p.height for p in pictures)), "white")
     x = 0
@@ -52,7 +52,7 @@ def _save_strip(path: Path, pictures: list[Image.Image]) -> None:
     strip.save(path)
 
 
-def _spectrum_plot(path: Path, eigenvalues: np.ndarray, n_clusters: int) -> None:
+def spectrum_plot(path: Path, eigenvalues: np.ndarray, n_clusters: int) -> None:
     fig, ax = plt.subplots(figsize=(3.6, 2.4), dpi=100)
     ax.plot(np.arange(1, len(eigenvalues) + 1), eigenvalues, "o-", markersize=3)
     ax.axvline(n_clusters + 0.5, color="tab:red", linestyle="--", linewidth=1, label=f"gap: {n_clusters} clusters")
@@ -64,7 +64,7 @@ def _spectrum_plot(path: Path, eigenvalues: np.ndarray, n_clusters: int) -> None
     plt.close(fig)
 
 
-def _embedding_plot(path: Path, embedding: np.ndarray, labels: np.ndarray, title: str) -> None:
+def embedding_plot(path: Path, embedding: np.ndarray, labels: np.ndarray, title: str) -> None:
     fig, ax = plt.subplots(figsize=(3.6, 3.0), dpi=100)
     for cluster in np.unique(labels):
         points = embedding[labels == cluster]
@@ -98,9 +98,9 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td></tr>"
         )
         stem = f"class-{finding.class_index}"
-        _spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
+        spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
         embedding = spray.embedding_2d_ if spray.embedding_2d_ is not None else spray.eigenvectors_[:, 1:3]
-        _embedding_plot(assets / f"{stem}-embedding.png", embedding, spray.labels_,
+        embedding_plot(assets / f"{stem}-embedding.png", embedding, spray.labels_,
                         "t-SNE of the spectral embedding" if spray.embedding_2d_ is not None else "eigenvectors 2 and 3")
         suspect, concentrations = artifact_cluster(finding, relevance)
         clusters = []
@@ -109,7 +109,7 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             members = finding.indices[spray.labels_ == cluster]
             mean_map = relevance[members].mean(axis=0)
             pictures = [heatmap_overlay(images[members].mean(axis=0), mean_map)] + [heatmap_overlay(images[i], relevance[i]) for i in chosen]
-            _save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
+            save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
                 f"<figcaption>cluster {cluster}: {len(members)} samples, {concentrations[cluster]:.0%} of the mean relevance on 2% of the pixels"

@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__
 from .core.errors import InputError
 from .export.cli import archive_command, export_command, inspect_command
+from .monitor.cli import monitor_group
 from .output import console, print_table, results
 
 
@@ -213,7 +214,7 @@ def demo(out_dir, model_store, retrain):
     print_table("unhans demo", run_demo(out_dir, model_store, retrain))
 
 
-for command in (export_command, inspect_command, archive_command):
+for command in (export_command, inspect_command, archive_command, monitor_group):
     main.add_command(command)
 
 if __name__ == "__main__":

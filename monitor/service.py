@@ -1,0 +1,290 @@
+"""``unhans monitor run``: cut the sink's stream of sampled records into windows and analyse each one.
+
+State lives in one folder (``--state``): ``reference.npz`` (built by ``unhans monitor reference``),
+``calibration.json`` (resampled null models, reused across restarts), ``state.json`` (the sink position after the
+last analysed window and that window's number), ``windows.jsonl`` (one line per analysed window: its figures,
+alerts and the request ids it analysed) and ``evidence/``.
+
+A window is committed in this order: evidence pages, its ``windows.jsonl`` line, then ``state.json`` replaced
+atomically. A monitor killed at any point resumes from the last ``state.json``: records of the window in flight are
+read again (none lost), and a ``windows.jsonl`` line written past the committed window is dropped on start (none
+counted twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from unhans.core.spray import preprocess
+from unhans.handlers.sink import Position, Record, ShardReader, seal_stale
+from unhans.output import console
+
+from .detector import ClassDrift, DriftDetector
+from .evidence import write_evidence
+from .metrics import MonitorMetrics, serve
+from .reference import REFERENCE_FILE, Reference
+
+STATE_FILE, CALIBRATION_FILE, LEDGER_FILE, EVIDENCE_DIR = "state.json", "calibration.json", "windows.jsonl", "evidence"
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+@dataclass
+class Window:
+    """Records of one window, with the sink position just past its last one."""
+
+    records: list[Record]
+    end: Position
+    closed_by: str  # "count", "time" (record time span) or "idle" (no new record for window_seconds)
+
+
+class Monitor:
+    """Reads ``sink`` for the reference's model and version, analyses windows, exports metrics, writes evidence.
+
+    ``window_size`` closes a window after that many records; ``window_seconds`` (optional) also closes it once its
+    records span that long, or once its first record is that old and no new one comes.
+    """
+
+    def __init__(self, state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int = 1000,
+                 window_seconds: float | None = None, metrics: MonitorMetrics | None = None, seal_after_seconds: float = 300.0):
+        self.state_dir = Path(state_dir)
+        self.sink = sink
+        self.reference = Reference.load(self.state_dir / REFERENCE_FILE)
+        calibration_file = self.state_dir / CALIBRATION_FILE
+        calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
+        self.detector = detector.fit(self.reference, calibration)
+        self.window_size, self.window_seconds, self.seal_after_seconds = window_size, window_seconds, seal_after_seconds
+        self.metrics = metrics or MonitorMetrics(self.reference.model, self.reference.version)
+        self.metrics.false_alarm_rate.labels(**self.metrics.labels).set(detector.false_alarm_rate)
+        self.evidence_root = self.state_dir / EVIDENCE_DIR
+        self.evidence_root.mkdir(exist_ok=True)
+        state_file = self.state_dir / STATE_FILE
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        self.window_index = int(state.get("window_index", 0))
+        self.committed = Position.of(state.get("position"))
+        self._drop_uncommitted_ledger()
+        self._buffer: list[Record] = []
+        self._read_to = Position.of(self.committed)  # past everything read, committed or not
+        self._committed_at = time.time()
+        self.stop = threading.Event()
+
+    def _drop_uncommitted_ledger(self) -> None:
+        ledger = self.state_dir / LEDGER_FILE
+        if not ledger.is_file():
+            return
+        lines = ledger.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["index"] < self.window_index]
+        if len(kept) != len(lines):
+            partial = ledger.with_name(ledger.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, ledger)
+
+    def calibrate(self, show_progress: bool = True) -> None:
+        """Resample null models for the class sizes a full window is expected to hold (others come when met)."""
+        shares = np.bincount(self.reference.predictions, minlength=len(self.reference.classes)) / len(self.reference.predictions)
+        wanted = []
+        for c, share in enumerate(shares):
+            capacity = self.detector.capacity(c)
+            n = min(int(round(share * self.window_size)), capacity)
+            if n >= self.detector.min_samples and capacity >= self.detector.min_samples:
+                wanted.append((c, min(self.detector.bucket(n), capacity)))
+        todo = [key for key in wanted if key not in self.detector.null_]
+        if not todo:
+            return
+        with Progress(console=console, disable=not show_progress) as progress:
+            task = progress.add_task(f"calibrating on resampled reference windows ({self.detector.n_resamples} per class)", total=len(todo))
+            for c, size in todo:
+                self.detector.null_model(c, size)
+                progress.advance(task)
+        self._save_calibration()
+
+    def _save_calibration(self) -> None:
+        _atomic_json(self.state_dir / CALIBRATION_FILE, self.detector.calibration_to_dict())
+
+    # reading -------------------------------------------------------------------------------------------------------
+    def _windows(self, follow: bool):
+        """Yield complete windows from the sink; in ``follow`` mode poll until :attr:`stop` is set."""
+        skipped_before = {}
+        while not self.stop.is_set():
+            if follow:
+                seal_stale(self.sink, self.reference.model, self.seal_after_seconds)
+            reader = ShardReader(self.sink, self.reference.model, self.reference.version)
+            last = self._read_to
+            for position, record in reader.read(self._read_to):
+                if self.window_seconds and self._buffer and record.timestamp - self._buffer[0].timestamp >= self.window_seconds:
+                    yield self._take(last, "time")
+                self._read_to = last = position
+                reason = self._unusable(record)
+                if reason:
+                    self.metrics.records_skipped.labels(**self.metrics.labels, reason=reason).inc()
+                    continue
+                self._buffer.append(record)
+                if len(self._buffer) >= self.window_size:
+                    yield self._take(position, "count")
+                if self.stop.is_set():
+                    return
+            self._read_to = Position.of(reader.position) if reader.position.writers else self._read_to
+            self._count_reader(reader, skipped_before)
+            if follow and self.window_seconds:
+                if self._buffer and time.time() - self._buffer[0].timestamp >= self.window_seconds:
+                    yield self._take(self._read_to, "idle")
+                elif not self._buffer and self._read_to != self.committed and time.time() - self._committed_at >= self.window_seconds:
+                    yield self._take(self._read_to, "idle")  # only unusable records came: an empty window moves the position on
+            if not follow:
+                return
+            self.stop.wait(1.0)
+
+    def _count_reader(self, reader: ShardReader, before: dict) -> None:
+        stats = reader.stats
+        for reason, count in (("torn", stats.torn_records), ("corrupt", stats.corrupt_records),
+                              ("other_version", stats.other_version_records), ("missing_shard", stats.missing_shards)):
+            if count:
+                self.metrics.records_skipped.labels(**self.metrics.labels, reason=reason).inc(count)
+        self.metrics.other_version_shards.labels(**self.metrics.labels).set(stats.other_version_shards)
+
+    def _unusable(self, record: Record) -> str | None:
+        """Why a record cannot be analysed, or None."""
+        if record.relevance is None:
+            return "no_relevance"
+        if tuple(record.relevance.shape[-2:]) != self.reference.map_shape or record.relevance.ndim not in (2, 3):
+            return "wrong_shape"
+        if not 0 <= record.prediction < len(self.reference.classes):
+            return "unknown_class"
+        heat = np.asarray(record.relevance, np.float32)
+        if not np.isfinite(heat).all():
+            return "not_finite"
+        if heat.max() == heat.min():
+            return "constant_map"
+        return None
+
+    def _take(self, end: Position, closed_by: str) -> Window:
+        window, self._buffer = Window(self._buffer, Position.of(end), closed_by), []
+        return window
+
+    # analysing -----------------------------------------------------------------------------------------------------
+    def run(self, follow: bool = True, max_windows: int | None = None) -> int:
+        """Analyse windows until stopped (or the sink is exhausted, without ``follow``); returns how many."""
+        done = 0
+        for window in self._windows(follow):
+            self.analyse(window)
+            done += 1
+            if max_windows is not None and done >= max_windows:
+                break
+        return done
+
+    def analyse(self, window: Window) -> list[ClassDrift]:
+        started = time.perf_counter()
+        m, labels, classes = self.metrics, self.metrics.labels, self.reference.classes
+        records = window.records
+        results: list[ClassDrift] = []
+        page = None
+        if not records:
+            m.windows_empty.labels(**labels).inc()
+        else:
+            raw = np.stack([np.asarray(r.relevance, np.float32).reshape(self.reference.map_shape) for r in records])
+            predictions = np.array([r.prediction for r in records])
+            scores = np.array([np.nan if r.score is None else r.score for r in records])
+            known = len(self.detector.null_)
+            results = self.detector.analyse(preprocess(raw, self.reference.pooling), predictions,
+                                            None if np.isnan(scores).all() else scores, seed=self.window_index)
+            if len(self.detector.null_) != known:
+                self._save_calibration()
+            alerting = [r for r in results if r.alert]
+            if alerting:
+                means = {r.class_index: self._reference_mean(r.class_index) for r in alerting}
+                page = write_evidence(self.evidence_root, self.window_index, f"unhans monitor: {self.reference.model} "
+                                      f"{self.reference.version}, window {self.window_index}", classes, alerting, raw,
+                                      [r.thumbnail for r in records], [r.request_id for r in records], means)
+            self._export(results)
+        seconds = time.perf_counter() - started
+        self._commit(window, results, page, seconds)
+        m.windows.labels(**labels).inc()
+        m.samples.labels(**labels).inc(len(records))
+        m.duration.labels(**labels).observe(seconds)
+        m.last_window.labels(**labels).set(time.time())
+        alerts = ", ".join(f"class {classes[r.class_index]} (drift {r.drift_score:.1f} > {r.threshold:.1f})" for r in results if r.alert)
+        known = ", ".join(f"class {classes[r.class_index]} ({r.artifact_share:.0%} flagged)" for r in results if r.artifact_alert)
+        console.print(f"window {self.window_index - 1}: {len(records)} records ({window.closed_by}), {seconds:.1f} s"
+                      + (f"; [bold red]new strategy[/]: {alerts} -> {page}" if alerts else "; no new strategy")
+                      + (f"; [yellow]known artifact[/]: {known}" if known else ""), soft_wrap=True)
+        return results
+
+    def _reference_mean(self, class_index: int) -> np.ndarray:
+        """The reference's mean map of a class at the pooled resolution, scaled back up to the raw map size."""
+        pooling = self.reference.pooling
+        mean = self.reference.features[self.reference.pool(class_index)].mean(axis=0).reshape(self.detector.pooled_shape_)
+        height, width = self.reference.map_shape
+        return np.kron(mean, np.ones((pooling, pooling)))[:height, :width] / pooling**2
+
+    def _export(self, results: list[ClassDrift]) -> None:
+        m = self.metrics
+        for result in results:
+            name = self.reference.classes[result.class_index]
+            m.of_class(m.class_samples, name).set(result.n)
+            if result.artifact_share is not None:
+                m.of_class(m.artifact_share, name).set(result.artifact_share)
+                m.of_class(m.alert, name, kind="known_artifact").set(int(result.artifact_alert))
+            if result.skipped:
+                if result.n:
+                    reason = "reference_too_small" if "reference" in result.skipped else "too_few_samples"
+                    m.of_class(m.classes_skipped, name, reason=reason).inc()
+                continue  # the class keeps its last verdict: too little evidence either way
+            m.of_class(m.eigengap, name).set(result.statistics["eigengap"])
+            m.of_class(m.fisher_tau, name).set(result.statistics["fisher_tau"])
+            m.of_class(m.concentration, name).set(result.statistics["concentration"])
+            m.of_class(m.distance, name).set(result.statistics["distance"])
+            m.of_class(m.drift_score, name).set(result.drift_score)
+            m.of_class(m.drift_threshold, name).set(result.threshold)
+            m.of_class(m.alert, name, kind="new_strategy").set(int(result.alert))
+
+    def _commit(self, window: Window, results: list[ClassDrift], page: Path | None, seconds: float) -> None:
+        entry = {"index": self.window_index, "closed_by": window.closed_by, "n": len(window.records), "seconds": round(seconds, 3),
+                 "first_timestamp": window.records[0].timestamp if window.records else None,
+                 "alerts": [self.reference.classes[r.class_index] for r in results if r.alert],
+                 "known_artifact_alerts": [self.reference.classes[r.class_index] for r in results if r.artifact_alert],
+                 "evidence": None if page is None else str(page.relative_to(self.state_dir)),
+                 "classes": [r.summary() for r in results], "request_ids": [r.request_id for r in window.records],
+                 "end": window.end.to_dict()}
+        with open(self.state_dir / LEDGER_FILE, "a") as ledger:
+            ledger.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        self.window_index += 1
+        self.committed, self._committed_at = window.end, time.time()
+        _atomic_json(self.state_dir / STATE_FILE, {"window_index": self.window_index, "position": window.end.to_dict(),
+                                                   "reference": self.reference.fingerprint()})
+
+
+def run_monitor(state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int, window_seconds: float | None,
+                host: str, port: int | None, follow: bool) -> int:
+    """The command: calibrate, serve metrics and evidence, analyse until SIGTERM/SIGINT (or the sink is exhausted)."""
+    monitor = Monitor(state_dir, sink, detector, window_size, window_seconds)
+    server = None
+    if port is not None:
+        server = serve(monitor.metrics, monitor.evidence_root, host, port)
+        console.print(f"metrics on http://{host}:{server.server_port}/metrics, evidence under http://{host}:{server.server_port}/evidence/")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: monitor.stop.set())
+    try:
+        monitor.calibrate()
+        done = monitor.run(follow=follow)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return done
