@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from .evidence import LATEST, class_slug
+
 SKIP_REASONS = ("torn", "corrupt", "other_version", "missing_shard", "no_relevance", "wrong_shape", "not_finite", "constant_map",
                 "unknown_class")
 CLASS_SKIP_REASONS = ("too_few_samples", "reference_too_small")
@@ -76,7 +78,10 @@ def _app(metrics_app, evidence_root: Path):
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path.startswith("/evidence/"):
-            file = (root / path[len("/evidence/"):]).resolve()
+            relative = path[len("/evidence/"):]
+            if relative.startswith(f"{LATEST}/class-") and relative.endswith(".html"):  # alerts link by the raw class label
+                relative = f"{LATEST}/class-{class_slug(relative[len(LATEST) + 7:-5])}.html"
+            file = (root / relative).resolve()
             if root in file.parents and file.is_file():
                 kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
                 start_response("200 OK", [("Content-Type", kind)])

@@ -22,6 +22,16 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   fi
 fi
 
+# The monitor's alert rules are checked with promtool and tested against a real Prometheus.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "unhans: installing prometheus (Debian package, brings promtool) for the monitor's alert tests" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "unhans: prometheus is missing (the alert tests need it and promtool): 'sudo apt-get install -y prometheus'" >&2
+  fi
+fi
+
 python=""
 for candidate in python3.13 python3.12 python3.11 python3; do
   if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

@@ -43,6 +43,24 @@ def digits_resnet(tmp_path_factory):
     return model, test
 
 
+@pytest.fixture(scope="session")
+def served_archive(backdoored_vgg, tmp_path_factory):
+    """The backdoored VGG with its P-ClArC correction, exported and archived (``ROOT/store/vgg.mar``) with server-side
+    batching; returns ``(ROOT, the corrected PyTorch model)``."""
+    from unhans.core.clarc import fit_cav, pclarc
+    from unhans.export.archive import build_archive
+    from unhans.export.correction import Correction
+    from unhans.export.onnx import export_torch
+
+    root = tmp_path_factory.mktemp("served")
+    model, train = backdoored_vgg["model"], backdoored_vgg["train"]
+    cav = fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact])
+    graph = export_torch(model, "features.pool2", Correction.from_cav(cav), train.images[:64], root / "vgg.onnx").path
+    (root / "store").mkdir()
+    build_archive(graph, backdoored_vgg["run"], "vgg", root / "store", batch_size=8, max_batch_delay_ms=300)
+    return root, pclarc(model, "features.pool2", cav)
+
+
 @pytest.fixture
 def torchserve():
     """``with torchserve(store, name, work) as server:`` a started TorchServe serving ``store/name.mar``, ready."""

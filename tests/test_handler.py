@@ -12,10 +12,7 @@ import torch
 from PIL import Image
 
 from unhans.core.attribution import LRP
-from unhans.core.clarc import fit_cav, pclarc
 from unhans.export.archive import build_archive
-from unhans.export.correction import Correction
-from unhans.export.onnx import export_torch
 from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
 
 PRE = Preprocess(channels=1, height=28, width=28, max_payload_bytes=100_000)
@@ -82,18 +79,6 @@ def test_relevance_encodings():
     picture = Image.open(io.BytesIO(base64.b64decode(encode_relevance(relevance, "png", 1)["png"])))
     assert picture.size == (28, 28)
     assert encode_relevance(relevance, "none", 1) is None
-
-
-@pytest.fixture(scope="module")
-def served_archive(backdoored_vgg, tmp_path_factory):
-    """The backdoored VGG with its P-ClArC correction, exported and archived with server-side batching."""
-    root = tmp_path_factory.mktemp("served")
-    model, train = backdoored_vgg["model"], backdoored_vgg["train"]
-    cav = fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact])
-    graph = export_torch(model, "features.pool2", Correction.from_cav(cav), train.images[:64], root / "vgg.onnx").path
-    (root / "store").mkdir()
-    build_archive(graph, backdoored_vgg["run"], "vgg", root / "store", batch_size=8, max_batch_delay_ms=300)
-    return root, pclarc(model, "features.pool2", cav)
 
 
 @pytest.mark.integration
