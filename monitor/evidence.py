@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unhans.audit.clusters import concentration
 from unhans.audit.report import embedding_plot, heatmap_overlay, prototypes, save_strip
 
 from .detector import EVIDENCE, ClassDrift
@@ -71,14 +72,17 @@ def write_evidence(root: str | Path, index: int, title: str, classes: list[str],
             save_strip(folder / f"class-{slug}-reference.png", [_picture(None, reference)])
             figures.append(f"<figure><img src='class-{slug}-reference.png' alt='reference mean heatmap'>"
                            "<figcaption>reference: mean heatmap of trusted samples of this class</figcaption></figure>")
-        for cluster in range(spray.n_clusters_):
+        concentrations = [concentration(relevance[rows[spray.labels_ == c]][:, None]) for c in range(spray.n_clusters_)]
+        for cluster in np.argsort(concentrations)[::-1]:  # the likely new strategy first
             members = rows[spray.labels_ == cluster]
             chosen = rows[prototypes(spray.eigenvectors_[:, :spray.n_clusters_], spray.labels_, cluster)]
             pictures = [_picture(None, relevance[members].mean(axis=0))] + [_picture(thumbnails[i], relevance[i]) for i in chosen]
             save_strip(folder / f"class-{slug}-cluster-{cluster}.png", pictures)
             ids = ", ".join(html.escape(request_ids[i]) for i in chosen)
             figures.append(f"<figure><img src='class-{slug}-cluster-{cluster}.png' alt='cluster {cluster} of class {html.escape(name)}'>"
-                           f"<figcaption>cluster {cluster}: {len(members)} of {len(rows)} samples — mean heatmap, then prototypes "
+                           f"<figcaption>cluster {cluster}: {len(members)} of {len(rows)} samples, {concentrations[cluster]:.0%} of the mean "
+                           f"relevance on 2% of the pixels{' <b>(most concentrated: the likely new strategy)</b>' if cluster == np.argmax(concentrations) else ''}"
+                           " — mean heatmap, then prototypes "
                            f"(requests {ids})</figcaption></figure>")
         evidence_rows = "".join(f"<tr><td>{k}</td><td>{drift.statistics[k]:.4g}</td><td>{drift.z[k]:.1f}</td></tr>" for k in EVIDENCE)
         share = "" if drift.artifact_share is None else f", artifact detector flags {drift.artifact_share:.1%}"
