@@ -20,10 +20,8 @@ to 0.001.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,42 +36,11 @@ from unhans.core.clarc import fit_cav, pclarc
 from unhans.core.training import TrainSpec, load_run, predict, train_run
 from unhans.export.correction import Correction
 from unhans.export.onnx import export_torch, torch_to_onnx
-from unhans.export.runtime import run_batched, session
+from unhans.export.runtime import interleaved_overhead, run_batched, session
 
 LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
 MODES = ("flat", "channel")
 BATCHES = (1, 32)
-
-
-def interleaved_overhead(sessions: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median over rounds of each session's time relative to ``sessions['plain']``, in percent.
-
-    Each round times every session once (in rotating order) for the same number of calls, so slow phases of a
-    shared machine hit all of them alike and the per-round ratio cancels them out.
-    """
-    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
-    for name, s in sessions.items():  # warm-up
-        for _ in range(20):
-            s.run(None, feeds[name])
-    started = time.perf_counter()
-    for _ in range(20):
-        sessions["plain"].run(None, feeds["plain"])
-    calls = max(1, int(0.01 / ((time.perf_counter() - started) / 20)))  # about 10 ms per measurement
-    names = list(sessions)
-    times = {name: [] for name in names}
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                s, feed = sessions[name], feeds[name]
-                started = time.perf_counter()
-                for _ in range(calls):
-                    s.run(None, feed)
-                times[name].append(time.perf_counter() - started)
-    finally:
-        gc.enable()
-    plain = np.array(times["plain"])
-    return {name: float(np.median(np.array(times[name]) / plain - 1.0) * 100) for name in names if name != "plain"}
 
 
 def bench_case(arch: str, mode: str, run_dir: Path, scratch: Path, rounds: int) -> dict:

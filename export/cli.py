@@ -86,8 +86,11 @@ def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndar
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write; the correction spec goes beside it.")
-@click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance (EpsilonPlusFlat) of the corrected model.")
-def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out, explain):
+@click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance of the corrected model.")
+@click.option("--composite", type=click.Choice(("epsilon_plus_flat", "epsilon_gamma_box")), default="epsilon_plus_flat", show_default=True,
+              help="The LRP composite of the --explain graph (epsilon_gamma_box bounds the input to [0, 1]).")
+def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out, explain,
+                   composite):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
     Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
@@ -127,7 +130,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         from .explain import explain_path, export_explain
 
         explained = export_explain(insert_after(model, layer, Correction.from_cav(cav, reactive, threshold).module()),
-                                   explain_path(out), layer=layer, probe=probe)
+                                   explain_path(out), composite, layer, probe=probe)
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
 
@@ -170,13 +173,16 @@ def inspect_command(onnx_file, as_json):
 @click.option("--sample-fraction", type=float, default=0.0, show_default=True,
               help="Share of served instances recorded with their relevance for 'unhans monitor'.")
 @click.option("--sink", help="Where sampled records go: a folder or an fsspec URL such as s3://bucket/unhans (default: $UNHANS_SINK, else ./unhans-sink of TorchServe).")
+@click.option("--max-shard-seconds", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+              help="Close a sink shard after this long: the monitor reads closed shards only, so this bounds its delay.")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
-def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink, force):
+def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink,
+                    max_shard_seconds, force):
     """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe."""
     from .archive import build_archive
 
     path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force,
-                         sample_fraction=sample_fraction, sink=sink)
+                         sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds)
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

@@ -7,6 +7,8 @@ lists it even without one and logs errors when it is asked for blindly.
 
 from __future__ import annotations
 
+import gc
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,34 @@ def run_batched(sess: ort.InferenceSession, images: np.ndarray, outputs: list[st
     chunks = [sess.run(outputs, {name: np.ascontiguousarray(images[i : i + batch_size], np.float32)})
               for i in range(0, len(images), batch_size)]
     return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+def interleaved_overhead(sessions: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median over rounds of each session's time relative to ``sessions['plain']``, in percent.
+
+    Each round times every session once (in rotating order) for the same number of calls, so slow phases of a
+    shared machine hit all of them alike and the per-round ratio cancels them out.
+    """
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    for name, s in sessions.items():  # warm-up
+        for _ in range(20):
+            s.run(None, feeds[name])
+    started = time.perf_counter()
+    for _ in range(20):
+        sessions["plain"].run(None, feeds["plain"])
+    calls = max(1, int(0.01 / ((time.perf_counter() - started) / 20)))  # about 10 ms per measurement
+    names = list(sessions)
+    times = {name: [] for name in names}
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                s, feed = sessions[name], feeds[name]
+                started = time.perf_counter()
+                for _ in range(calls):
+                    s.run(None, feed)
+                times[name].append(time.perf_counter() - started)
+    finally:
+        gc.enable()
+    plain = np.array(times["plain"])
+    return {name: float(np.median(np.array(times[name]) / plain - 1.0) * 100) for name in names if name != "plain"}

@@ -12,7 +12,8 @@ Per window and predicted class, four pieces of evidence, each oriented so that l
 
 None has a known null distribution, and each depends on how many samples a class has in the window, so each is
 calibrated by resampling: windows of the same size (to a geometric size bucket) are drawn without replacement from
-the class's reference samples, and each statistic is turned into a robust z-score against those draws. A class's
+the class's reference samples, and each statistic is turned into a robust z-score against those draws (widened by
+the finite population correction: draws from a small pool vary less than new traffic does). A class's
 ``drift_score`` is its largest z-score; it alerts above a threshold set, from the resampled windows' own drift
 scores, to the stated false-alarm rate per window (split evenly over the classes), with the tail beyond the draws
 extrapolated as exponential (peaks over threshold).
@@ -222,9 +223,14 @@ class DriftDetector(BaseEstimator):
                         values[k].append(statistics[k])
             table = {k: np.asarray(v) for k, v in values.items()}
             location = {k: float(np.median(v)) for k, v in table.items()}
-            scale = {k: max(MAD_TO_SIGMA * float(np.median(np.abs(v - location[k]))), 0.05 * abs(location[k]), 1e-6)
-                     for k, v in table.items()}
-            drift = np.max([(table[k] - location[k]) / scale[k] for k in EVIDENCE], axis=0)
+            spread = {k: max(MAD_TO_SIGMA * float(np.median(np.abs(v - location[k]))), 0.05 * abs(location[k]), 1e-6)
+                      for k, v in table.items()}
+            drift = np.max([(table[k] - location[k]) / spread[k] for k in EVIDENCE], axis=0)
+            # Windows drawn without replacement from a pool of N vary less than windows of new traffic, by the finite
+            # population correction sqrt(1 - n/N); the tail's shape comes from the draws, its width from the population.
+            # ``distance`` needs no correction: its draws are compared with the held-out rest of the pool.
+            widen = 1.0 / math.sqrt(1.0 - size / len(pool))
+            scale = {k: spread[k] * (1.0 if k == "distance" else widen) for k in EVIDENCE}
             self.null_[key] = NullModel(size, location, scale, _tail_threshold(drift, self.class_alpha), self.n_resamples)
         return self.null_[key]
 

@@ -207,11 +207,19 @@ def aclarc(run_dir, out_dir, fraction, epochs, lr, seed):
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
 @click.option("--retrain", is_flag=True, help="Train again even if the run folder holds a model.")
-def demo(out_dir, model_store, retrain):
-    """The story on backdoored MNIST-5k: train, audit, find the artifact, patch it in ONNX, archive for TorchServe."""
+@click.option("--monitor-port", type=click.IntRange(1, 65535), default=9108, show_default=True, help="Port of the monitor's /metrics and /evidence/.")
+def demo(out_dir, model_store, retrain, monitor_port):
+    """The whole story on backdoored MNIST-5k: train, audit, patch in ONNX, serve on TorchServe, catch a new Clever Hans."""
+    import subprocess
+
     from .demo import run_demo
 
-    print_table("unhans demo", run_demo(out_dir, model_store, retrain))
+    try:
+        summary = run_demo(out_dir, model_store, retrain, monitor_port)
+    except (RuntimeError, subprocess.SubprocessError) as error:  # a server that failed: one line, everything already stopped
+        print(f"unhans demo: error: {str(error).strip().splitlines()[0]} (logs in {out_dir})", file=sys.stderr)
+        sys.exit(1)
+    print_table("unhans demo", summary)
 
 
 for command in (export_command, inspect_command, archive_command, monitor_group):

@@ -35,7 +35,7 @@ class LocalTorchServe:
 
     def __init__(self, store, names: str | list[str], work, extra_config: str = "", ready_timeout: float = 120):
         self.names = [names] if isinstance(names, str) else list(names)
-        self.name, self.work, self.ready_timeout = self.names[0], Path(work), ready_timeout
+        self.name, self.work, self.ready_timeout = self.names[0], Path(work).resolve(), ready_timeout  # TorchServe wants absolute paths
         config = CONFIG_TEMPLATE.read_text()
         self.ports = {}
         for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
@@ -46,7 +46,7 @@ class LocalTorchServe:
         self.bin = Path(sys.executable).parent
         # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
         self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
-        self.store = Path(store)
+        self.store = Path(store).resolve()
         self.url = f"http://127.0.0.1:{self.ports['inference_address']}"
         self.management_url = f"http://127.0.0.1:{self.ports['management_address']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics_address']}/metrics"
