@@ -5,6 +5,9 @@ private copy, outside the trace) is traced with ``make_fx`` in symbolic mode, so
 the few backward ops the ONNX exporter cannot translate (``convolution_backward``, ``max_pool2d_with_indices_backward``,
 ``threshold_backward``, ``_adaptive_avg_pool2d_backward``) are decomposed into forward ops (Conv with a flipped kernel
 or ConvTranspose, scatter, where, expand) on the way. ``torch.autograd.grad`` itself does not export (NOTES.md §3).
+Before export, :class:`_Simplifier` drops the work of zennit's rules that cannot change the result (z+ branches fed by
+the negative part of a ReLU's output, recomputed forwards, materialised expands), which onnxruntime cannot see; the
+max-pool backward routes by the input itself, so the forward keeps onnxruntime's fast MaxPool (``bench/explain.py``).
 zennit stays the oracle: every graph is run in onnxruntime against :class:`LRP` on a probe batch (predicted and given
 targets) and refused unless it matches (see :func:`_verify` for models whose LRP is ill-conditioned in float32).
 
@@ -16,6 +19,7 @@ A corrected model (:func:`unhans.core.clarc.pclarc`) is explained through its co
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +97,244 @@ def _adaptive_avg_pool2d_backward(grad, x):
     return grad.expand(x.shape) / (x.shape[2] * x.shape[3])
 
 
+def _max_pool2d_backward(grad, x, kernel, stride, padding, dilation, ceil_mode, indices):
+    """Route the gradient to each window's first maximum, found from the input itself, for non-overlapping windows.
+
+    PyTorch's choice (the first maximum in row-major order) is kept exactly: among the window's maxima, the one with
+    the highest rank (k² down to 1 in row-major order) wins. Needing no indices, the forward pass runs onnxruntime's
+    plain MaxPool instead of its much slower indices variant, and every step here is a full-size elementwise op, a
+    nearest upsampling or a MaxPool. Other windows scatter by the indices.
+    """
+    kh, kw = kernel
+    h, w = x.shape[2:]
+    if tuple(stride or kernel) != (kh, kw) or any(padding) or tuple(dilation) != (1, 1) or h % kh or w % kw:
+        return _SCATTER_MAX_POOL_BACKWARD(grad, x, kernel, stride, padding, dilation, ceil_mode, indices)
+    def up(t):
+        return _upsample_nearest(t, kh, kw)
+
+    def pool(t):  # the forward's call: one MaxPool in the graph after common subexpressions are merged
+        return torch.ops.aten.max_pool2d_with_indices.default(t, list(kernel), list(kernel))[0]
+    rank = (kh * kw - (torch.arange(h) % kh)[:, None] * kw - (torch.arange(w) % kw)[None, :]).to(x.dtype)
+    score = (x == up(pool(x))).to(x.dtype) * rank
+    return torch.where(score == up(pool(score)), up(grad), 0.0)
+
+
+@torch.library.custom_op("unhans::upsample_nearest", mutates_args=())
+def _upsample_nearest(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Nearest upsampling that ``make_fx`` keeps as one node (its own decomposition exports as GatherND between
+    transposes, several times slower than onnxruntime's Resize); :class:`_Simplifier` turns it back into aten's."""
+    return torch.nn.functional.interpolate(x, scale_factor=(kh, kw), mode="nearest")
+
+
+@_upsample_nearest.register_fake
+def _(x, kh, kw):
+    return x.new_empty(x.shape[0], x.shape[1], x.shape[2] * kh, x.shape[3] * kw)
+
+
+_SCATTER_MAX_POOL_BACKWARD = get_decompositions([torch.ops.aten.max_pool2d_with_indices_backward])[
+    torch.ops.aten.max_pool2d_with_indices_backward.default]
+
+
 def _decompositions() -> dict:
-    table = get_decompositions([torch.ops.aten.max_pool2d_with_indices_backward, torch.ops.aten.threshold_backward])
+    table = get_decompositions([torch.ops.aten.threshold_backward])
+    table[torch.ops.aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     table[torch.ops.aten.convolution_backward.default] = _convolution_backward
     table[torch.ops.aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
     return table
+
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten.clone.default, aten.detach.default, aten._unsafe_view.default, aten.alias.default}
+_SIGN_KEEPING = _VIEWS | {aten.t.default, aten.transpose.int, aten.flip.default, aten.permute.default,
+                          aten.unsqueeze.default, aten.expand.default, aten.max_pool2d.default}
+
+
+def _shape(node) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return None if value is None else (str(value.dtype), tuple(str(d) for d in value.shape))
+
+
+def _identity_source(node):
+    """``node`` with view/clone/detach steps that keep its shape looked through."""
+    while node.target in _VIEWS and _shape(node) == _shape(node.args[0]):
+        node = node.args[0]
+    return node
+
+
+class _Simplifier:
+    """Drops work of zennit's rules that cannot change the result, on the traced graph before export.
+
+    onnxruntime cannot see it: it does not know that a ReLU's output is non-negative, so z+ branches fed by the
+    negative part of such an input (identically zero) survive its optimiser, and so do expands it materialises. Every
+    rewrite is exact in float32 for finite values (a product with a zero is taken as zero: zennit's gradients are finite).
+    """
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self.nonneg, self.zero, self.ones, self.seen = set(), set(), set(), {}
+        # a node mutated in place may hold other values later: never reason about it, never redirect uses to it
+        self.mutated = {arg for n in graph.nodes if n.op == "call_function" and getattr(n.target, "_schema", None)
+                        is not None and n.target._schema.is_mutable for arg in n.args if isinstance(arg, torch.fx.Node)}
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "get_attr":  # zennit's rules read each parameter afresh
+                first = self.seen.setdefault(("get_attr", node.target), node)
+                if first is not node:
+                    node.replace_all_uses_with(first)
+            if node.op != "call_function" or node in self.mutated:
+                continue
+            key = self._key(node)
+            replacement = (self.seen.get(key) if key else None) or self._rewrite(node)
+            if replacement is not None and replacement not in self.mutated:
+                node.replace_all_uses_with(replacement)
+            else:
+                if key:
+                    self.seen[key] = node
+                self._classify(node)
+        self.graph.eliminate_dead_code()
+
+    def _key(self, node):
+        """What makes two nodes compute the same (pure op, same arguments), or None: zennit's rules recompute the
+        forward (the epsilon rule exactly), and the max-pool backward repeats the forward's pooling."""
+        schema = getattr(node.target, "_schema", None)
+        if (schema is None or schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags
+                or any(a in self.mutated for a in node.all_input_nodes)):
+            return None
+        return node.target, _hashable(node.args), _hashable(node.kwargs)
+
+    def _new(self, target, *args):
+        node = self.graph.call_function(target, args)
+        self._classify(node)
+        return node
+
+    def _classify(self, node) -> None:
+        t, args = node.target, node.args
+        nodes = [a for a in args if isinstance(a, torch.fx.Node)]
+        if t in (aten.zeros_like.default, aten.zeros.default):
+            self.zero.add(node)
+        elif t in _SIGN_KEEPING and args[0] in self.zero:
+            self.zero.add(node)
+        elif t is aten.clamp.default and args[0] in self.nonneg and len(args) > 2 and args[2] is not None and args[2] <= 0:
+            self.zero.add(node)
+        elif t is aten.mul.Tensor and any(a in self.zero for a in args):
+            self.zero.add(node)
+        elif t is aten.convolution.default and args[0] in self.zero and (args[2] is None or args[2] in self.zero):
+            self.zero.add(node)
+        if t is aten.ones_like.default or (t in _SIGN_KEEPING and args[0] in self.ones):
+            self.ones.add(node)
+        if node in self.zero:
+            self.nonneg.add(node)
+        elif t in (aten.relu.default, aten.relu_.default, aten.ones_like.default) or (t is aten.clamp.default and len(args) > 1 and args[1] is not None and args[1] >= 0):
+            self.nonneg.add(node)
+        elif t in _SIGN_KEEPING or t in (operator.getitem, aten.max_pool2d_with_indices.default):
+            if args[0] in self.nonneg:
+                self.nonneg.add(node)
+        elif t in (aten.convolution.default, aten.add.Tensor, aten.mul.Tensor, aten.addmm.default):
+            if all(a in self.nonneg for a in nodes) and all(a >= 0 for a in args[:2] if isinstance(a, (int, float))):
+                self.nonneg.add(node)
+
+    def _rewrite(self, node):
+        t, args = node.target, node.args
+        if t is torch.ops.unhans.upsample_nearest.default:
+            with self.graph.inserting_before(node):
+                return self._new(aten.upsample_nearest2d.vec, args[0], None, [float(args[1]), float(args[2])])
+        if t in _VIEWS and _shape(node) == _shape(args[0]):
+            return args[0]  # clones, detaches and same-shape views: zennit's rules then recompute nothing twice
+        if t is aten.convolution.default and args[1] in self.ones:
+            return self._box(node)
+        if t is aten.clamp.default and len(args) > 1 and args[0] in self.nonneg and args[1] is not None and args[1] <= 0 and (len(args) < 3 or args[2] is None):
+            return args[0]  # the positive part of a non-negative value
+        if t is aten.add.Tensor and len(args) == 2 and not node.kwargs:
+            a, b = args
+            if b == 0 or (b in self.zero and _shape(a) == _shape(node)):
+                return a
+            if a in self.zero and _shape(b) == _shape(node):
+                return b
+            return self._stabilizer(node, a, b)
+        if t is aten.sum.dim_IntList and len(args) == 2 and len(args[1]) == 1 and not node.kwargs:
+            stack = _identity_source(args[0])
+            if stack.target is aten.stack.default and _dim(stack) is not None and _dim(stack) == _dim(stack, args[1][0]):
+                with self.graph.inserting_before(node):
+                    total = stack.args[0][0]
+                    for term in stack.args[0][1:]:
+                        total = self._new(aten.add.Tensor, total, term)
+                return total  # the two-term sums zennit's residual canonizer forms, without the stack
+        if t is aten.select.int and args[0].target is aten.mul.Tensor:
+            return self._select_product(node)
+        return None
+
+    def _stabilizer(self, node, a, b):
+        """zennit's ``a + eps * (sign(a) + (a == 0))`` as ``a + eps`` for a ≥ 0, else ``a + where(a < 0, -eps, eps)``."""
+        if not (isinstance(b, torch.fx.Node) and b.target is aten.mul.Tensor and isinstance(b.args[1], float)):
+            return None
+        signs, eps = b.args
+        if not (isinstance(signs, torch.fx.Node) and signs.target is aten.add.Tensor and len(signs.args) == 2):
+            return None
+        is_zero, sign = signs.args
+        if not (sign.target is aten.sign.default and sign.args[0] is a and is_zero.target is aten._to_copy.default
+                and is_zero.args[0].target is aten.eq.Scalar and is_zero.args[0].args == (a, 0.0)):
+            return None
+        with self.graph.inserting_before(node):
+            if a in self.nonneg:
+                return self._new(aten.add.Tensor, a, eps)
+            negative = self._new(aten.lt.Scalar, a, 0)
+            low, high = (self._new(aten.scalar_tensor.default, v) for v in (-eps, eps))
+            return self._new(aten.add.Tensor, a, self._new(aten.where.self, negative, low, high))
+
+    def _box(self, node):
+        """A convolution with all-one weights (the flat rule's) as the channel sum convolved with one all-one kernel.
+
+        The one rewrite that is not bit-exact (another summation order); a Conv to one or three output channels is
+        onnxruntime's least efficient.
+        """
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
+        shape = weight.meta["val"].shape if "val" in weight.meta else None
+        if transposed or groups != 1 or bias is not None or shape is None or shape[1] == 1:
+            return None
+        with self.graph.inserting_before(node):
+            total = self.graph.call_function(aten.sum.dim_IntList, (x, [1], True))
+            kernel = self._new(aten.slice.Tensor, self._new(aten.slice.Tensor, weight, 0, 0, 1), 1, 0, 1)
+            out = self._new(aten.convolution.default, total, kernel, bias, stride, padding, dilation, False, output_padding, 1)
+            return out if shape[0] == 1 else self._new(aten.expand.default, out, [-1, shape[0], -1, -1])
+
+    def _select_product(self, node):
+        """``select(stack(xs, d) * expand(unsqueeze(y, d)), d, i)`` as ``xs[i] * y`` (the residual sum's rule)."""
+        stacked, spread = node.args[0].args
+        stack, dim = _identity_source(stacked), node.args[1]
+        if not (isinstance(spread, torch.fx.Node) and spread.target is aten.expand.default
+                and spread.args[0].target is aten.unsqueeze.default and stack.target is aten.stack.default):
+            return None
+        inner = spread.args[0]
+        if not (_dim(stack) is not None and _dim(stack) == _dim(stack, dim) == _dim(stack, inner.args[1])
+                and _shape(spread) == _shape(stack)):
+            return None
+        with self.graph.inserting_before(node):
+            return self._new(aten.mul.Tensor, stack.args[0][node.args[2]], inner.args[0])
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in sorted(value.items()))
+    return value if isinstance(value, (torch.fx.Node, int, float, bool, str, type(None))) else repr(value)
+
+
+def _dim(stack, dim=None) -> int | None:
+    """A stack's axis (or ``dim`` of its result) as a non-negative index."""
+    rank = len(stack.meta["val"].shape) if "val" in stack.meta else None
+    if rank is None:
+        return None
+    dim = (stack.args[1] if len(stack.args) > 1 else 0) if dim is None else dim
+    return dim % rank
+
+
+def _simplify(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The traced explainer with :class:`_Simplifier`'s rewrites applied and dead nodes removed."""
+    _Simplifier(traced.graph).run()
+    traced.recompile()
+    return traced
 
 
 class _Explainer(nn.Module):
@@ -153,6 +390,7 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
             with torch.enable_grad():
                 traced = make_fx(_Explainer(lrp), decomposition_table=_decompositions(), tracing_mode="symbolic",
                                  _allow_non_fake_inputs=True)(x, target)
+            traced = _simplify(traced)
             batch = torch.export.Dim("batch")
             program = torch.onnx.export(traced.eval(), (x, target), dynamo=True, input_names=["input", "target"], output_names=names,
                                         dynamic_shapes=({0: batch}, {0: batch}), external_data=False, opset_version=OPSET,
