@@ -3,8 +3,9 @@
     python bench/explain.py [--json PATH] [--vgg-run DIR] [--resnet-run DIR] [--rounds N]
 
 Per architecture (vgg, resnet): {arch}_rel_l2_vs_zennit_b1/_b16 (relative L2 of the input relevance, predicted
-class), {arch}_speedup_vs_zennit_b1/_b16 (zennit LRP with hooks kept registered, torch 1 thread, over the explain
-graph in onnxruntime, 1 thread; target >= 3), {arch}_explain_over_predict_b16 (explain graph over prediction graph,
+class; _vs_zennit64 against zennit in float64, and zennit32_rel_l2_vs_zennit64 zennit's own float32 error, which is
+larger where LRP of a model is ill-conditioned), {arch}_speedup_vs_zennit_b1/_b16 (zennit LRP with hooks kept
+registered, torch 1 thread, over the explain graph in onnxruntime, 1 thread; target >= 3), {arch}_explain_over_predict_b16 (explain graph over prediction graph,
 both onnxruntime), {arch}_export_seconds (trace, export and verification). Plain keys give the worst of the two.
 Both sides are timed interleaved in one process, round by round, and the median of the rounds is reported.
 """
@@ -23,7 +24,7 @@ from common import report
 from unhans.core.artifacts import Patch
 from unhans.core.attribution import LRP
 from unhans.core.training import TrainSpec, load_run, train_run
-from unhans.export.explain import explain_graph
+from unhans.export.explain import _rel_l2, _relevance64, explain_graph
 from unhans.export.onnx import torch_to_onnx
 from unhans.export.runtime import session
 
@@ -49,12 +50,17 @@ def measure(arch: str, run: Path, rounds: int) -> dict:
     lrp = LRP(model, "epsilon_plus_flat")
     batches = {1: test.images[:1], 16: test.images[16:32]}
     figures, times = {}, {}
-    for b, x in batches.items():
-        feed = {"input": x, "target": np.full(len(x), -1, np.int64)}
-        expected = lrp(torch.from_numpy(x)).relevance
-        got = explain.run(["relevance"], feed)[0]
-        figures[f"{arch}_rel_l2_vs_zennit_b{b}"] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-        times[b] = {"zennit": [], "onnx": [], "predict": []}
+    with LRP(model, "epsilon_plus_flat") as lrp64:
+        lrp64.model.double()
+        for b, x in batches.items():
+            feed = {"input": x, "target": np.full(len(x), -1, np.int64)}
+            expected = lrp(torch.from_numpy(x))
+            got = explain.run(["relevance"], feed)[0]
+            reference = _relevance64(lrp64, x, expected.targets)
+            figures[f"{arch}_rel_l2_vs_zennit_b{b}"] = _rel_l2(got, expected.relevance)
+            figures[f"{arch}_rel_l2_vs_zennit64_b{b}"] = _rel_l2(got, reference)
+            figures[f"{arch}_zennit32_rel_l2_vs_zennit64_b{b}"] = _rel_l2(expected.relevance, reference)
+            times[b] = {"zennit": [], "onnx": [], "predict": []}
     for _ in range(rounds):
         for b, x in batches.items():
             tensor, feed = torch.from_numpy(x), {"input": x, "target": np.full(len(x), -1, np.int64)}
