@@ -101,6 +101,11 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
             problem = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise InputError("archive", f"torch-model-archiver failed ({problem[0]})", "check that torch-model-archiver is installed")
         (staging / f"{name}.mar").replace(target)
+        config_file = model_store / "config.properties"
+        if not config_file.exists():  # the configuration 'unhans archive' tells people to start TorchServe with
+            from unhans.torchserve import CONFIG_TEMPLATE
+
+            config_file.write_text(CONFIG_TEMPLATE.read_text())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -238,7 +238,8 @@ def test_integration_torchserve_serves_the_archive(runs, tmp_path, torchserve):
     with pytest.raises(InputError, match="--name"):
         build_archive(graph, run["dir"], "bad name", store)
     mar = build_archive(graph, run["dir"], "vgg", store)
-    assert mar == store / "vgg.mar" and sorted(p.name for p in store.iterdir()) == ["vgg.mar"]
+    assert mar == store / "vgg.mar" and sorted(p.name for p in store.iterdir()) == ["config.properties", "vgg.mar"]
+    assert "disable_token_authorization=false" in (store / "config.properties").read_text()  # the shipped template
     image = run["attack"].images[0]
     expected_logits, expected_score = run_batched(session(str(graph)), image[None])
     with torchserve(store, "vgg", work) as server:

@@ -7,6 +7,7 @@ writes to a file; the inference and management keys appear in ``key_file.json`` 
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "model_store" / "config.properties"
+CONFIG_TEMPLATE = importlib.resources.files("unhans.model_store") / "config.properties"  # package data
 
 
 def _free_port() -> int:
