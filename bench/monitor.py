@@ -40,7 +40,7 @@ from unhans.core.training import TrainSpec, load_run, train_run
 from unhans.handlers.sink import ShardReader
 from unhans.monitor.detector import DriftDetector
 from unhans.monitor.reference import REFERENCE_FILE, Reference
-from unhans.monitor.replay import replay
+from unhans.monitor.replay import mixed_windows, replay
 from unhans.monitor.service import CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor, Window
 
 TARGETS = {"false_alerts_clean_windows": "0", "windows_to_alert": "<= 2", "window_seconds_5000": "<= 10",
@@ -63,22 +63,15 @@ def explain(run: Path, seed: int = 0) -> dict:
             "attack_relevance": explained_attack.relevance.sum(1), "attack_logits": explained_attack.logits}
 
 
-def traffic(data: dict, windows: int, window_size: int, artifact_share: float, rng, start_id: int) -> dict:
-    """``windows`` windows of traffic, ``artifact_share`` of each attacked (shuffled in); unique request ids.
+KEYS = ("images", "relevance", "logits")
 
-    A window larger than the traffic pool repeats images (the 5,000-record timing window: 2,320 clean images).
-    """
-    n_attack = int(round(artifact_share * window_size))
-    parts = {"images": [], "relevance": [], "logits": []}
-    for _ in range(windows):
-        clean = rng.choice(data["traffic"], window_size - n_attack, replace=window_size - n_attack > len(data["traffic"]))
-        attack = rng.choice(len(data["attack_images"]), n_attack, replace=False)
-        order = rng.permutation(window_size)
-        for key, values in parts.items():
-            values.append(np.concatenate([data[key][clean], data["attack_" + key][attack]])[order])
-    batch = {key: np.concatenate(values) for key, values in parts.items()}
-    batch["ids"] = [f"r{start_id + i}" for i in range(windows * window_size)]
-    return batch
+
+def traffic(data: dict, windows: int, window_size: int, artifact_share: float, rng, start_id: int) -> dict:
+    """``windows`` windows of the traffic half, ``artifact_share`` of each attacked; a window larger than the pool
+    repeats images (the 5,000-record timing window: 2,320 clean images)."""
+    clean = {key: data[key][data["traffic"]] for key in KEYS}
+    attack = {key: data["attack_" + key] for key in KEYS}
+    return mixed_windows(clean, attack, windows, window_size, artifact_share, rng, start_id)
 
 
 def write(sink: str, batch: dict, writers: int, timestamps=None) -> list[str]:

@@ -40,3 +40,26 @@ def replay(sink: str, model: str, version: str, images: np.ndarray, relevance: n
         for shard in shards:
             shard.close()
     return list(ids)
+
+
+def mixed_windows(clean: dict, tagged: dict, windows: int, window_size: int, share: float, rng: np.random.Generator,
+                  first_id: int = 0) -> dict:
+    """Traffic for ``windows`` windows: ``share`` of each from ``tagged``, the rest from ``clean``, shuffled together.
+
+    ``clean`` and ``tagged`` hold arrays under the same keys (e.g. images, relevance, logits), one row per sample;
+    rows are drawn without replacement within a window (with, where the pool is smaller). The result holds the
+    concatenated arrays and ``ids``, a unique request id per row starting at ``first_id``.
+    """
+    n_tagged = int(round(share * window_size))
+    parts = {key: [] for key in clean}
+    for _ in range(windows):
+        picks = []
+        for pool, count in ((clean, window_size - n_tagged), (tagged, n_tagged)):
+            size = len(next(iter(pool.values())))
+            picks.append((pool, rng.choice(size, count, replace=count > size)))
+        order = rng.permutation(window_size)
+        for key, values in parts.items():
+            values.append(np.concatenate([pool[key][rows] for pool, rows in picks])[order])
+    batch = {key: np.concatenate(values) for key, values in parts.items()}
+    batch["ids"] = [f"r{first_id + i}" for i in range(windows * window_size)]
+    return batch

@@ -23,7 +23,7 @@ from unhans.handlers.sink import Record, ShardWriter
 from unhans.monitor.detector import DriftDetector
 from unhans.monitor.metrics import MonitorMetrics, serve
 from unhans.monitor.reference import REFERENCE_FILE, Reference, explain_with_archive
-from unhans.monitor.replay import replay
+from unhans.monitor.replay import mixed_windows, replay
 from unhans.monitor.service import CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor
 
 RULES = Path(__file__).resolve().parents[1] / "monitor" / "prometheus"
@@ -72,19 +72,10 @@ def _state(calibrated, tmp_path) -> Path:
 
 
 def _windows(traffic, windows: int, artifact_share: float, seed: int, first_id: int = 0) -> dict:
-    """Rows for ``windows`` windows of WINDOW records, ``artifact_share`` of each attacked, with unique request ids."""
-    rng = np.random.default_rng(seed)
-    n_attack = int(round(artifact_share * WINDOW))
-    parts = {"images": [], "relevance": [], "logits": []}
-    for _ in range(windows):
-        clean = rng.choice(len(traffic["images"]), WINDOW - n_attack, replace=False)
-        attack = rng.choice(len(traffic["attack_images"]), n_attack, replace=False)
-        order = rng.permutation(WINDOW)
-        for key, values in parts.items():
-            values.append(np.concatenate([traffic[key][clean], traffic["attack_" + key][attack]])[order])
-    batch = {key: np.concatenate(values) for key, values in parts.items()}
-    batch["ids"] = [f"r{first_id + i}" for i in range(windows * WINDOW)]
-    return batch
+    """``windows`` windows of WINDOW records, ``artifact_share`` of each attacked, with unique request ids."""
+    keys = ("images", "relevance", "logits")
+    return mixed_windows({k: traffic[k] for k in keys}, {k: traffic["attack_" + k] for k in keys}, windows, WINDOW,
+                         artifact_share, np.random.default_rng(seed), first_id)
 
 
 def _replay(sink, batch, writers=1):
