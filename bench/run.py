@@ -72,15 +72,21 @@ def shown(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def write_page(path: Path, results: dict, seconds: dict) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    lines = ["# Benchmarks", "", f"Measured by `python bench/run.py` on {datetime.date.today().isoformat()}, commit `{commit or 'unknown'}`, "
-             f"on {machine()}. Every figure comes from the benchmark's own JSON (`--json`); timings are ratios measured side",
-             "by side in one run, absolute seconds move with the machine's load. 'met' is filled where the target is a plain "
-             "comparison.", ""]
+def commit() -> str:
+    """HEAD, marked dirty when the working tree has changes: what the figures were measured on."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return f"{head or 'unknown'}{'+changes' if dirty else ''}"
+
+
+def write_page(path: Path, results: dict, runs: dict) -> None:
+    lines = ["# Benchmarks", "", f"Written by `python bench/run.py` on {datetime.date.today().isoformat()}, on {machine()}. Every figure "
+             "comes from the benchmark's own JSON (`--json`); timings are ratios measured side by side in one run, absolute seconds",
+             "move with the machine's load. 'met' is filled where the target is a plain comparison.", ""]
     for name, figures in results.items():
         targets = targets_of(name)
-        took = f" ({seconds[name]:.0f} s)" if name in seconds else " (result of an earlier run)"
+        run = runs.get(name, {})
+        took = f" ({run['seconds']:.0f} s, {run['date']}, commit `{run['commit']}`)" if run else ""
         lines += [f"## {name}{took}", "", f"`.venv/bin/python bench/{name}.py`", "", "| figure | value | target | met |", "| --- | --- | --- | --- |"]
         for key, value in figures.items():
             target = targets.get(key, "")
@@ -98,18 +104,20 @@ def main() -> None:
     chosen = args.only or list(BENCHMARKS)
     if any(name != "training" for name in chosen) and not (RUNS / "vgg" / "weights.pt").is_file() and "training" not in chosen:
         chosen = ["training", *chosen]  # the others reuse its models
-    seconds, failed = {}, []
+    failed = []
     for name in BENCHMARKS:
         if name not in chosen:
             continue
         print(f"== bench/{name}.py", flush=True)
-        started = time.perf_counter()
+        started, measured_on = time.perf_counter(), commit()
         done = subprocess.run([sys.executable, f"{name}.py", "--json", str(STORE / f"{name}.json"), *BENCHMARKS[name]], cwd=HERE)
-        seconds[name] = time.perf_counter() - started
+        (STORE / f"{name}.run.json").write_text(json.dumps({"seconds": time.perf_counter() - started, "commit": measured_on,
+                                                            "date": datetime.date.today().isoformat()}))
         if done.returncode != 0:
             failed.append(name)
     results = {name: json.loads((STORE / f"{name}.json").read_text()) for name in BENCHMARKS if (STORE / f"{name}.json").is_file()}
-    write_page(args.out, results, seconds)
+    runs = {name: json.loads((STORE / f"{name}.run.json").read_text()) for name in results if (STORE / f"{name}.run.json").is_file()}
+    write_page(args.out, results, runs)
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
 

@@ -61,13 +61,17 @@ class UnhansHandler(BaseHandler):
         names = os.path.join(model_dir, "index_to_name.json")
         self.classes = json.loads(open(names).read()) if os.path.isfile(names) else {}
 
-        self.explainer = Explainer(model_dir, config.get("composite", "epsilon_plus_flat"), threads)
+        composite = config.get("composite", "epsilon_plus_flat")
+        self.explainer = Explainer(model_dir, composite, threads)
         self._check_agreement()
-        self._start_sampling(config.get("sample", {}))
+        self._start_sampling(config.get("sample", {}), model_dir, composite)
         self.initialized = True
 
-    def _start_sampling(self, sample: dict) -> None:
-        """Record ``fraction`` of served instances (with relevance, computed if the client did not ask) to the sink."""
+    def _start_sampling(self, sample: dict, model_dir: str, composite: str) -> None:
+        """Record ``fraction`` of served instances (with relevance, computed if the client did not ask) to the sink.
+
+        The sampler gets an explainer of its own: sharing the request path's (one call at a time) would make requests
+        that ask for relevance wait behind a batch of sampled ones."""
         self.sampler = None
         fraction = float(sample.get("fraction", 0.0))
         if fraction <= 0:
@@ -79,7 +83,7 @@ class UnhansHandler(BaseHandler):
         version = str(model.get("modelVersion", "1.0"))
         writer = ShardWriter(url, model["modelName"], version, writer_id, max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
                              max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
-        self.sampler = Sampler(writer, self.explainer, fraction, model["modelName"], version)
+        self.sampler = Sampler(writer, Explainer(model_dir, composite, threads=1), fraction, model["modelName"], version)
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
     def _check_agreement(self) -> None:

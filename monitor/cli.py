@@ -59,7 +59,7 @@ def _trusted_images(data: str) -> np.ndarray:
 @click.option("--sink", required=True, help="Where the handler samples to: a folder or an fsspec URL (e.g. s3://bucket/unhans).")
 @click.option("--window-size", type=click.IntRange(10), default=1000, show_default=True, help="Records per window.")
 @click.option("--window-seconds", type=click.FloatRange(0, min_open=True), help="Also close a window once its records span this long.")
-@click.option("--false-alarm-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
+@click.option("--false-alarm-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001, show_default=True,
               help="Chance that a window like the reference raises a new-strategy alert (all classes together).")
 @click.option("--resamples", type=click.IntRange(20), default=100, show_default=True, help="Resampled reference windows per class and size.")
 @click.option("--min-samples", type=click.IntRange(12), default=30, show_default=True, help="Fewest samples of a class worth analysing.")

@@ -148,7 +148,7 @@ class DriftDetector(BaseEstimator):
     them with :meth:`calibration_to_dict`). ``reference_mean_`` / ``reference_spread_`` per class.
     """
 
-    def __init__(self, false_alarm_rate=0.01, n_resamples=100, n_neighbors=10, min_samples=30, max_class_samples=500,
+    def __init__(self, false_alarm_rate=0.001, n_resamples=100, n_neighbors=10, min_samples=30, max_class_samples=500,
                  max_reference_share=0.6, size_ratio=1.25, min_cluster=5, random_state=0):
         self.false_alarm_rate = false_alarm_rate
         self.n_resamples = n_resamples
@@ -163,7 +163,7 @@ class DriftDetector(BaseEstimator):
     def fit(self, reference: Reference, calibration: dict | None = None):
         """Take the reference; reuse a persisted calibration made with the same reference and parameters."""
         if not 0 < self.false_alarm_rate < 1:
-            raise InputError("false_alarm_rate", f"is {self.false_alarm_rate}", "use a probability such as 0.01")
+            raise InputError("false_alarm_rate", f"is {self.false_alarm_rate}", "use a probability such as 0.001")
         if self.min_samples <= self.n_neighbors:
             raise InputError("min_samples", f"is {self.min_samples}", f"use more than n_neighbors ({self.n_neighbors})")
         self.reference_ = reference
