@@ -36,15 +36,18 @@ NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accep
 def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_store: str | Path, batch_size: int = 8,
                   max_batch_delay_ms: int = 20, workers: int = 1, topk: int = 3, threads: int = 1, version: str = "1.0",
                   force: bool = False, sample_fraction: float = 0.0, sink: str | None = None,
-                  max_shard_seconds: float = 60.0) -> Path:
+                  max_shard_seconds: float = 60.0, sample_cpu_budget: float = 0.05) -> Path:
     """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file`` and the run it was exported from.
 
     ``batch_size`` / ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads
     of each worker's onnxruntime session (TorchServe's own ONNX loader would take every core per worker).
     ``sample_fraction`` of served instances are recorded with their relevance to ``sink`` (a folder or fsspec URL;
     default ``$UNHANS_SINK``, else ``unhans-sink`` in TorchServe's working directory) for ``unhans monitor``, in shards
-    closed after ``max_shard_seconds`` (the monitor reads closed shards only).
+    closed after ``max_shard_seconds`` (the monitor reads closed shards only), using at most ``sample_cpu_budget`` of one
+    core per worker for their relevance (beyond it, samples are dropped and counted).
     """
+    if not 0.0 < sample_cpu_budget <= 1.0:
+        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.05")
     if not 0.0 <= sample_fraction <= 1.0:
         raise InputError("--sample-fraction", f"{sample_fraction} is outside [0, 1]", "pass the share of requests to record, e.g. 0.1")
     onnx_file, run_dir, model_store = Path(onnx_file), Path(run_dir), Path(model_store)
@@ -84,7 +87,7 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
                   "responseTimeout": 120, "unhans": {
                       "topk": topk, "intra_op_threads": threads, "layer": layer,
                       "preprocess": dict(zip(("channels", "height", "width"), map(int, train.image_shape))),
-                      "sample": {"fraction": sample_fraction, "max_shard_seconds": max_shard_seconds, **({"sink": sink} if sink else {})},
+                      "sample": {"fraction": sample_fraction, "max_shard_seconds": max_shard_seconds, "cpu_budget": sample_cpu_budget, **({"sink": sink} if sink else {})},
                   }}
         (files / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         extra = [files / n for n in (MODEL_FILE, WEIGHTS_FILE, SPEC_FILE, "index_to_name.json", "metrics.yaml")]

@@ -175,14 +175,17 @@ def inspect_command(onnx_file, as_json):
 @click.option("--sink", help="Where sampled records go: a folder or an fsspec URL such as s3://bucket/unhans (default: $UNHANS_SINK, else ./unhans-sink of TorchServe).")
 @click.option("--max-shard-seconds", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="Close a sink shard after this long: the monitor reads closed shards only, so this bounds its delay.")
+@click.option("--sample-cpu-budget", type=float, default=0.05, show_default=True,
+              help="Share of one core each worker may spend on relevance for sampled instances (1 = no cap); beyond it samples are dropped and counted.")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
 def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink,
-                    max_shard_seconds, force):
+                    max_shard_seconds, sample_cpu_budget, force):
     """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe."""
     from .archive import build_archive
 
     path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force,
-                         sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds)
+                         sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
+                         sample_cpu_budget=sample_cpu_budget)
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

@@ -69,10 +69,19 @@ class _Pending:
 
 
 class Sampler:
-    """Record ``fraction`` of offered instances, with their relevance for the predicted class, to ``writer``."""
+    """Record ``fraction`` of offered instances, with their relevance for the predicted class, to ``writer``.
+
+    ``cpu_budget`` caps the share of one core the sampler may use: after each batch it rests for as long as keeps
+    its CPU time (its explainer runs single-threaded on its own thread) at that share of wall time. Relevance costs
+    a few forward passes, so under a saturating load an unbounded sampler would take that much throughput from
+    requests; bounded, it falls behind instead, its queue fills, and what it drops is counted. 1.0 means no cap.
+    """
 
     def __init__(self, writer: ShardWriter, explainer: Explainer, fraction: float, model: str, version: str,
-                 queue_size: int = 1024, batch: int = 32):
+                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = 0.05):
+        if not 0.0 < cpu_budget <= 1.0:
+            raise ValueError(f"cpu_budget {cpu_budget} is outside (0, 1]: give the share of one core sampling may use")
+        self.cpu_budget = cpu_budget
         self.writer, self.explainer, self.fraction = writer, explainer, fraction
         self.model, self.version, self.batch = model, version, batch
         self._queue: queue.Queue[_Pending] = queue.Queue(queue_size)
@@ -112,7 +121,9 @@ class Sampler:
                 pass
             try:
                 if items:
+                    started = time.thread_time()
                     self._write(items)
+                    time.sleep((time.thread_time() - started) * (1.0 / self.cpu_budget - 1.0))  # stay within the budget
                 self.writer.poll()  # time-based flush and rotation happen here even when traffic stops
             except Exception as error:  # the sampler must outlive any failure; losses are counted
                 logger.warning("unhans: sampling failed (%s)", error)

@@ -83,7 +83,8 @@ class UnhansHandler(BaseHandler):
         version = str(model.get("modelVersion", "1.0"))
         writer = ShardWriter(url, model["modelName"], version, writer_id, max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
                              max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
-        self.sampler = Sampler(writer, Explainer(model_dir, composite, threads=1), fraction, model["modelName"], version)
+        self.sampler = Sampler(writer, Explainer(model_dir, composite, threads=1), fraction, model["modelName"], version,
+                               cpu_budget=float(sample.get("cpu_budget", 0.05)))
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
     def _check_agreement(self) -> None:

@@ -69,6 +69,28 @@ def test_parse_names_the_field_and_the_problem(row, field, status):
     assert error.value.reason in ("body", "format", "target", "instances", "unknown_option")
 
 
+def test_sampler_stays_within_its_cpu_budget(tmp_path):
+    """Relevance costing more than the sampler's CPU budget makes it fall behind and drop (counted), not take more."""
+    from unhans.handlers.relevance import Sampler
+    from unhans.handlers.sink import ShardWriter
+
+    def costly_relevance(images, targets):  # 20 ms of CPU per batch, like a slow model's LRP
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+        return None, np.ones((len(images), 1, 28, 28), np.float32)
+
+    sampler = Sampler(ShardWriter(str(tmp_path), "m", "1", "w"), costly_relevance, 1.0, "m", "1", queue_size=64, batch=4, cpu_budget=0.1)
+    images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:
+        sampler.offer(images, np.zeros(8, int), np.full((8, 10), 0.1), None, "r")
+        time.sleep(0.01)
+    counts = sampler.take_counts()
+    # a 10% budget allows about 2 s x 0.1 / 20 ms = 10 batches of 4; uncapped it would take ~100 batches
+    assert 8 <= counts["sampled"] <= 80 and counts["dropped"] > 500, counts
+
+
 def test_relevance_encodings():
     relevance = np.random.default_rng(1).normal(size=(1, 28, 28)).astype(np.float32)
     packed = encode_relevance(relevance, "float16-base64", 1)

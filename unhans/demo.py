@@ -197,7 +197,7 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
     sink = out / "sink"
     shutil.rmtree(sink, ignore_errors=True)  # a fresh stream for a fresh monitor
     archive = build_archive(report.path, run, ARCHIVE_NAME, model_store, force=True, sample_fraction=1.0, sink=str(sink.resolve()),
-                            max_shard_seconds=1.0)
+                            max_shard_seconds=1.0, sample_cpu_budget=1.0)  # every request counts here
 
     trusted = np.random.default_rng(0).permutation(len(test))
     reference_rows, traffic_rows = trusted[:len(test) // 2], trusted[len(test) // 2:]
