@@ -139,7 +139,6 @@ class Sampler:
                 relevance=heat.sum(axis=0), thumbnail=thumbnail(item.image), score=item.score, timestamp=item.timestamp,
                 model=self.model, version=self.version, request_id=item.request_id,
             ))
-        self.writer.flush()
         self._count("sampled", len(items))
 
 
