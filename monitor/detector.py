@@ -144,7 +144,7 @@ class DriftDetector(BaseEstimator):
 
     Attributes
     ----------
-    reference_ : the reference; ``null_`` : {(class, bucket size): NullModel}, filled as sizes are met (persist
+    reference_ : the reference, ``reference_fingerprint_`` its fingerprint; ``null_`` : {(class, bucket size): NullModel}, filled as sizes are met (persist
     them with :meth:`calibration_to_dict`). ``reference_mean_`` / ``reference_spread_`` per class.
     """
 
@@ -167,6 +167,7 @@ class DriftDetector(BaseEstimator):
         if self.min_samples <= self.n_neighbors:
             raise InputError("min_samples", f"is {self.min_samples}", f"use more than n_neighbors ({self.n_neighbors})")
         self.reference_ = reference
+        self.reference_fingerprint_ = reference.fingerprint()  # hashes every map: once, not per window
         self.pooled_shape_ = tuple(-(-s // reference.pooling) for s in reference.map_shape)
         self.reference_mean_, self.reference_spread_ = {}, {}
         for c in range(len(reference.classes)):
@@ -181,7 +182,7 @@ class DriftDetector(BaseEstimator):
 
     def calibration_key(self) -> str:
         """What a calibration depends on: the reference and every parameter."""
-        return f"{self.reference_.fingerprint()}:{sorted(self.get_params().items())}"
+        return f"{self.reference_fingerprint_}:{sorted(self.get_params().items())}"
 
     def calibration_to_dict(self) -> dict:
         return {"key": self.calibration_key(), "null": [[c, s, m.to_dict()] for (c, s), m in sorted(self.null_.items())]}

@@ -120,7 +120,6 @@ class Monitor:
     # reading -------------------------------------------------------------------------------------------------------
     def _windows(self, follow: bool):
         """Yield complete windows from the sink; in ``follow`` mode poll until :attr:`stop` is set."""
-        skipped_before = {}
         while not self.stop.is_set():
             if follow:
                 seal_stale(self.sink, self.reference.model, self.seal_after_seconds)
@@ -139,8 +138,8 @@ class Monitor:
                     yield self._take(position, "count")
                 if self.stop.is_set():
                     return
-            self._read_to = Position.of(reader.position) if reader.position.writers else self._read_to
-            self._count_reader(reader, skipped_before)
+            self._read_to = Position.of(reader.position)  # past skipped bytes too
+            self._count_reader(reader)
             if follow and self.window_seconds:
                 if self._buffer and time.time() - self._buffer[0].timestamp >= self.window_seconds:
                     yield self._take(self._read_to, "idle")
@@ -150,7 +149,7 @@ class Monitor:
                 return
             self.stop.wait(1.0)
 
-    def _count_reader(self, reader: ShardReader, before: dict) -> None:
+    def _count_reader(self, reader: ShardReader) -> None:
         stats = reader.stats
         for reason, count in (("torn", stats.torn_records), ("corrupt", stats.corrupt_records),
                               ("other_version", stats.other_version_records), ("missing_shard", stats.missing_shards)):
@@ -178,14 +177,12 @@ class Monitor:
         return window
 
     # analysing -----------------------------------------------------------------------------------------------------
-    def run(self, follow: bool = True, max_windows: int | None = None) -> int:
+    def run(self, follow: bool = True) -> int:
         """Analyse windows until stopped (or the sink is exhausted, without ``follow``); returns how many."""
         done = 0
         for window in self._windows(follow):
             self.analyse(window)
             done += 1
-            if max_windows is not None and done >= max_windows:
-                break
         return done
 
     def analyse(self, window: Window) -> list[ClassDrift]:
@@ -268,7 +265,7 @@ class Monitor:
         self.window_index += 1
         self.committed, self._committed_at = window.end, time.time()
         _atomic_json(self.state_dir / STATE_FILE, {"window_index": self.window_index, "position": window.end.to_dict(),
-                                                   "reference": self.reference.fingerprint()})
+                                                   "reference": self.detector.reference_fingerprint_})
 
 
 def run_monitor(state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int, window_seconds: float | None,
