@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unhans.core.attribution import LRP
+from unhans.core.errors import InputError
 from unhans.core.layers import insert_after
 from unhans.core.models import load_model
 from unhans.export.correction import load_correction
@@ -55,7 +56,9 @@ class Explainer:
                 return explanation.logits, explanation.relevance
             target = np.full(len(inputs), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
             logits, relevance = self._graph.run(["logits", "relevance"], {"input": inputs, "target": target})
-            return logits, relevance
+        if target.size and target.max() >= logits.shape[1]:  # the graph would explain no class: a zero map
+            raise InputError("target", f"class {int(target.max())} is out of range", f"use 0-{logits.shape[1] - 1}")
+        return logits, relevance
 
 
 @dataclass

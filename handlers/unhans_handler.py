@@ -2,9 +2,10 @@
 maps of that very model.
 
 Predictions and the artifact detector's score come from onnxruntime (unhans's session helper: CPU unless a GPU is
-really there, explicit threads, no spinning). Relevance comes from the PyTorch twin in the archive, the run's model
-with the same correction inserted, through zennit with hooks kept registered, so the explanation is that of the
-model that predicted. At start the handler checks that both runtimes agree and refuses to start if they do not.
+really there, explicit threads, no spinning). Relevance comes from the archive's explain graph when it has one, else
+from the PyTorch twin (the run's model with the same correction inserted) through zennit with hooks kept registered,
+so the explanation is that of the model that predicted; it is computed once per TorchServe batch, for every instance
+of it that asked. At start the handler checks that both runtimes agree and refuses to start if they do not.
 
 Each HTTP request is one row of TorchServe's batch and may carry several instances; all instances of the batch run
 through the graph together. A request that is malformed gets its own 4xx answer with a JSON body naming the field
@@ -103,36 +104,53 @@ class UnhansHandler(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
-        explain_header = str(context.get_request_header(0, "explain") or "").lower() == "true"
         # TorchServe's KServe envelopes hand over one request's inputs as rows of their own: v1 (service_envelope=kserve)
         # bare arrays, v2 (kservev2) tensors {name, shape, datatype, data} whose answers must be arrays too
         v2 = bool(data) and isinstance(data[0], dict) and "datatype" in data[0]
         self._enveloped = bool(data) and (v2 or not isinstance(data[0], dict))
         requests, answers = [], [None] * len(data)
         for i, row in enumerate(data):
-            try:
+            try:  # /explanations sets the header per request: one batch may mix both endpoints
+                explain_header = str(context.get_request_header(self._idx(i), "explain") or "").lower() == "true"
                 requests.append((i, parse(row if isinstance(row, dict) else {"body": row}, self.preprocess_config, explain_header)))
             except RequestError as error:
                 answers[i] = self._reject(error, i)
-        if requests:
-            inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in requests])
-            outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs})))
-            start = 0
-            for i, request in requests:
-                rows = slice(start, start + len(request.inputs))
-                start = rows.stop
-                request_id = str(context.get_request_id(0 if self._enveloped else i) or "")
-                try:
-                    predictions = self._answer(request, inputs[rows], outputs["logits"][rows],
-                                               outputs[SCORE_OUTPUT][rows] if SCORE_OUTPUT in outputs else None, request_id)
-                except RequestError as error:
-                    answers[i] = self._reject(error, i)
-                    continue
-                if v2:  # a tensor answer per input: the class probabilities of each of its instances
-                    answers[i] = _softmax(outputs["logits"][rows]).tolist()
-                else:
-                    answers[i] = {"predictions": predictions} if request.many else predictions[0]
+        if not requests:
+            return answers
+        inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in requests])
+        outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs})))
+        logits, scores = outputs["logits"], outputs.get(SCORE_OUTPUT)
+        answered, explained, start = [], [], 0
+        for i, request in requests:
+            rows = slice(start, start + len(request.inputs))
+            start = rows.stop
+            try:
+                predictions = self._predictions(request, logits[rows], None if scores is None else scores[rows])
+            except RequestError as error:
+                answers[i] = self._reject(error, i)
+                continue
+            answered.append((i, request, rows, predictions))
+            if request.explain and request.format != "none":
+                explained.append((request, rows, predictions))
+        self._explain(inputs, explained)
+        for i, request, rows, predictions in answered:
+            if self.sampler is not None:
+                self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]),
+                                   None if scores is None else scores[rows], str(context.get_request_id(self._idx(i)) or ""))
+            if v2:  # a tensor answer per input: the class probabilities of each of its instances
+                answers[i] = _softmax(logits[rows]).tolist()
+            else:
+                answers[i] = {"predictions": predictions} if request.many else predictions[0]
+        if self.sampler is not None:
+            counts = self.sampler.take_counts()
+            for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
+                if counts[key]:
+                    self._metric(name, counts[key])
         return answers
+
+    def _idx(self, i: int) -> int:
+        """The TorchServe request index of batch row ``i`` (an envelope's rows are all one request's)."""
+        return 0 if self._enveloped else i
 
     def _metric(self, name: str, value: float, **dimensions) -> None:
         kind, unit, _, _ = METRICS[name]
@@ -143,7 +161,8 @@ class UnhansHandler(BaseHandler):
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
 
-    def _answer(self, request, inputs: np.ndarray, logits: np.ndarray, scores, request_id: str) -> list[dict]:
+    def _predictions(self, request, logits: np.ndarray, scores) -> list[dict]:
+        """Label, top-k probabilities and artifact score per instance; the explain targets checked and set."""
         probabilities = _softmax(logits)
         predicted = logits.argmax(1)
         predictions = []
@@ -158,23 +177,28 @@ class UnhansHandler(BaseHandler):
             if scores is not None:
                 self._metric("unhans_artifact_score", float(scores[k]))
         if request.explain and request.format != "none":
-            targets = np.array([predicted[k] if t is None else t for k, t in enumerate(request.targets)])
-            if (targets < 0).any() or (targets >= logits.shape[1]).any():
+            targets = [int(predicted[k]) if t is None else t for k, t in enumerate(request.targets)]
+            if min(targets) < 0 or max(targets) >= logits.shape[1]:
                 raise RequestError("target", f"class indices must lie in 0..{logits.shape[1] - 1}", 422)
-            started = time.perf_counter()
-            _, relevance = self.explainer(inputs, targets)
-            self._metric("unhans_relevance_seconds", time.perf_counter() - started)
-            self._metric("unhans_relevance_requests_total", len(inputs))
-            for k, prediction in enumerate(predictions):
-                prediction["target"] = int(targets[k])
-                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-        if self.sampler is not None:
-            self.sampler.offer(inputs, predicted, probabilities, scores, request_id)
-            counts = self.sampler.take_counts()
-            for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
-                if counts[key]:
-                    self._metric(name, counts[key])
+            for prediction, target in zip(predictions, targets):
+                prediction["target"] = target
         return predictions
+
+    def _explain(self, inputs: np.ndarray, explained: list) -> None:
+        """The relevance of every instance that asked for it, in one explainer call for the whole batch."""
+        if not explained:
+            return
+        rows = np.concatenate([np.arange(len(inputs))[r] for _, r, _ in explained])
+        targets = np.array([p["target"] for _, _, predictions in explained for p in predictions], np.int64)
+        started = time.perf_counter()
+        _, relevance = self.explainer(inputs[rows], targets)
+        self._metric("unhans_relevance_seconds", time.perf_counter() - started)
+        self._metric("unhans_relevance_requests_total", len(rows))
+        k = 0
+        for request, _, predictions in explained:
+            for prediction in predictions:
+                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
+                k += 1
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

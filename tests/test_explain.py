@@ -3,6 +3,7 @@
 Each export traces and exports a graph (about 8-20 s here), so each test covers several aspects of one graph.
 """
 
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -19,6 +20,7 @@ from unhans.export import explain as explain_module
 from unhans.export.explain import SUPPORTED_LAYERS, explain_graph, explain_path, export_explain
 from unhans.export.onnx import read_metadata
 from unhans.export.runtime import session
+from unhans.handlers.relevance import EXPLAIN_FILE, Explainer
 
 LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
 
@@ -149,6 +151,14 @@ def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs
     prediction = session(out.read_bytes(), cuda=False).run(None, {"input": run["probe"]})[0]
     logits = session(graph.SerializeToString(), cuda=False).run(["logits"], {"input": run["probe"], "target": np.full(len(run["probe"]), -1)})[0]
     assert np.abs(prediction - logits).max() <= 1e-4 * np.abs(prediction).max()
+    # the handler's explainer serves from the graph and refuses a class the model does not have
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(explain_path(out), served / EXPLAIN_FILE)
+    explainer = Explainer(str(served))
+    assert explainer.kind == "onnx explain graph" and np.allclose(explainer(run["probe"])[0], logits)
+    with pytest.raises(InputError, match="class 10 is out of range"):
+        explainer(run["probe"][:2], np.array([3, 10]))
 
     monkeypatch.setattr(explain_module, "SUPPORTED_LAYERS", (nn.Linear,))
     other = tmp_path / "other.onnx"

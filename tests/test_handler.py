@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +23,12 @@ def _npy(array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, np.float32))
     return buffer.getvalue()
+
+
+def _metric_total(server, name: str) -> float:
+    """The sum over labels of a metric TorchServe exposes (0 before its first sample)."""
+    exposed = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -143,7 +150,19 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
                 assert reply["error"]["field"] and reply["error"]["problem"]
         assert {w["pid"] for w in server.workers()} == pids  # no worker died or restarted
 
-        import urllib.request
+        # one batch mixing /explanations and /predictions: relevance for exactly the explanation requests, from one
+        # explainer call for the whole batch (the 300 ms batch delay gathers the concurrent requests)
+        batches_before = _metric_total(server, "unhans_relevance_seconds_count")
+        jobs = [("explanations" if k % 2 else "predictions", k) for k in range(6)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: server.post(f"/{job[0]}/vgg", _npy(images[job[1]]), "application/octet-stream"), jobs))
+        for (endpoint, k), (status, reply) in zip(jobs, answers):
+            assert status == 200, reply
+            assert ("relevance" in reply) == (endpoint == "explanations")
+            if endpoint == "explanations":
+                relevance = np.frombuffer(base64.b64decode(reply["relevance"]["data"]), np.float16).reshape(reply["relevance"]["shape"])
+                assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
+        assert _metric_total(server, "unhans_relevance_seconds_count") - batches_before < 3
 
         exposed = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
         for name in ("unhans_relevance_requests_total", "unhans_artifact_score_bucket", "unhans_relevance_seconds_bucket"):
