@@ -26,6 +26,7 @@ from ..core.layers import insert_after
 from ..core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, load_run
 from .correction import load_correction
 from .onnx import META, TOLERANCE, correction_path, load_onnx
+from ..handlers.relevance import DEFAULT_CPU_BUDGET
 from .runtime import run_batched, session
 
 GRAPH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "correction.npz", "explain.onnx"
@@ -36,7 +37,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accep
 def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_store: str | Path, batch_size: int = 8,
                   max_batch_delay_ms: int = 20, workers: int = 1, topk: int = 3, threads: int = 1, version: str = "1.0",
                   force: bool = False, sample_fraction: float = 0.0, sink: str | None = None,
-                  max_shard_seconds: float = 60.0, sample_cpu_budget: float = 0.05) -> Path:
+                  max_shard_seconds: float = 60.0, sample_cpu_budget: float = DEFAULT_CPU_BUDGET) -> Path:
     """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file`` and the run it was exported from.
 
     ``batch_size`` / ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads
@@ -47,7 +48,7 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
     core per worker for their relevance (beyond it, samples are dropped and counted).
     """
     if not 0.0 < sample_cpu_budget <= 1.0:
-        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.05")
+        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.02")
     if not 0.0 <= sample_fraction <= 1.0:
         raise InputError("--sample-fraction", f"{sample_fraction} is outside [0, 1]", "pass the share of requests to record, e.g. 0.1")
     onnx_file, run_dir, model_store = Path(onnx_file), Path(run_dir), Path(model_store)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.cav import CAV_METHODS, CAV_MODES
 from ..core.errors import InputError
+from ..handlers.relevance import DEFAULT_CPU_BUDGET
 from ..output import print_table, results
 
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
@@ -175,7 +176,7 @@ def inspect_command(onnx_file, as_json):
 @click.option("--sink", help="Where sampled records go: a folder or an fsspec URL such as s3://bucket/unhans (default: $UNHANS_SINK, else ./unhans-sink of TorchServe).")
 @click.option("--max-shard-seconds", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="Close a sink shard after this long: the monitor reads closed shards only, so this bounds its delay.")
-@click.option("--sample-cpu-budget", type=float, default=0.05, show_default=True,
+@click.option("--sample-cpu-budget", type=float, default=DEFAULT_CPU_BUDGET, show_default=True,
               help="Share of one core each worker may spend on relevance for sampled instances (1 = no cap); beyond it samples are dropped and counted.")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
 def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink,

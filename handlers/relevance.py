@@ -31,6 +31,9 @@ from .sink import Record, ShardWriter
 logger = logging.getLogger(__name__)
 EXPLAIN_FILE = "explain.onnx"
 THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
+# share of one core a worker's sampler may use: at 0.05 a saturated 2-core machine lost 4-8% of its throughput
+# (bench/serving.py), at 0.02 about 10 relevance maps a second per worker still reach the monitor
+DEFAULT_CPU_BUDGET = 0.02
 
 
 class Explainer:
@@ -81,7 +84,7 @@ class Sampler:
     """
 
     def __init__(self, writer: ShardWriter, explainer: Explainer, fraction: float, model: str, version: str,
-                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = 0.05):
+                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = DEFAULT_CPU_BUDGET):
         if not 0.0 < cpu_budget <= 1.0:
             raise ValueError(f"cpu_budget {cpu_budget} is outside (0, 1]: give the share of one core sampling may use")
         self.cpu_budget = cpu_budget
@@ -93,15 +96,19 @@ class Sampler:
         self._counts_lock = threading.Lock()
         threading.Thread(target=self._drain, name="unhans-sampler", daemon=True).start()
 
-    def offer(self, inputs: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, scores, request_id: str) -> None:
-        """Called on the request path: picks instances at random and queues them; never blocks."""
+    def offer(self, inputs: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, scores, request_ids: list[str]) -> None:
+        """Called on the request path with a batch (one request id per instance): picks instances at random and
+        queues them; never blocks."""
+        dropped = 0
         for k in np.flatnonzero(self._rng.random(len(inputs)) < self.fraction):
-            item = _Pending(inputs[k], int(predicted[k]), probabilities[k].tolist(),
-                            None if scores is None else float(scores[k]), time.time(), request_id)
+            item = _Pending(inputs[k].copy(), int(predicted[k]), probabilities[k].tolist(),
+                            None if scores is None else float(scores[k]), time.time(), request_ids[k])
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
-                self._count("dropped", 1)
+                dropped += 1
+        if dropped:
+            self._count("dropped", dropped)
 
     def take_counts(self) -> dict[str, int]:
         """Counts since the last call (the handler turns them into metrics on the request path)."""

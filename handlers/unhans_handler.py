@@ -29,12 +29,13 @@ from ts.torch_handler.base_handler import BaseHandler
 from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import TOLERANCE
 from unhans.export.runtime import session
-from unhans.handlers.relevance import Explainer, Sampler
+from unhans.handlers.relevance import DEFAULT_CPU_BUDGET, Explainer, Sampler
 from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
 from unhans.handlers.sink import ShardWriter
 
 logger = logging.getLogger(__name__)
 PROBE_ROWS = 8
+COUNTS_INTERVAL_S = 1.0  # how often the sampler's counts become metrics
 # What the handler reports through TorchServe's metrics (declared in the archive's metrics.yaml; Prometheus names)
 METRICS = {  # name: (type, unit, extra dimensions, what it counts)
     "unhans_relevance_requests_total": (MetricTypes.COUNTER, "count", [], "instances whose relevance was computed"),
@@ -73,7 +74,7 @@ class UnhansHandler(BaseHandler):
 
         The sampler gets an explainer of its own: sharing the request path's (one call at a time) would make requests
         that ask for relevance wait behind a batch of sampled ones."""
-        self.sampler = None
+        self.sampler, self._counts_due = None, 0.0
         fraction = float(sample.get("fraction", 0.0))
         if fraction <= 0:
             return
@@ -85,7 +86,7 @@ class UnhansHandler(BaseHandler):
         writer = ShardWriter(url, model["modelName"], version, writer_id, max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
                              max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
         self.sampler = Sampler(writer, Explainer(model_dir, composite, threads=1), fraction, model["modelName"], version,
-                               cpu_budget=float(sample.get("cpu_budget", 0.05)))
+                               cpu_budget=float(sample.get("cpu_budget", DEFAULT_CPU_BUDGET)))
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
     def _check_agreement(self) -> None:
@@ -133,15 +134,19 @@ class UnhansHandler(BaseHandler):
             if request.explain and request.format != "none":
                 explained.append((request, rows, predictions))
         self._explain(inputs, explained)
+        if self.sampler is not None and answered:  # one offer per batch: the request path pays almost nothing
+            rows = np.concatenate([np.arange(len(inputs))[r] for _, _, r, _ in answered])
+            ids = [str(context.get_request_id(self._idx(i)) or "") for i, _, r, _ in answered for _ in range(r.stop - r.start)]
+            self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
         for i, request, rows, predictions in answered:
-            if self.sampler is not None:
-                self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]),
-                                   None if scores is None else scores[rows], str(context.get_request_id(self._idx(i)) or ""))
             if v2:  # a tensor answer per input: the class probabilities of each of its instances
                 answers[i] = _softmax(logits[rows]).tolist()
             else:
                 answers[i] = {"predictions": predictions} if request.many else predictions[0]
-        if self.sampler is not None:
+        if self.sampler is not None and time.monotonic() >= self._counts_due:
+            # once a second: every metric a handler emits is a log line TorchServe's frontend parses, and per batch
+            # these lines cost the sampled worker more throughput than the sampling itself
+            self._counts_due = time.monotonic() + COUNTS_INTERVAL_S
             counts = self.sampler.take_counts()
             for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
                 if counts[key]:

@@ -91,7 +91,7 @@ def test_sampler_stays_within_its_cpu_budget(tmp_path):
     images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
     started = time.monotonic()
     while time.monotonic() - started < 2.0:
-        sampler.offer(images, np.zeros(8, int), np.full((8, 10), 0.1), None, "r")
+        sampler.offer(images, np.zeros(8, int), np.full((8, 10), 0.1), None, ["r"] * 8)
         time.sleep(0.01)
     counts = sampler.take_counts()
     # a 10% budget allows about 2 s x 0.1 / 20 ms = 10 batches of 4; uncapped it would take ~100 batches

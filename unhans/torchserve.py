@@ -7,14 +7,17 @@ writes to a file; the inference and management keys appear in ``key_file.json`` 
 
 from __future__ import annotations
 
+import http.client
 import importlib.resources
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +37,8 @@ class LocalTorchServe:
     waits until every worker is READY, and stops it on exit, also after an error.
     """
 
-    def __init__(self, store, names: str | list[str], work, extra_config: str = "", ready_timeout: float = 120):
+    def __init__(self, store, names: str | list[str], work, extra_config: str = "", ready_timeout: float = 120,
+                 keep_alive: bool = False):
         self.names = [names] if isinstance(names, str) else list(names)
         self.name, self.work, self.ready_timeout = self.names[0], Path(work).resolve(), ready_timeout  # TorchServe wants absolute paths
         config = CONFIG_TEMPLATE.read_text()
@@ -52,6 +56,9 @@ class LocalTorchServe:
         self.management_url = f"http://127.0.0.1:{self.ports['management_address']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics_address']}/metrics"
         self.key = self.management_key = None
+        # keep_alive: each calling thread keeps one HTTP/1.1 connection per address, as a production client would;
+        # a new connection per call (urllib) costs both sides CPU that load tests on a small machine then measure
+        self.keep_alive, self._connections = keep_alive, threading.local()
 
     def __enter__(self):
         command = [str(self.bin / "torchserve"), "--start", "--ncs", "--model-store", str(self.store), "--ts-config",
@@ -101,12 +108,26 @@ class LocalTorchServe:
         if authorize and key:
             headers["Authorization"] = f"Bearer {key}"
         base = self.management_url if management else self.url
+        if self.keep_alive:
+            return self._request_kept(base, method, path, body, headers)
         try:
             with urllib.request.urlopen(urllib.request.Request(base + path, data=body, headers=headers, method=method), timeout=60) as response:
                 return response.status, _decode(response.read())
         except urllib.error.HTTPError as error:
             return error.code, _decode(error.read())
         except (urllib.error.URLError, ConnectionError) as error:
+            return 0, str(error)
+
+    def _request_kept(self, base: str, method: str, path: str, body: bytes | None, headers: dict):
+        address = urllib.parse.urlsplit(base)
+        connections = self._connections.__dict__
+        connection = connections.get(base) or connections.setdefault(base, http.client.HTTPConnection(address.hostname, address.port, timeout=60))
+        try:
+            connection.request(method, path, body, headers)
+            response = connection.getresponse()
+            return response.status, _decode(response.read())
+        except (http.client.HTTPException, OSError) as error:
+            connection.close()  # reconnects on the next call
             return 0, str(error)
 
     def post(self, path: str, body: bytes, content_type: str, headers: dict | None = None, authorize: bool = True):
