@@ -22,7 +22,9 @@ connections alive, as production clients do; 16 of them keep both sides' batches
   Single pairs scatter by +-15% here, so the median still moves by about 2 points between runs. sampling_cpu_cost_pct
   estimates the same loss from CPU time, which scatters far less: the CPU seconds per request the sampled worker
   spends beyond the plain one (its sampler's background work included), over the machine's CPU seconds per request
-  (client, frontend and worker), which is what a request costs on a saturated machine;
+  (client, frontend and worker), which is what a request costs on a saturated machine.
+  sampling_background_core_share is the share of one core the sampled worker's other threads (the sampler) used
+  over the phase, against its budget (sample.cpu_budget, default 0.01);
 - bad_requests_sent (malformed requests mixed into the load; each must get a 4xx) and worker_restarts (target 0).
 """
 
@@ -165,7 +167,8 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
         figures["explain_http_ceiling"] = _throughput(server, "ours_all_cores", bodies) / figures["explanations_per_s_stock"]
         lost, workers = [], {name: psutil.Process(server.workers(name)[0]["pid"]) for name in ("ours", "ours_sampled")}
         worker_cpu = {name: -_cpu(process) for name, process in workers.items()}
-        machine_cpu_ours = 0.0
+        threads_before = {t.id: t.user_time + t.system_time for t in workers["ours_sampled"].threads()}
+        machine_cpu_ours, phase_started = 0.0, time.perf_counter()
         for r in range(SAMPLING_ROUNDS):  # paired rounds, alternating which side goes first
             pair = {}
             for name in ("ours", "ours_sampled") if r % 2 else ("ours_sampled", "ours"):
@@ -174,6 +177,8 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
                 if name == "ours":
                     machine_cpu_ours += machine + _cpu()
             lost.append(100 * (1 - pair["ours_sampled"] / pair["ours"]))
+        threads = sorted(t.user_time + t.system_time - threads_before.get(t.id, 0.0) for t in workers["ours_sampled"].threads())
+        figures["sampling_background_core_share"] = sum(threads[:-1]) / (time.perf_counter() - phase_started)  # all but the request thread
         requests = SAMPLING_ROUNDS * len(bodies) * 5
         worker_cpu = {name: (cpu + _cpu(workers[name])) / requests for name, cpu in worker_cpu.items()}
         extra = worker_cpu["ours_sampled"] - worker_cpu["ours"]  # CPU seconds sampling adds per request

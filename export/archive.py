@@ -48,7 +48,7 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path, name: str, model_s
     core per worker for their relevance (beyond it, samples are dropped and counted).
     """
     if not 0.0 < sample_cpu_budget <= 1.0:
-        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.02")
+        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.01")
     if not 0.0 <= sample_fraction <= 1.0:
         raise InputError("--sample-fraction", f"{sample_fraction} is outside [0, 1]", "pass the share of requests to record, e.g. 0.1")
     onnx_file, run_dir, model_store = Path(onnx_file), Path(run_dir), Path(model_store)

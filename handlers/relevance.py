@@ -31,9 +31,10 @@ from .sink import Record, ShardWriter
 logger = logging.getLogger(__name__)
 EXPLAIN_FILE = "explain.onnx"
 THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
-# share of one core a worker's sampler may use: at 0.05 a saturated 2-core machine lost 4-8% of its throughput
-# (bench/serving.py), at 0.02 about 10 relevance maps a second per worker still reach the monitor
-DEFAULT_CPU_BUDGET = 0.02
+# share of one core a worker's sampler may use. On a saturated 2-core machine (bench/serving.py) the sampler's work
+# slows the request thread too: at 0.02 the worker spent 4.6% more CPU per request. At 0.01 about 5 relevance maps
+# a second per worker (18,000 an hour) still reach the monitor.
+DEFAULT_CPU_BUDGET = 0.01
 
 
 class Explainer:
@@ -96,11 +97,15 @@ class Sampler:
         self._counts_lock = threading.Lock()
         threading.Thread(target=self._drain, name="unhans-sampler", daemon=True).start()
 
+    def pick(self, n: int) -> np.ndarray:
+        """Which of ``n`` served instances to record: each with probability ``fraction`` (the request path asks first,
+        so the many batches with nothing picked cost one random draw)."""
+        return np.flatnonzero(self._rng.random(n) < self.fraction)
+
     def offer(self, inputs: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, scores, request_ids: list[str]) -> None:
-        """Called on the request path with a batch (one request id per instance): picks instances at random and
-        queues them; never blocks."""
+        """Queue picked instances (one request id each) for recording; called on the request path, never blocks."""
         dropped = 0
-        for k in np.flatnonzero(self._rng.random(len(inputs)) < self.fraction):
+        for k in range(len(inputs)):
             item = _Pending(inputs[k].copy(), int(predicted[k]), probabilities[k].tolist(),
                             None if scores is None else float(scores[k]), time.time(), request_ids[k])
             try:

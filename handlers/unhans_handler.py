@@ -134,10 +134,8 @@ class UnhansHandler(BaseHandler):
             if request.explain and request.format != "none":
                 explained.append((request, rows, predictions))
         self._explain(inputs, explained)
-        if self.sampler is not None and answered:  # one offer per batch: the request path pays almost nothing
-            rows = np.concatenate([np.arange(len(inputs))[r] for _, _, r, _ in answered])
-            ids = [str(context.get_request_id(self._idx(i)) or "") for i, _, r, _ in answered for _ in range(r.stop - r.start)]
-            self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
+        if self.sampler is not None and answered:
+            self._offer(inputs, logits, scores, answered)
         for i, request, rows, predictions in answered:
             if v2:  # a tensor answer per input: the class probabilities of each of its instances
                 answers[i] = _softmax(logits[rows]).tolist()
@@ -152,6 +150,15 @@ class UnhansHandler(BaseHandler):
                 if counts[key]:
                     self._metric(name, counts[key])
         return answers
+
+    def _offer(self, inputs: np.ndarray, logits: np.ndarray, scores, answered: list) -> None:
+        """Hand the sampler the answered instances it picks, once per batch: most batches pick none and pay one draw."""
+        owners = [(i, k) for i, _, rows, _ in answered for k in range(rows.start, rows.stop)]
+        picked = self.sampler.pick(len(owners))
+        if picked.size:
+            rows = np.array([owners[p][1] for p in picked])
+            ids = [str(self.context.get_request_id(self._idx(owners[p][0])) or "") for p in picked]
+            self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
 
     def _idx(self, i: int) -> int:
         """The TorchServe request index of batch row ``i`` (an envelope's rows are all one request's)."""

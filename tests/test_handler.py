@@ -88,6 +88,9 @@ def test_sampler_stays_within_its_cpu_budget(tmp_path):
         return None, np.ones((len(images), 1, 28, 28), np.float32)
 
     sampler = Sampler(ShardWriter(str(tmp_path), "m", "1", "w"), costly_relevance, 1.0, "m", "1", queue_size=64, batch=4, cpu_budget=0.1)
+    assert len(sampler.pick(8)) == 8
+    sampler.fraction = 0.1
+    assert 850 <= len(sampler.pick(10_000)) <= 1150  # binomial(10000, 0.1): sd 30
     images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
     started = time.monotonic()
     while time.monotonic() - started < 2.0:
