@@ -24,9 +24,9 @@ import yaml
 from ..core.errors import InputError
 from ..core.layers import insert_after
 from ..core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, load_run
+from ..handlers.relevance import DEFAULT_CPU_BUDGET
 from .correction import load_correction
 from .onnx import META, TOLERANCE, correction_path, load_onnx
-from ..handlers.relevance import DEFAULT_CPU_BUDGET
 from .runtime import run_batched, session
 
 GRAPH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "correction.npz", "explain.onnx"

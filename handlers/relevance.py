@@ -31,9 +31,9 @@ from .sink import Record, ShardWriter
 logger = logging.getLogger(__name__)
 EXPLAIN_FILE = "explain.onnx"
 THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
-# share of one core a worker's sampler may use. On a saturated 2-core machine (bench/serving.py) the sampler's work
-# slows the request thread too: at 0.02 the worker spent 4.6% more CPU per request. At 0.01 about 5 relevance maps
-# a second per worker (18,000 an hour) still reach the monitor.
+# share of one core a worker's sampler may use. On a saturated 2-core machine (bench/serving.py) the sampled worker
+# spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the VGG explain graph still records about
+# 3.5 relevance maps a second per worker (12,000 an hour) for the monitor.
 DEFAULT_CPU_BUDGET = 0.01
 
 
@@ -76,7 +76,8 @@ class _Pending:
 
 
 class Sampler:
-    """Record ``fraction`` of offered instances, with their relevance for the predicted class, to ``writer``.
+    """Record the served instances :meth:`pick` chooses (each with probability ``fraction``), with their relevance for
+    the predicted class, to ``writer``.
 
     ``cpu_budget`` caps the share of one core the sampler may use: after each batch it rests for as long as keeps
     its CPU time (its explainer runs single-threaded on its own thread) at that share of wall time. Relevance costs

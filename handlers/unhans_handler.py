@@ -142,23 +142,27 @@ class UnhansHandler(BaseHandler):
             else:
                 answers[i] = {"predictions": predictions} if request.many else predictions[0]
         if self.sampler is not None and time.monotonic() >= self._counts_due:
-            # once a second: every metric a handler emits is a log line TorchServe's frontend parses, and per batch
-            # these lines cost the sampled worker more throughput than the sampling itself
-            self._counts_due = time.monotonic() + COUNTS_INTERVAL_S
-            counts = self.sampler.take_counts()
-            for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
-                if counts[key]:
-                    self._metric(name, counts[key])
+            self._emit_sampler_counts()
         return answers
 
     def _offer(self, inputs: np.ndarray, logits: np.ndarray, scores, answered: list) -> None:
         """Hand the sampler the answered instances it picks, once per batch: most batches pick none and pay one draw."""
-        owners = [(i, k) for i, _, rows, _ in answered for k in range(rows.start, rows.stop)]
-        picked = self.sampler.pick(len(owners))
-        if picked.size:
-            rows = np.array([owners[p][1] for p in picked])
-            ids = [str(self.context.get_request_id(self._idx(owners[p][0])) or "") for p in picked]
-            self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
+        picked = self.sampler.pick(sum(rows.stop - rows.start for _, _, rows, _ in answered))
+        if not picked.size:
+            return
+        owners = [(i, k) for i, _, rows, _ in answered for k in range(rows.start, rows.stop)]  # (request, input row)
+        rows = np.array([owners[p][1] for p in picked])
+        ids = [str(self.context.get_request_id(self._idx(owners[p][0])) or "") for p in picked]
+        self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
+
+    def _emit_sampler_counts(self) -> None:
+        """The sampler's counts as metrics, once a second: every metric a handler emits is a log line TorchServe's
+        frontend parses, and per batch these lines cost the sampled worker more throughput than the sampling itself."""
+        self._counts_due = time.monotonic() + COUNTS_INTERVAL_S
+        counts = self.sampler.take_counts()
+        for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
+            if counts[key]:
+                self._metric(name, counts[key])
 
     def _idx(self, i: int) -> int:
         """The TorchServe request index of batch row ``i`` (an envelope's rows are all one request's)."""
@@ -169,7 +173,7 @@ class UnhansHandler(BaseHandler):
         self.context.metrics.add_metric(name, value, unit, dimensions=[Dimension(k, v) for k, v in dimensions.items()], metric_type=kind)
 
     def _reject(self, error: RequestError, idx: int) -> dict:
-        self.context.set_response_status(error.status, error.problem, idx=0 if self._enveloped else idx)
+        self.context.set_response_status(error.status, error.problem, idx=self._idx(idx))
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
 
@@ -200,7 +204,7 @@ class UnhansHandler(BaseHandler):
         """The relevance of every instance that asked for it, in one explainer call for the whole batch."""
         if not explained:
             return
-        rows = np.concatenate([np.arange(len(inputs))[r] for _, r, _ in explained])
+        rows = np.concatenate([np.arange(r.start, r.stop) for _, r, _ in explained])
         targets = np.array([p["target"] for _, _, predictions in explained for p in predictions], np.int64)
         started = time.perf_counter()
         _, relevance = self.explainer(inputs[rows], targets)

@@ -119,9 +119,11 @@ class LocalTorchServe:
             return 0, str(error)
 
     def _request_kept(self, base: str, method: str, path: str, body: bytes | None, headers: dict):
-        address = urllib.parse.urlsplit(base)
-        connections = self._connections.__dict__
-        connection = connections.get(base) or connections.setdefault(base, http.client.HTTPConnection(address.hostname, address.port, timeout=60))
+        connections = self._connections.__dict__  # this thread's, by address
+        if base not in connections:
+            address = urllib.parse.urlsplit(base)
+            connections[base] = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection = connections[base]
         try:
             connection.request(method, path, body, headers)
             response = connection.getresponse()
