@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torchvision.models.resnet import BasicBlock
 
 from .. import __version__
@@ -116,7 +117,7 @@ def _max_pool2d_backward(grad, x, kernel, stride, padding, dilation, ceil_mode, 
         return torch.ops.aten.max_pool2d_with_indices.default(t, list(kernel), list(kernel))[0]
     rank = (kh * kw - (torch.arange(h) % kh)[:, None] * kw - (torch.arange(w) % kw)[None, :]).to(x.dtype)
     score = (x == up(pool(x))).to(x.dtype) * rank
-    return torch.where(score == up(pool(score)), up(grad), 0.0)
+    return (score == up(pool(score))).to(x.dtype) * up(grad)  # a product, not a where: onnxruntime's Where is slower
 
 
 @torch.library.custom_op("unhans::upsample_nearest", mutates_args=())
@@ -146,7 +147,7 @@ def _decompositions() -> dict:
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten.clone.default, aten.detach.default, aten._unsafe_view.default, aten.alias.default}
 _SIGN_KEEPING = _VIEWS | {aten.t.default, aten.transpose.int, aten.flip.default, aten.permute.default,
-                          aten.unsqueeze.default, aten.expand.default, aten.max_pool2d.default}
+                          aten.unsqueeze.default, aten.expand.default, aten.max_pool2d.default, aten.slice.Tensor}
 
 
 def _shape(node) -> tuple | None:
@@ -171,7 +172,7 @@ class _Simplifier:
 
     def __init__(self, graph: torch.fx.Graph):
         self.graph = graph
-        self.nonneg, self.zero, self.ones, self.seen = set(), set(), set(), {}
+        self.nonneg, self.zero, self.ones, self.seen, self.one_channel = set(), set(), set(), {}, {}
         # a node mutated in place may hold other values later: never reason about it, never redirect uses to it
         self.mutated = {arg for n in graph.nodes if n.op == "call_function" and getattr(n.target, "_schema", None)
                         is not None and n.target._schema.is_mutable for arg in n.args if isinstance(arg, torch.fx.Node)}
@@ -225,7 +226,7 @@ class _Simplifier:
             self.ones.add(node)
         if node in self.zero:
             self.nonneg.add(node)
-        elif t in (aten.relu.default, aten.relu_.default, aten.ones_like.default) or (t is aten.clamp.default and len(args) > 1 and args[1] is not None and args[1] >= 0):
+        elif t in (aten.relu.default, aten.relu_.default, aten.ones_like.default) or (t is aten.clamp.default and len(args) > 1 and args[1] is not None and args[1] >= 0) or (t is aten.full.default and args[1] >= 0):
             self.nonneg.add(node)
         elif t in _SIGN_KEEPING or t in (operator.getitem, aten.max_pool2d_with_indices.default):
             if args[0] in self.nonneg:
@@ -277,26 +278,60 @@ class _Simplifier:
             return None
         with self.graph.inserting_before(node):
             if a in self.nonneg:
-                return self._new(aten.add.Tensor, a, eps)
+                return self._bias_plus(a, eps, {node, sign, is_zero.args[0]}) or self._new(aten.add.Tensor, a, eps)
             negative = self._new(aten.lt.Scalar, a, 0)
             low, high = (self._new(aten.scalar_tensor.default, v) for v in (-eps, eps))
             return self._new(aten.add.Tensor, a, self._new(aten.where.self, negative, low, high))
 
+    def _bias_plus(self, conv, eps, stabilizer):
+        """``conv + eps`` as one convolution with ``eps`` added to its bias, when only the ``stabilizer``'s nodes read
+        ``conv``: onnxruntime then keeps the stabilised z+ in its blocked layout instead of reordering it for the Add."""
+        readers = {u for u in conv.users if u.op != "call_function" or u.users}  # nodes already replaced read nothing
+        if (conv.target is not aten.convolution.default or not readers <= stabilizer or conv.args[6]
+                or "val" not in conv.args[1].meta):
+            return None
+        x, weight, bias, *rest = conv.args
+        shifted = (self._new(aten.add.Tensor, bias, eps) if bias is not None
+                   else self._new(aten.full.default, [weight.meta["val"].shape[0]], eps))
+        return self._new(aten.convolution.default, x, weight, shifted, *rest)
+
     def _box(self, node):
         """A convolution with all-one weights (the flat rule's) as the channel sum convolved with one all-one kernel.
 
-        The one rewrite that is not bit-exact (another summation order); a Conv to one or three output channels is
-        onnxruntime's least efficient.
+        Its every output channel is the same, so the channel sum of a quotient by it (the flat rule's backward) is taken
+        before the division, and on an all-one input (the flat rule's denominator) it is computed for one image from
+        constants, which onnxruntime folds. The one rewrite that is not bit-exact (another summation order); a Conv
+        to one or three output channels is onnxruntime's least efficient.
         """
         x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
         shape = weight.meta["val"].shape if "val" in weight.meta else None
-        if transposed or groups != 1 or bias is not None or shape is None or shape[1] == 1:
+        if transposed or groups != 1 or shape is None or not (bias is None or bias in self.zero):
             return None
         with self.graph.inserting_before(node):
-            total = self.graph.call_function(aten.sum.dim_IntList, (x, [1], True))
+            if x in self.ones:
+                _, channels, height, width = (guarding_hint_or_throw(d) for d in x.meta["val"].shape)
+                total = self._new(aten.full.default, [1, 1, height, width], float(channels))
+            elif shape[1] == 1:
+                return None
+            elif x.target is aten.div.Tensor and (divisor := self._one_channel(x.args[1])) is not None:
+                total = self._new(aten.div.Tensor, self._new(aten.sum.dim_IntList, x.args[0], [1], True), divisor)
+            else:
+                total = self.graph.call_function(aten.sum.dim_IntList, (x, [1], True))
             kernel = self._new(aten.slice.Tensor, self._new(aten.slice.Tensor, weight, 0, 0, 1), 1, 0, 1)
-            out = self._new(aten.convolution.default, total, kernel, bias, stride, padding, dilation, False, output_padding, 1)
-            return out if shape[0] == 1 else self._new(aten.expand.default, out, [-1, shape[0], -1, -1])
+            out = self._new(aten.convolution.default, total, kernel, None, stride, padding, dilation, False, output_padding, 1)
+            if shape[0] == 1:
+                return out
+            spread = self._new(aten.expand.default, out, [-1, shape[0], -1, -1])
+            self.one_channel[spread] = out
+            return spread
+
+    def _one_channel(self, node):
+        """The one channel every channel of ``node`` equals (a box convolution's, or one plus a number), or None."""
+        if node in self.one_channel:
+            return self.one_channel[node]
+        if node.target is aten.add.Tensor and isinstance(node.args[1], float) and node.args[0] in self.one_channel:
+            return self._new(aten.add.Tensor, self.one_channel[node.args[0]], node.args[1])
+        return None
 
     def _select_product(self, node):
         """``select(stack(xs, d) * expand(unsqueeze(y, d)), d, i)`` as ``xs[i] * y`` (the residual sum's rule)."""

@@ -83,7 +83,8 @@ def test_plain_vgg_matches_zennit_and_is_written_with_metadata(runs, tmp_path):
     assert [i.name for i in graph.graph.input] == ["input", "target"]
     _check_against_zennit(graph, run["model"], "epsilon_plus_flat", LAYERS["vgg"], run["probe"])
     ops = Counter(node.op_type for node in graph.graph.node)
-    assert ops["Conv"] == 4 + 3 * 2 + 2  # forward, z+ (forward and backward, no dead negative branch), flat rule
+    # forward, z+ (forward and backward, no dead negative branch), the flat rule's backward (its denominator is a constant)
+    assert ops["Conv"] == 4 + 3 * 2 + 1
     assert ops["MaxPool"] == 4 and all(len(n.output) == 1 for n in graph.graph.node if n.op_type == "MaxPool")
     metadata = read_metadata(report.path)
     assert metadata["unhans.explain.composite"] == "epsilon_plus_flat"
