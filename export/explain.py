@@ -110,8 +110,9 @@ def _max_pool2d_backward(grad, x, kernel, stride, padding, dilation, ceil_mode, 
     h, w = x.shape[2:]
     if tuple(stride or kernel) != (kh, kw) or any(padding) or tuple(dilation) != (1, 1) or h % kh or w % kw:
         return _SCATTER_MAX_POOL_BACKWARD(grad, x, kernel, stride, padding, dilation, ceil_mode, indices)
-    def up(t):
-        return _upsample_nearest(t, kh, kw)
+    def up(t):  # through a reshape, so onnxruntime upsamples in plain layout rather than reordering the full-size result
+        n, c, th, tw = t.shape
+        return _upsample_nearest(t.reshape(n, c, th * tw).reshape(n, c, th, tw), kh, kw)
 
     def pool(t):  # the forward's call: one MaxPool in the graph after common subexpressions are merged
         return torch.ops.aten.max_pool2d_with_indices.default(t, list(kernel), list(kernel))[0]
