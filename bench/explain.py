@@ -7,7 +7,7 @@ class; _vs_zennit64 against zennit in float64, and zennit32_rel_l2_vs_zennit64 z
 larger where LRP of a model is ill-conditioned), {arch}_speedup_vs_zennit_b1/_b16 (zennit LRP with hooks kept
 registered, torch 1 thread, over the explain graph in onnxruntime, 1 thread; target >= 3), {arch}_explain_over_predict_b16 (explain graph over prediction graph,
 both onnxruntime), {arch}_export_seconds (trace, export and verification). Plain keys give the worst of the two.
-Both sides are timed interleaved in one process, round by round, and the median of the rounds is reported.
+Both sides are timed interleaved in one process, round by round; each figure is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def measure(arch: str, run: Path, rounds: int) -> dict:
             _timed(lambda: explain.run(None, feed), times[b]["onnx"])
             _timed(lambda: predict.run(None, {"input": x}), times[b]["predict"])
     lrp.close()
-    med = {b: {k: float(np.median(v)) for k, v in t.items()} for b, t in times.items()}
+    def paired(b, slow, fast):  # per round, then the median: a slow phase of the machine hits both of a pair alike
+        return float(np.median(np.array(times[b][slow]) / np.array(times[b][fast])))
     for b in batches:
-        figures[f"{arch}_speedup_vs_zennit_b{b}"] = med[b]["zennit"] / med[b]["onnx"]
-    figures[f"{arch}_explain_over_predict_b16"] = med[16]["onnx"] / med[16]["predict"]
+        figures[f"{arch}_speedup_vs_zennit_b{b}"] = paired(b, "zennit", "onnx")
+    figures[f"{arch}_explain_over_predict_b16"] = paired(16, "onnx", "predict")
     figures[f"{arch}_export_seconds"] = export_seconds
     return figures
 
