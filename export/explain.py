@@ -168,7 +168,8 @@ class _Simplifier:
 
     onnxruntime cannot see it: it does not know that a ReLU's output is non-negative, so z+ branches fed by the
     negative part of such an input (identically zero) survive its optimiser, and so do expands it materialises. Every
-    rewrite is exact in float32 for finite values (a product with a zero is taken as zero: zennit's gradients are finite).
+    rewrite is exact in float32 for finite values (a product with a zero is taken as zero: zennit's gradients are finite)
+    but two, which only round in another order: :meth:`_bias_plus` and :meth:`_box`.
     """
 
     def __init__(self, graph: torch.fx.Graph):
@@ -286,7 +287,8 @@ class _Simplifier:
 
     def _bias_plus(self, conv, eps, stabilizer):
         """``conv + eps`` as one convolution with ``eps`` added to its bias, when only the ``stabilizer``'s nodes read
-        ``conv``: onnxruntime then keeps the stabilised z+ in its blocked layout instead of reordering it for the Add."""
+        ``conv``: onnxruntime then keeps the stabilised z+ in its blocked layout instead of reordering it for the Add.
+        Not bit-exact: the bias and ``eps`` are added first."""
         readers = {u for u in conv.users if u.op != "call_function" or u.users}  # nodes already replaced read nothing
         if (conv.target is not aten.convolution.default or not readers <= stabilizer or conv.args[6]
                 or "val" not in conv.args[1].meta):
@@ -301,8 +303,8 @@ class _Simplifier:
 
         Its every output channel is the same, so the channel sum of a quotient by it (the flat rule's backward) is taken
         before the division, and on an all-one input (the flat rule's denominator) it is computed for one image from
-        constants, which onnxruntime folds. The one rewrite that is not bit-exact (another summation order); a Conv
-        to one or three output channels is onnxruntime's least efficient.
+        constants, which onnxruntime folds. Not bit-exact (another summation order); a Conv to one or three output
+        channels is onnxruntime's least efficient.
         """
         x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
         shape = weight.meta["val"].shape if "val" in weight.meta else None
