@@ -86,6 +86,8 @@ def test_plain_vgg_matches_zennit_and_is_written_with_metadata(runs, tmp_path):
     # forward, z+ (forward and backward, no dead negative branch), the flat rule's backward (its denominator is a constant)
     assert ops["Conv"] == 4 + 3 * 2 + 1
     assert ops["MaxPool"] == 4 and all(len(n.output) == 1 for n in graph.graph.node if n.op_type == "MaxPool")
+    producer = {output: n.op_type for n in graph.graph.node for output in n.output}
+    assert not [n.name for n in graph.graph.node if n.op_type == "Add" and "Conv" in map(producer.get, n.input)]  # ε is in the biases
     metadata = read_metadata(report.path)
     assert metadata["unhans.explain.composite"] == "epsilon_plus_flat"
     assert metadata["unhans.explain.layer"] == LAYERS["vgg"]
