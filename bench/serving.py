@@ -127,7 +127,8 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
     correction = Correction.from_cav(cav)
     graph = export_torch(model, "features.pool2", correction, train.images[:64], scratch / "vgg.onnx").path
     # the product path: 'unhans export --explain' writes the explain graph beside it, and the archive serves from it
-    export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), probe=train.images[:64])
+    export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), probe=train.images[:64],
+                   detector=correction)
     figures = {"explain_compute_speedup_vs_ig_b8": _compute_speedup(model, explain_path(graph), test.images)}
     store = scratch / "store"
     store.mkdir()

@@ -130,8 +130,9 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         from ..core.layers import insert_after
         from .explain import explain_path, export_explain
 
-        explained = export_explain(insert_after(model, layer, Correction.from_cav(cav, reactive, threshold).module()),
-                                   explain_path(out), composite, layer, probe=probe)
+        correction = Correction.from_cav(cav, reactive, threshold)
+        explained = export_explain(insert_after(model, layer, correction.module()), explain_path(out), composite, layer,
+                                   probe=probe, detector=correction)
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
 

@@ -13,8 +13,10 @@ targets) and refused unless it matches (see :func:`_verify` for models whose LRP
 
 The graph: inputs ``input`` (N, C, H, W) float32 and ``target`` (N,) int64, where a negative target means "the
 predicted class" (feed ``-1`` for every row to explain predictions); outputs ``logits``, ``relevance`` (shaped like
-``input``) and, when a layer is named, ``layer_relevance`` (shaped like that layer's output, for latent SpRAy).
-A corrected model (:func:`unhans.core.clarc.pclarc`) is explained through its correction, exactly as ``LRP`` does.
+``input``), when a layer is named, ``layer_relevance`` (shaped like that layer's output, for latent SpRAy), and, when
+a detector is given, ``artifact_score`` (N,) as the prediction graph computes it, so a served explanation needs no
+second graph. A corrected model (:func:`unhans.core.clarc.pclarc`) is explained through its correction, exactly as
+``LRP`` does.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from .. import __version__
 from ..core.attribution import LRP, _composite_key
 from ..core.clarc import PClArC
 from ..core.errors import InputError
-from ..core.layers import Corrected, get_layer
-from .onnx import META, OPSET, _first_line, _with_ir_version, write_atomic
+from ..core.layers import Corrected, activations, get_layer
+from .correction import Correction
+from .graph import SCORE_OUTPUT
+from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
 from .runtime import session
 
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.BatchNorm2d,
@@ -376,21 +380,40 @@ def _simplify(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 class _Explainer(nn.Module):
-    """Forward plus rule backward of an :class:`LRP`'s hooked model, as one function of (input, target)."""
+    """Forward plus rule backward of an :class:`LRP`'s hooked model, as one function of (input, target); with a
+    ``detector``, also its score of the activation entering the model's correction."""
 
-    def __init__(self, lrp: LRP):
+    def __init__(self, lrp: LRP, detector: Correction | None = None):
         super().__init__()
-        self.lrp = lrp
+        self.lrp, self.detector, self._entering = lrp, detector, []
+        if detector is not None:
+            self._weight = torch.from_numpy(detector.detector_weight.astype(np.float32))
+            _corrected(lrp.model)[1].correction.register_forward_pre_hook(lambda _module, args: self._entering.append(args[0]))
 
     def forward(self, x: torch.Tensor, target: torch.Tensor):
         lrp = self.lrp
         x = x.requires_grad_(True)
         lrp._outputs.clear()
+        self._entering.clear()
         logits = lrp.model(x)
         target = torch.where(target < 0, logits.argmax(1), target)
         seed = (torch.arange(logits.shape[1])[None, :] == target[:, None]).to(logits.dtype)
         tensors = [x] + [lrp._outputs[name] for name in lrp.layers]
-        return (logits, *torch.autograd.grad(logits, tensors, grad_outputs=seed))
+        outputs = (logits, *torch.autograd.grad(logits, tensors, grad_outputs=seed))
+        if self.detector is None:
+            return outputs
+        h = self._entering[0].detach()
+        features = h.mean(dim=(2, 3)) if self.detector.mode == "channel" else h.flatten(1)
+        return (*outputs, features @ self._weight + float(self.detector.detector_bias))
+
+
+def _corrected(model: nn.Module) -> tuple[str, Corrected]:
+    """The name and module of ``model``'s one corrected layer: the detector scores what enters its correction."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Corrected)]
+    if len(found) != 1:
+        raise InputError("detector", f"the model has {len(found)} corrected layers, the detector scores the input of one",
+                         "explain the model with its correction inserted (unhans.core.layers.insert_after)")
+    return found[0]
 
 
 def _rel_l2(got: np.ndarray, expected: np.ndarray) -> float:
@@ -398,18 +421,19 @@ def _rel_l2(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 def explain_graph(model: nn.Module, composite: str = "epsilon_plus_flat", layer: str | None = None, *, probe: np.ndarray,
-                  low: float = 0.0, high: float = 1.0) -> onnx.ModelProto:
+                  low: float = 0.0, high: float = 1.0, detector: Correction | None = None) -> onnx.ModelProto:
     """The explain graph of ``model`` (plain or corrected), verified in onnxruntime against zennit on ``probe``.
 
     ``probe`` is a batch of real inputs (≥ 2 rows). ``low``/``high`` bound the input for ``epsilon_gamma_box``.
-    Raises :class:`InputError` for an unsupported layer, a failed trace or export, or a mismatch with zennit; the
-    verification figures are in the graph's metadata.
+    ``detector``: the correction inserted in ``model``; when it has a detector, the graph also outputs its score.
+    Raises :class:`InputError` for an unsupported layer, a failed trace or export, or a mismatch with zennit or the
+    detector; the verification figures are in the graph's metadata.
     """
-    return _build(model, composite, layer, probe, low, high)[0]
+    return _build(model, composite, layer, probe, low, high, detector)[0]
 
 
 def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarray, low: float,
-           high: float) -> tuple[onnx.ModelProto, ExplainReport]:
+           high: float, detector: Correction | None = None) -> tuple[onnx.ModelProto, ExplainReport]:
     started = time.perf_counter()
     key = _composite_key(composite)
     check_supported(model)
@@ -419,14 +443,15 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
     if probe.ndim != 4 or len(probe) < 2:
         raise InputError("probe", f"has shape {probe.shape}", "pass at least 2 real images (N, C, H, W)")
     layers = (layer,) if layer else ()
-    names = list(OUTPUTS[: 2 + len(layers)])
+    detector = detector if detector is not None and detector.has_detector else None
+    names = list(OUTPUTS[: 2 + len(layers)]) + ([SCORE_OUTPUT] if detector else [])
     # traced with >= 3 rows: symbolic tracing specialises batches of 0 and 1, and the batch axis must stay dynamic
     x = torch.from_numpy(probe[:4] if len(probe) >= 3 else np.concatenate([probe, probe[:1]]))
     target = torch.full((len(x),), -1, dtype=torch.long)
     with LRP(model, key, layers=layers, low=low, high=high) as lrp:
         try:
             with torch.enable_grad():
-                traced = make_fx(_Explainer(lrp), decomposition_table=_decompositions(), tracing_mode="symbolic",
+                traced = make_fx(_Explainer(lrp, detector), decomposition_table=_decompositions(), tracing_mode="symbolic",
                                  _allow_non_fake_inputs=True)(x, target)
             traced = _simplify(traced)
             batch = torch.export.Dim("batch")
@@ -438,7 +463,7 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
         except Exception as error:  # tracer and exporter raise many types; the user needs the first line
             raise InputError("explain", f"tracing the LRP backward failed ({_first_line(error)})",
                              "explain this model with zennit (unhans.core.attribution.LRP) instead") from None
-    figures = _verify(graph, model, key, layers, probe, low, high)
+    figures = _verify(graph, model, key, layers, probe, low, high, detector)
     metadata = {"version": __version__, "explain.composite": key, "explain.layer": layer or "",
                 "explain.target": "int64 per row; negative = predicted class", "verify.probe_rows": str(len(probe)),
                 **{f"verify.{k}": f"{v:.3g}" for k, v in figures.items()}}
@@ -449,10 +474,11 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
 
 
 def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, probe: np.ndarray, low: float,
-            high: float) -> dict[str, float]:
+            high: float, detector: Correction | None = None) -> dict[str, float]:
     """onnxruntime vs zennit on ``probe`` (predicted and shifted targets), or refuse.
 
-    Figures: worst relative L2 of relevance and layer relevance, max |Δlogit| (allowed relative to the logit scale). Some models are ill-conditioned
+    Figures: worst relative L2 of relevance and layer relevance, max |Δlogit| (allowed relative to the logit scale),
+    with a detector max |Δscore| against :meth:`Correction.score` (allowed as the prediction graph's). Some models are ill-conditioned
     for LRP in float32 (zennit's own float32 maps then differ from its float64 ones by more than the tolerance,
     e.g. a P-ClArC-corrected ResNet); those are accepted when the graph's error against zennit in float64 is
     within ``FLOAT32_SLACK`` times zennit's own float32 error, and both figures are recorded.
@@ -469,6 +495,7 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
             figures["logit_max_abs_diff"] = max(figures["logit_max_abs_diff"], float(np.abs(got[0] - expected.logits).max()))
             figures["rel_l2_vs_zennit"] = max(figures["rel_l2_vs_zennit"], _rel_l2(got[1], expected.relevance),
                                               *(_rel_l2(g, expected.layer_relevance[n]) for g, n in zip(got[2:], layers)))
+            scores = got[-1]
             runs.append((expected.targets, got[1], expected.relevance))
     rel = figures["rel_l2_vs_zennit"]
     if not rel <= RELEVANCE_TOLERANCE:
@@ -486,6 +513,13 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
     if not figures["logit_max_abs_diff"] <= allowed:
         raise InputError("explain", f"logits differ from torch by {figures['logit_max_abs_diff']:.3g} (allowed {allowed:.3g}); "
                          "nothing was written", "explain this model with zennit (unhans.core.attribution.LRP) instead")
+    if detector is not None:
+        expected_scores = detector.score(activations(model, probe, f"{_corrected(model)[0]}.layer"))
+        figures["score_max_abs_diff"] = float(np.abs(scores - expected_scores).max())
+        allowed = TOLERANCE * max(float(np.abs(expected_scores).max()), 1.0)
+        if not figures["score_max_abs_diff"] <= allowed:
+            raise InputError("explain", f"{SCORE_OUTPUT} differs from the detector by {figures['score_max_abs_diff']:.3g} "
+                             f"(allowed {allowed:.3g}); nothing was written", "export without --explain and report this")
     return figures
 
 
@@ -499,12 +533,12 @@ def _relevance64(lrp: LRP, probe: np.ndarray, targets: np.ndarray) -> np.ndarray
 
 
 def export_explain(model: nn.Module, out: str | Path, composite: str = "epsilon_plus_flat", layer: str | None = None, *,
-                   probe: np.ndarray, low: float = 0.0, high: float = 1.0) -> ExplainReport:
+                   probe: np.ndarray, low: float = 0.0, high: float = 1.0, detector: Correction | None = None) -> ExplainReport:
     """Build, verify and atomically write the explain graph of ``model`` to ``out``; nothing is written on failure."""
     out = Path(out)
     if out.is_dir():
         raise InputError(str(out), "is a folder", "pass the path of the .onnx file to write")
-    graph, report = _build(model, composite, layer, probe, low, high)
+    graph, report = _build(model, composite, layer, probe, low, high, detector)
     write_atomic(out, graph.SerializeToString())
     report.path = out
     return report

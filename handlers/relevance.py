@@ -2,6 +2,8 @@
 
 :class:`Explainer` answers with the relevance of the model that predicts: the archive's explain graph
 (onnxruntime, ``unhans export --explain``) when it has one, else the PyTorch twin through zennit with hooks kept.
+An explain graph exported with the correction's detector also gives the artifact score, so an explained instance
+needs no run of the prediction graph.
 :class:`Sampler` records a fraction of served instances off the request path: a bounded queue, drained by one
 thread that computes relevance for the sampled instances in batches and appends them to the sink; when the queue
 is full, instances are dropped and counted rather than slowing requests down.
@@ -24,6 +26,7 @@ from unhans.core.errors import InputError
 from unhans.core.layers import insert_after
 from unhans.core.models import load_model
 from unhans.export.correction import load_correction
+from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.runtime import session
 
 from .sink import Record, ShardWriter
@@ -38,14 +41,18 @@ DEFAULT_CPU_BUDGET = 0.01
 
 
 class Explainer:
-    """``explainer(inputs, targets) -> (logits, relevance)``; thread-safe (one call at a time)."""
+    """``explainer(inputs, targets) -> (logits, relevance, scores)``, ``scores`` the artifact detector's where
+    :attr:`scores` says the explainer has them, else None; thread-safe (one call at a time)."""
 
     def __init__(self, model_dir: str, composite: str = "epsilon_plus_flat", threads: int = 1):
         self._lock = threading.Lock()
         explain = os.path.join(model_dir, EXPLAIN_FILE)
+        self.scores = False
         if os.path.isfile(explain):
             self.kind = "onnx explain graph"
             self._graph = session(explain, threads=threads)
+            self._outputs = ["logits", "relevance"] + [o.name for o in self._graph.get_outputs() if o.name == SCORE_OUTPUT]
+            self.scores = SCORE_OUTPUT in self._outputs
             self._lrp = None
         else:
             self.kind = "zennit on the PyTorch twin"
@@ -53,16 +60,18 @@ class Explainer:
             model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
             self._lrp = LRP(insert_after(model, layer, correction.module()), composite)
 
-    def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Logits, relevance and scores of ``inputs``; no targets explain the predicted classes, and so does a negative
+        target on the explain graph (the PyTorch twin takes classes only)."""
         with self._lock:
             if self._lrp is not None:
                 explanation = self._lrp(torch.from_numpy(inputs), targets)
-                return explanation.logits, explanation.relevance
+                return explanation.logits, explanation.relevance, None
             target = np.full(len(inputs), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
-            logits, relevance = self._graph.run(["logits", "relevance"], {"input": inputs, "target": target})
+            logits, relevance, *scores = self._graph.run(self._outputs, {"input": inputs, "target": target})
         if target.size and target.max() >= logits.shape[1]:  # the graph would explain no class: a zero map
             raise InputError("target", f"class {int(target.max())} is out of range", f"use 0-{logits.shape[1] - 1}")
-        return logits, relevance
+        return logits, relevance, scores[0] if scores else None
 
 
 @dataclass
@@ -148,7 +157,7 @@ class Sampler:
     def _write(self, items: list[_Pending]) -> None:
         images = np.stack([item.image for item in items])
         targets = np.array([item.prediction for item in items])
-        _, relevance = self.explainer(images, targets)
+        _, relevance, _ = self.explainer(images, targets)
         for item, heat in zip(items, relevance):
             self.writer.append(Record(
                 prediction=item.prediction, target=item.prediction, probabilities=item.probabilities,

@@ -5,7 +5,8 @@ Predictions and the artifact detector's score come from onnxruntime (unhans's se
 really there, explicit threads, no spinning). Relevance comes from the archive's explain graph when it has one, else
 from the PyTorch twin (the run's model with the same correction inserted) through zennit with hooks kept registered,
 so the explanation is that of the model that predicted; it is computed once per TorchServe batch, for every instance
-of it that asked. At start the handler checks that both runtimes agree and refuses to start if they do not.
+of it that asked. An explain graph that also scores the artifact answers its instances alone: they skip the
+prediction graph. At start the handler checks that both runtimes agree and refuses to start if they do not.
 
 Each HTTP request is one row of TorchServe's batch and may carry several instances; all instances of the batch run
 through the graph together. A request that is malformed gets its own 4xx answer with a JSON body naming the field
@@ -65,7 +66,7 @@ class UnhansHandler(BaseHandler):
 
         composite = config.get("composite", "epsilon_plus_flat")
         self.explainer = Explainer(model_dir, composite, threads)
-        self._check_agreement()
+        self.num_classes = self._check_agreement()
         self._start_sampling(config.get("sample", {}), model_dir, composite)
         self.initialized = True
 
@@ -89,19 +90,24 @@ class UnhansHandler(BaseHandler):
                                cpu_budget=float(sample.get("cpu_budget", DEFAULT_CPU_BUDGET)))
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
-    def _check_agreement(self) -> None:
-        """Refuse to serve if the prediction graph and what explains it disagree on a probe batch."""
+    def _check_agreement(self) -> int:
+        """Refuse to serve if the prediction graph and what explains it disagree on a probe batch; the class count."""
         probe = np.random.default_rng(0).random((PROBE_ROWS, *self.preprocess_config.shape), dtype=np.float32)
         probe = self.preprocess_config.normalise(probe)
-        graph_logits = self.graph.run([self.outputs[0]], {self.input_name: probe})[0]
-        explained_logits, _ = self.explainer(probe)
-        diff, scale = float(np.abs(graph_logits - explained_logits).max()), float(np.abs(explained_logits).max())
-        if not diff <= TOLERANCE * max(scale, 1e-12):
-            message = (f"unhans: the ONNX graph and its explainer ({self.explainer.kind}) disagree by {diff:.3g} "
-                       f"(max |logit| {scale:.3g}); refusing to start: rebuild the archive with 'unhans archive'")
-            logger.error(message)
-            raise RuntimeError(message)
-        logger.info("unhans: ONNX graph and %s agree to %.3g on %d probe rows", self.explainer.kind, diff, PROBE_ROWS)
+        outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: probe})))
+        explained_logits, _, explained_scores = self.explainer(probe)
+        pairs = [("logits", outputs["logits"], explained_logits)]
+        if explained_scores is not None and SCORE_OUTPUT in outputs:  # explained instances take their score from it
+            pairs.append((SCORE_OUTPUT, outputs[SCORE_OUTPUT].ravel(), explained_scores))
+        for name, served, explained in pairs:
+            diff, scale = float(np.abs(served - explained).max()), float(np.abs(explained).max())
+            if not diff <= TOLERANCE * max(scale, 1e-12):
+                message = (f"unhans: the ONNX graph and its explainer ({self.explainer.kind}) disagree on {name} by {diff:.3g} "
+                           f"(max |{name}| {scale:.3g}); refusing to start: rebuild the archive with 'unhans archive'")
+                logger.error(message)
+                raise RuntimeError(message)
+            logger.info("unhans: ONNX graph and %s agree on %s to %.3g on %d probe rows", self.explainer.kind, name, diff, PROBE_ROWS)
+        return outputs["logits"].shape[1]
 
     def handle(self, data, context):
         self.context = context
@@ -116,24 +122,29 @@ class UnhansHandler(BaseHandler):
                 requests.append((i, parse(row if isinstance(row, dict) else {"body": row}, self.preprocess_config, explain_header)))
             except RequestError as error:
                 answers[i] = self._reject(error, i)
-        if not requests:
-            return answers
-        inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in requests])
-        outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs})))
-        logits, scores = outputs["logits"], outputs.get(SCORE_OUTPUT)
-        answered, explained, start = [], [], 0
+        accepted = []
         for i, request in requests:
-            rows = slice(start, start + len(request.inputs))
-            start = rows.stop
-            try:
-                predictions = self._predictions(request, logits[rows], None if scores is None else scores[rows])
-            except RequestError as error:
-                answers[i] = self._reject(error, i)
-                continue
-            answered.append((i, request, rows, predictions))
-            if request.explain and request.format != "none":
-                explained.append((request, rows, predictions))
-        self._explain(inputs, explained)
+            bad = [t for t in request.targets if t is not None and not 0 <= t < self.num_classes] if _wants_relevance(request) else []
+            if bad:
+                answers[i] = self._reject(RequestError("target", f"class indices must lie in 0..{self.num_classes - 1}", 422), i)
+            else:
+                accepted.append((i, request))
+        if not accepted:
+            return answers
+        inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in accepted])
+        answered, start = [], 0
+        for i, request in accepted:
+            answered.append((i, request, slice(start, start + len(request.inputs))))
+            start += len(request.inputs)
+        logits, scores, relevance = self._infer(inputs, [(request, rows) for _, request, rows in answered if _wants_relevance(request)])
+        answered = [(i, request, rows, self._predictions(request, logits[rows], None if scores is None else scores[rows]))
+                    for i, request, rows in answered]
+        k = 0
+        for _, request, _, predictions in answered:
+            if _wants_relevance(request):
+                for prediction in predictions:
+                    prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
+                    k += 1
         if self.sampler is not None and answered:
             self._offer(inputs, logits, scores, answered)
         for i, request, rows, predictions in answered:
@@ -177,8 +188,41 @@ class UnhansHandler(BaseHandler):
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
 
+    def _infer(self, inputs: np.ndarray, explained: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Logits, artifact scores and the relevance of the ``explained`` (request, rows) pairs' instances, in order.
+
+        The relevance takes one explainer call for the whole batch. When the explainer gives everything the prediction
+        graph would (an explain graph with the detector's score), the explained instances run through it alone.
+        """
+        asked = np.concatenate([np.arange(rows.start, rows.stop) for _, rows in explained]) if explained else np.zeros(0, int)
+        alone = self.explainer.kind == "onnx explain graph" and (self.explainer.scores or SCORE_OUTPUT not in self.outputs)
+        plain = np.setdiff1d(np.arange(len(inputs)), asked) if alone else np.arange(len(inputs))
+        logits = np.empty((len(inputs), self.num_classes), np.float32)
+        scores = np.empty(len(inputs), np.float32) if SCORE_OUTPUT in self.outputs else None
+        if plain.size:
+            outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs[plain]})))
+            logits[plain] = outputs["logits"]
+            if scores is not None:
+                scores[plain] = outputs[SCORE_OUTPUT].ravel()
+        if not asked.size:
+            return logits, scores, None
+        given = [t for request, _ in explained for t in request.targets]
+        if alone:  # the graph explains a negative target's predicted class
+            targets = np.array([-1 if t is None else t for t in given], np.int64)
+        else:
+            targets = np.array([logits[row].argmax() if t is None else t for row, t in zip(asked, given)], np.int64)
+        started = time.perf_counter()
+        explained_logits, relevance, explained_scores = self.explainer(inputs[asked], targets)
+        self._metric("unhans_relevance_seconds", time.perf_counter() - started)
+        self._metric("unhans_relevance_requests_total", len(asked))
+        if alone:
+            logits[asked] = explained_logits
+            if scores is not None:
+                scores[asked] = explained_scores
+        return logits, scores, relevance
+
     def _predictions(self, request, logits: np.ndarray, scores) -> list[dict]:
-        """Label, top-k probabilities and artifact score per instance; the explain targets checked and set."""
+        """Label, top-k probabilities and artifact score per instance; for an explained one the class it explains."""
         probabilities = _softmax(logits)
         predicted = logits.argmax(1)
         predictions = []
@@ -192,29 +236,14 @@ class UnhansHandler(BaseHandler):
             })
             if scores is not None:
                 self._metric("unhans_artifact_score", float(scores[k]))
-        if request.explain and request.format != "none":
-            targets = [int(predicted[k]) if t is None else t for k, t in enumerate(request.targets)]
-            if min(targets) < 0 or max(targets) >= logits.shape[1]:
-                raise RequestError("target", f"class indices must lie in 0..{logits.shape[1] - 1}", 422)
-            for prediction, target in zip(predictions, targets):
-                prediction["target"] = target
+        if _wants_relevance(request):
+            for k, (prediction, target) in enumerate(zip(predictions, request.targets)):
+                prediction["target"] = int(predicted[k]) if target is None else target
         return predictions
 
-    def _explain(self, inputs: np.ndarray, explained: list) -> None:
-        """The relevance of every instance that asked for it, in one explainer call for the whole batch."""
-        if not explained:
-            return
-        rows = np.concatenate([np.arange(r.start, r.stop) for _, r, _ in explained])
-        targets = np.array([p["target"] for _, _, predictions in explained for p in predictions], np.int64)
-        started = time.perf_counter()
-        _, relevance = self.explainer(inputs[rows], targets)
-        self._metric("unhans_relevance_seconds", time.perf_counter() - started)
-        self._metric("unhans_relevance_requests_total", len(rows))
-        k = 0
-        for request, _, predictions in explained:
-            for prediction in predictions:
-                prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-                k += 1
+
+def _wants_relevance(request) -> bool:
+    return request.explain and request.format != "none"
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

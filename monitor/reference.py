@@ -121,7 +121,7 @@ def explain_with_archive(archive: str | Path, images: np.ndarray, batch_size: in
         explainer = Explainer(str(folder))
         relevance, predictions = [], []
         for start in range(0, len(images), batch_size):
-            logits, heat = explainer(np.ascontiguousarray(images[start:start + batch_size], np.float32))
+            logits, heat, _ = explainer(np.ascontiguousarray(images[start:start + batch_size], np.float32))
             relevance.append(heat.sum(axis=1))
             predictions.append(logits.argmax(1))
         scores = run_batched(graph, images, [SCORE_OUTPUT])[0].ravel() if SCORE_OUTPUT in outputs else None

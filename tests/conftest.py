@@ -46,16 +46,31 @@ def digits_resnet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_archive(backdoored_vgg, tmp_path_factory):
     """The backdoored VGG with its P-ClArC correction, exported and archived (``ROOT/store/vgg.mar``) with server-side
-    batching; returns ``(ROOT, the corrected PyTorch model)``."""
+    batching, explained by its PyTorch twin; returns ``(ROOT, the corrected PyTorch model)``."""
+    return _archive(backdoored_vgg, tmp_path_factory.mktemp("served"), explain_graph=False)
+
+
+@pytest.fixture(scope="session")
+def served_explain_archive(backdoored_vgg, tmp_path_factory):
+    """As :func:`served_archive`, with the explain graph (scoring the artifact too) archived beside the graph."""
+    return _archive(backdoored_vgg, tmp_path_factory.mktemp("served_explain"), explain_graph=True)
+
+
+def _archive(backdoored_vgg, root, explain_graph: bool):
     from unhans.core.clarc import fit_cav, pclarc
+    from unhans.core.layers import insert_after
     from unhans.export.archive import build_archive
     from unhans.export.correction import Correction
+    from unhans.export.explain import explain_path, export_explain
     from unhans.export.onnx import export_torch
 
-    root = tmp_path_factory.mktemp("served")
     model, train = backdoored_vgg["model"], backdoored_vgg["train"]
     cav = fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact])
-    graph = export_torch(model, "features.pool2", Correction.from_cav(cav), train.images[:64], root / "vgg.onnx").path
+    correction = Correction.from_cav(cav)
+    graph = export_torch(model, "features.pool2", correction, train.images[:64], root / "vgg.onnx").path
+    if explain_graph:
+        export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), probe=train.images[:64],
+                       detector=correction)
     (root / "store").mkdir()
     build_archive(graph, backdoored_vgg["run"], "vgg", root / "store", batch_size=8, max_batch_delay_ms=300)
     return root, pclarc(model, "features.pool2", cav)

@@ -18,6 +18,7 @@ from unhans.core.clarc import fit_cav, pclarc
 from unhans.core.errors import InputError
 from unhans.export import explain as explain_module
 from unhans.export.explain import SUPPORTED_LAYERS, explain_graph, explain_path, export_explain
+from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import read_metadata
 from unhans.export.runtime import session
 from unhans.handlers.relevance import EXPLAIN_FILE, Explainer
@@ -151,15 +152,21 @@ def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs
     assert out.is_file() and explain_path(out) == tmp_path / "corrected.explain.onnx" and explain_path(out).is_file()
     assert read_metadata(explain_path(out))["unhans.explain.composite"] == "epsilon_gamma_box"
     graph = onnx.load(str(explain_path(out)))
-    prediction = session(out.read_bytes(), cuda=False).run(None, {"input": run["probe"]})[0]
-    logits = session(graph.SerializeToString(), cuda=False).run(["logits"], {"input": run["probe"], "target": np.full(len(run["probe"]), -1)})[0]
+    prediction, scores = session(out.read_bytes(), cuda=False).run(["logits", SCORE_OUTPUT], {"input": run["probe"]})
+    feed = {"input": run["probe"], "target": np.full(len(run["probe"]), -1)}
+    logits, explained_scores = session(graph.SerializeToString(), cuda=False).run(["logits", SCORE_OUTPUT], feed)
     assert np.abs(prediction - logits).max() <= 1e-4 * np.abs(prediction).max()
+    # the detector's score too, so the handler needs no second graph for an explanation
+    assert np.abs(scores.ravel() - explained_scores).max() <= 1e-4 * max(1.0, np.abs(scores).max())
+    assert float(read_metadata(explain_path(out))["unhans.verify.score_max_abs_diff"]) <= 1e-4 * max(1.0, np.abs(scores).max())
     # the handler's explainer serves from the graph and refuses a class the model does not have
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(explain_path(out), served / EXPLAIN_FILE)
     explainer = Explainer(str(served))
-    assert explainer.kind == "onnx explain graph" and np.allclose(explainer(run["probe"])[0], logits)
+    assert explainer.kind == "onnx explain graph" and explainer.scores
+    served_logits, _, served_scores = explainer(run["probe"])
+    assert np.allclose(served_logits, logits) and np.allclose(served_scores, explained_scores)
     with pytest.raises(InputError, match="class 10 is out of range"):
         explainer(run["probe"][:2], np.array([3, 10]))
 

@@ -85,7 +85,7 @@ def test_sampler_stays_within_its_cpu_budget(tmp_path):
         end = time.thread_time() + 0.02
         while time.thread_time() < end:
             pass
-        return None, np.ones((len(images), 1, 28, 28), np.float32)
+        return None, np.ones((len(images), 1, 28, 28), np.float32), None
 
     sampler = Sampler(ShardWriter(str(tmp_path), "m", "1", "w"), costly_relevance, 1.0, "m", "1", queue_size=64, batch=4, cpu_budget=0.1)
     assert len(sampler.pick(8)) == 8
@@ -173,6 +173,34 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
         rejected = {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                     for line in exposed.splitlines() if line.startswith("unhans_rejected_requests_total{")}
         assert rejected == {"body": 2.0, "unknown_option": 1.0}
+
+
+@pytest.mark.integration
+def test_explain_graph_answers_explanations_alone(served_explain_archive, backdoored_vgg, torchserve, tmp_path):
+    """An archive whose explain graph also scores the artifact answers explanation requests from that graph alone (no
+    prediction graph run): label, score and relevance agree with the prediction graph's answers and with zennit."""
+    root, corrected = served_explain_archive
+    images = np.concatenate([backdoored_vgg["attack"].images[:3], backdoored_vgg["test"].images[:3]])
+    expected = LRP(corrected).explain(images)
+    with torchserve(root / "store", "vgg", tmp_path) as server:
+        jobs = [(endpoint, k) for k in range(len(images)) for endpoint in ("explanations", "predictions")]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # batches of both endpoints together
+            replies = dict(zip(jobs, pool.map(lambda job: server.post(f"/{job[0]}/vgg", _npy(images[job[1]]), "application/octet-stream"), jobs)))
+        for k in range(len(images)):
+            (status, explained), (plain_status, plain) = replies[("explanations", k)], replies[("predictions", k)]
+            assert status == plain_status == 200, (explained, plain)
+            assert explained["label"] == plain["label"] == explained["target"] == expected.targets[k]
+            assert abs(explained["artifact_score"] - plain["artifact_score"]) <= 1e-4 * max(1.0, abs(plain["artifact_score"]))
+            relevance = np.frombuffer(base64.b64decode(explained["relevance"]["data"]), np.float16).reshape(explained["relevance"]["shape"])
+            assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
+        body = {"instances": images[:2].tolist(), "explain": True, "target": [5, 7], "format": "list"}
+        status, targeted = server.post("/predictions/vgg", json.dumps(body).encode(), "application/json")
+        assert status == 200 and [p["target"] for p in targeted["predictions"]] == [5, 7]
+        assert np.allclose(targeted["predictions"][1]["relevance"], LRP(corrected).explain(images[1:2], target=7).relevance[0, 0], atol=1e-5)
+        for target in (10, -1):  # a class the model lacks; a negative index, which the graph would read as 'predicted'
+            body = {"instances": images[:1].tolist(), "explain": True, "target": target}
+            status, refused = server.post("/predictions/vgg", json.dumps(body).encode(), "application/json")
+            assert status == 422 and refused["error"]["field"] == "target", refused
 
 
 @pytest.mark.integration

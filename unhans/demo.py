@@ -190,7 +190,8 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
     correction = Correction.from_cav(cav)
     probe = np.concatenate([train.images[artifact_rows[:32]], train.images[clean_rows[:32]]])
     report = export_torch(model, LAYER, correction, probe, out / "vgg-pclarc.onnx")
-    export_explain(insert_after(model, LAYER, correction.module()), explain_path(report.path), layer=LAYER, probe=probe)
+    export_explain(insert_after(model, LAYER, correction.module()), explain_path(report.path), layer=LAYER, probe=probe,
+                   detector=correction)
     corrected, graph = pclarc(model, LAYER, cav), session(report.path)
     plain = session(torch_to_onnx(model, probe).SerializeToString())
     overhead = interleaved_overhead({"plain": plain, "corrected": graph}, np.ascontiguousarray(test.images[:32]), rounds=40)["corrected"]
