@@ -444,6 +444,8 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
         raise InputError("probe", f"has shape {probe.shape}", "pass at least 2 real images (N, C, H, W)")
     layers = (layer,) if layer else ()
     detector = detector if detector is not None and detector.has_detector else None
+    if detector is not None:
+        _corrected(model)  # refused here, before tracing, with its own message
     names = list(OUTPUTS[: 2 + len(layers)]) + ([SCORE_OUTPUT] if detector else [])
     # traced with >= 3 rows: symbolic tracing specialises batches of 0 and 1, and the batch axis must stay dynamic
     x = torch.from_numpy(probe[:4] if len(probe) >= 3 else np.concatenate([probe, probe[:1]]))

@@ -17,6 +17,7 @@ from unhans.core.attribution import LRP
 from unhans.core.clarc import fit_cav, pclarc
 from unhans.core.errors import InputError
 from unhans.export import explain as explain_module
+from unhans.export.correction import Correction
 from unhans.export.explain import SUPPORTED_LAYERS, explain_graph, explain_path, export_explain
 from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import read_metadata
@@ -139,6 +140,15 @@ def test_unsupported_layer_is_named(runs):
     with pytest.raises(InputError, match=r"layer '1' \(Custom\).*supported layers: Conv2d"):
         explain_graph(model, probe=runs["vgg"]["probe"])
     assert nn.LSTM not in SUPPORTED_LAYERS
+
+
+def test_detector_needs_the_models_one_correction(runs):
+    run = runs["vgg"]
+    direction = np.zeros(10, np.float32)
+    direction[0] = 1.0
+    detector = Correction(direction, np.zeros(10, np.float32), detector_weight=np.ones(10))
+    with pytest.raises(InputError, match="the model has 0 corrected layers"):
+        explain_graph(run["model"], probe=run["probe"], detector=detector)
 
 
 def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs, tmp_path, monkeypatch):
