@@ -33,10 +33,12 @@ from torch import nn
 from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
-from torchvision.models.resnet import BasicBlock
+from zennit.layer import Sum
+from zennit.types import Activation
 
 from .. import __version__
 from ..core.attribution import LRP, _composite_key
+from ..core.canonize import Activate, PassProduct, Pool, Reduction, Tap
 from ..core.clarc import PClArC
 from ..core.errors import InputError
 from ..core.layers import Corrected, activations, get_layer
@@ -45,8 +47,10 @@ from .graph import SCORE_OUTPUT
 from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
 from .runtime import session
 
-SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.BatchNorm2d,
-                    nn.Dropout, nn.Identity, PClArC, nn.Sequential, Corrected, BasicBlock)
+# the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold
+SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, Activation, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                    nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d, PClArC, Sum, Reduction,
+                    Pool, Activate, PassProduct, Tap)
 RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zennit
 LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
@@ -70,17 +74,20 @@ class ExplainReport:
     metadata: dict[str, str]
 
 
-def check_supported(model: nn.Module) -> None:
-    """Refuse a model with a layer the graph cannot explain, naming it (the root module's own forward is traced)."""
-    for name, module in model.named_modules():
-        if not name:
+def check_supported(lrp: LRP) -> None:
+    """Refuse a model with layers the graph cannot explain, naming every one of them at once (the layers are those
+    of the canonized model, so a block the user wrote is checked by what it calls)."""
+    modules = dict(lrp.model.named_modules())
+    bad = []
+    for node in lrp.model.graph.nodes:
+        if node.op != "call_module":
             continue
+        module = modules[node.target]
         if not isinstance(module, SUPPORTED_LAYERS):
-            supported = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-            raise InputError("explain", f"layer {name!r} ({type(module).__name__}) is not supported by the explain graph",
-                             f"supported layers: {supported}")
-        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
-            raise InputError("explain", f"layer {name!r} pools to {module.output_size}", "only AdaptiveAvgPool2d(1) is supported")
+            bad.append(f"{node.target} ({type(module).__name__})")
+    if bad:
+        raise InputError("explain", f"{len(bad)} layer(s) are not supported by the explain graph: {', '.join(dict.fromkeys(bad))}",
+                         "archive without --explain: the archive then serves relevance through zennit on the PyTorch twin")
 
 
 def _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
@@ -88,18 +95,30 @@ def _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation
     if transposed or mask[1] or mask[2] or x.dim() != 4:
         raise NotImplementedError("only the input gradient of a 2-D convolution is supported")
     kernel = weight.shape[2:]
-    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and all(p < k for p, k in zip(padding, kernel)):
-        # the same map as a plain convolution with the kernel flipped: onnxruntime's Conv is much faster than ConvTranspose
-        flipped = weight.flip(2, 3).transpose(0, 1)
-        return torch.nn.functional.conv2d(grad, flipped, None, 1, [k - 1 - p for p, k in zip(padding, kernel)]), None, None
+    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and all(p < k for p, k in zip(padding, kernel)):
+        # the same map as a plain convolution with the kernel flipped (per group, in and out channels swapped):
+        # onnxruntime's Conv is much faster than ConvTranspose, depthwise ones included
+        out_channels, group_in = weight.shape[:2]
+        flipped = (weight.reshape(groups, out_channels // groups, group_in, *kernel).transpose(1, 2)
+                   .reshape(groups * group_in, out_channels // groups, *kernel).flip(2, 3))
+        return torch.nn.functional.conv2d(grad, flipped, None, 1, [k - 1 - p for p, k in zip(padding, kernel)], 1, groups), None, None
     extra = [x.shape[i + 2] - ((grad.shape[i + 2] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
              for i in range(2)]
     return torch.nn.functional.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation), None, None
 
 
 def _adaptive_avg_pool2d_backward(grad, x):
-    """Global average pooling spreads the gradient evenly (the only adaptive pooling :func:`check_supported` admits)."""
-    return grad.expand(x.shape) / (x.shape[2] * x.shape[3])
+    """Adaptive average pooling's gradient where its windows tile the input (global pooling, identity, or an input
+    side a multiple of the output side): each window's share spread evenly over it."""
+    (h, w), (oh, ow) = x.shape[2:], grad.shape[2:]
+    if (oh, ow) == (1, 1):
+        return grad.expand(x.shape) / (h * w)
+    if (oh, ow) == (h, w):
+        return grad
+    if h % oh or w % ow:
+        raise NotImplementedError(f"adaptive average pooling from {h}x{w} to {oh}x{ow} (windows that overlap)")
+    kh, kw = h // oh, w // ow
+    return _upsample_nearest(grad, kh, kw) / (kh * kw)
 
 
 def _max_pool2d_backward(grad, x, kernel, stride, padding, dilation, ceil_mode, indices):
@@ -388,7 +407,8 @@ class _Explainer(nn.Module):
         self.lrp, self.detector, self._entering = lrp, detector, []
         if detector is not None:
             self._weight = torch.from_numpy(detector.detector_weight.astype(np.float32))
-            _corrected(lrp.model)[1].correction.register_forward_pre_hook(lambda _module, args: self._entering.append(args[0]))
+            name = _corrected(lrp.source)[0]
+            lrp.model.get_submodule(f"{name}.correction").register_forward_pre_hook(lambda _module, args: self._entering.append(args[0]))
 
     def forward(self, x: torch.Tensor, target: torch.Tensor):
         lrp = self.lrp
@@ -436,7 +456,6 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
            high: float, detector: Correction | None = None) -> tuple[onnx.ModelProto, ExplainReport]:
     started = time.perf_counter()
     key = _composite_key(composite)
-    check_supported(model)
     if layer is not None:
         get_layer(model, layer)
     probe = np.ascontiguousarray(probe, np.float32)
@@ -451,6 +470,11 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
     x = torch.from_numpy(probe[:4] if len(probe) >= 3 else np.concatenate([probe, probe[:1]]))
     target = torch.full((len(x),), -1, dtype=torch.long)
     with LRP(model, key, layers=layers, low=low, high=high) as lrp:
+        conservation = lrp.check(torch.from_numpy(probe))  # refuses a model whose LRP is not conservative
+        try:
+            check_supported(lrp)
+        except InputError as error:
+            raise InputError(error.argument, error.problem, f"{error.fix} ({_zennit_speed(lrp, probe)})") from None
         try:
             with torch.enable_grad():
                 traced = make_fx(_Explainer(lrp, detector), decomposition_table=_decompositions(), tracing_mode="symbolic",
@@ -466,6 +490,7 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
             raise InputError("explain", f"tracing the LRP backward failed ({_first_line(error)})",
                              "explain this model with zennit (unhans.core.attribution.LRP) instead") from None
     figures = _verify(graph, model, key, layers, probe, low, high, detector)
+    figures["conservation_rel_err"] = conservation.rel_err
     metadata = {"version": __version__, "explain.composite": key, "explain.layer": layer or "",
                 "explain.target": "int64 per row; negative = predicted class", "verify.probe_rows": str(len(probe)),
                 **{f"verify.{k}": f"{v:.3g}" for k, v in figures.items()}}
@@ -473,6 +498,15 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
         graph.metadata_props.add(key=META + k, value=v)
     return graph, ExplainReport(None, figures, len(graph.graph.node), time.perf_counter() - started,
                                 {META + k: v for k, v in metadata.items()})
+
+
+def _zennit_speed(lrp: LRP, probe: np.ndarray) -> str:
+    """How fast the fallback is: zennit's relevance for one probe image, timed here."""
+    x = torch.from_numpy(probe[:1])
+    lrp(x)
+    started = time.perf_counter()
+    lrp(x)
+    return f"measured here: {1000 * (time.perf_counter() - started):.0f} ms per image at batch 1"
 
 
 def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, probe: np.ndarray, low: float,

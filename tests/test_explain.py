@@ -130,14 +130,12 @@ def test_max_pool_backward_picks_pytorchs_maximum_among_ties(size):
     assert torch.equal(got, expected)
 
 
-class Custom(nn.Module):
-    def forward(self, x):
-        return x * 2
-
-
-def test_unsupported_layer_is_named(runs):
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), Custom(), nn.Flatten(), nn.Linear(72, 3))
-    with pytest.raises(InputError, match=r"layer '1' \(Custom\).*supported layers: Conv2d"):
+def test_unsupported_layers_are_named_all_at_once_with_the_fallback(runs):
+    """Layers LRP has a rule for but the graph cannot hold: every one named, and the zennit fallback's speed given."""
+    model = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.MaxPool2d(2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    with pytest.raises(InputError, match=r"2 layer\(s\) are not supported by the explain graph: 0 \(ReflectionPad2d\), "
+                       r"2 \(Upsample\).*through zennit on the PyTorch twin \(measured here: \d+ ms per image"):
         explain_graph(model, probe=runs["vgg"]["probe"])
     assert nn.LSTM not in SUPPORTED_LAYERS
 

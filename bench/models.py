@@ -1,0 +1,117 @@
+"""Benchmark: LRP on the model matrix at 224x224 (unhans.core.models.zoo): canonization, conservation, explain graph.
+
+    python bench/models.py [--json PATH] [--models NAME ...] [--rounds N] [--size 224]
+
+Per model (key prefix the model's name, e.g. resnet50_): conservation_rel_err (bias-free LRP relevance, float64, vs
+the output relevance of 1; target <= 1e-3), canonized_output_max_abs_diff (canonized vs original logits, relative to
+the largest logit; <= 1e-4), explain_rel_l2_vs_zennit (explain graph in onnxruntime vs zennit, worst of predicted and
+given targets; <= 1e-4; where float32 LRP of a model is ill-conditioned also _vs_zennit64 and zennit's own float32
+error), explain_speedup_vs_zennit_b1/_b16 (zennit with hooks kept, torch 1 thread, over the explain graph, onnxruntime
+1 thread; >= 3 / >= 2), explain_over_predict_b16 (explain graph over the prediction graph, both onnxruntime; <= 4),
+export_seconds. Summary: models_explained, worst_conservation_rel_err. Inputs are real photos (scikit-image's),
+ImageNet-normalised; weights are random but EfficientNet-Lite0's. Both sides of each ratio are timed interleaved, round
+by round, and each figure is the median of the rounds' ratios; a model gets as many rounds (at least 2, at most
+--rounds) as fit its share of the time budget, and the count is reported as <model>_rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import report
+
+from unhans.core.attribution import LRP
+from unhans.core.errors import InputError
+from unhans.core.models.zoo import MATRIX, build, photos
+from unhans.export.explain import _build
+from unhans.export.onnx import torch_to_onnx
+from unhans.export.runtime import session
+
+TARGETS = {"conservation_rel_err": "<= 1e-3", "canonized_output_max_abs_diff": "<= 1e-4", "explain_rel_l2_vs_zennit": "<= 1e-4",
+           "explain_speedup_vs_zennit_b1": ">= 3", "explain_speedup_vs_zennit_b16": ">= 2", "explain_over_predict_b16": "<= 4"}
+SECONDS_PER_MODEL = 90  # timing budget per model, beyond its export: 8 models in about 20 minutes on 2 cores
+
+
+def _timed(fn, times: list) -> None:
+    started = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - started)
+
+
+def measure(name: str, size: int, max_rounds: int) -> dict:
+    model = build(name)
+    images = photos(17, size)
+    probe, b16, b1 = images[:4], images[1:17], images[:1]
+    figures = {}
+    with LRP(model) as lrp:
+        conservation = lrp.check(torch.from_numpy(probe))
+        figures[f"{name}_conservation_rel_err"] = conservation.rel_err
+        figures[f"{name}_conservation_worst_layer"] = conservation.worst_layer
+        logits = lrp(torch.from_numpy(probe)).logits
+        figures[f"{name}_canonized_output_max_abs_diff"] = lrp.output_max_abs_diff / max(1.0, float(np.abs(logits).max()))
+    started = time.perf_counter()
+    try:
+        graph, built = _build(model, "epsilon_plus_flat", None, probe, 0.0, 1.0)
+    except InputError as error:
+        figures[f"{name}_explained"] = 0
+        figures[f"{name}_explain_refused"] = str(error)
+        return figures
+    figures[f"{name}_explained"] = 1
+    figures[f"{name}_export_seconds"] = time.perf_counter() - started
+    figures[f"{name}_explain_rel_l2_vs_zennit"] = built.figures["rel_l2_vs_zennit"]
+    for key in ("rel_l2_vs_zennit64", "zennit32_rel_l2_vs_zennit64"):
+        if key in built.figures:
+            figures[f"{name}_explain_{key}"] = built.figures[key]
+    explain = session(graph.SerializeToString(), threads=1, cuda=False)
+    predict = session(torch_to_onnx(model, probe).SerializeToString(), threads=1, cuda=False)
+    times = {b: {"zennit": [], "onnx": [], "predict": []} for b in (1, 16)}
+    budget_end = time.perf_counter() + SECONDS_PER_MODEL
+    rounds = 0
+    with LRP(model, check=False) as lrp:
+        lrp(torch.from_numpy(b1))  # warm both sides
+        explain.run(None, {"input": b1, "target": np.full(1, -1, np.int64)})
+        while rounds < max_rounds and (rounds < 2 or time.perf_counter() < budget_end):
+            for b, x in ((1, b1), (16, b16)):
+                tensor, feed = torch.from_numpy(x), {"input": x, "target": np.full(len(x), -1, np.int64)}
+                _timed(lambda: lrp(tensor), times[b]["zennit"])
+                _timed(lambda: explain.run(None, feed), times[b]["onnx"])
+                _timed(lambda: predict.run(None, {"input": x}), times[b]["predict"])
+            rounds += 1
+
+    def paired(b, slow, fast):  # per round, then the median: a slow phase of the machine hits both of a pair alike
+        return float(np.median(np.array(times[b][slow]) / np.array(times[b][fast])))
+    figures[f"{name}_explain_speedup_vs_zennit_b1"] = paired(1, "zennit", "onnx")
+    figures[f"{name}_explain_speedup_vs_zennit_b16"] = paired(16, "zennit", "onnx")
+    figures[f"{name}_explain_over_predict_b16"] = paired(16, "onnx", "predict")
+    figures[f"{name}_explain_ms_b1"] = 1000 * float(np.median(times[1]["onnx"]))
+    figures[f"{name}_rounds"] = rounds
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the figures as one JSON object here")
+    parser.add_argument("--models", nargs="+", default=list(MATRIX), choices=MATRIX)
+    parser.add_argument("--rounds", type=int, default=10, help="most interleaved timing rounds per model (median reported)")
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    figures = {}
+    for name in args.models:
+        started = time.perf_counter()
+        figures.update(measure(name, args.size, args.rounds))
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    figures["models_explained"] = sum(figures[f"{n}_explained"] for n in args.models)
+    figures["models"] = len(args.models)
+    figures["worst_conservation_rel_err"] = max(figures[f"{n}_conservation_rel_err"] for n in args.models)
+    targets = {f"{n}_{k}": v for n in args.models for k, v in TARGETS.items()}
+    targets.update(models_explained=f"== {len(args.models)}", worst_conservation_rel_err="<= 1e-3")
+    report(f"models: LRP on the model matrix at {args.size} px (canonization, conservation, explain graph)", figures, targets, args.json)
+
+
+if __name__ == "__main__":
+    main()
