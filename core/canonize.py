@@ -179,6 +179,7 @@ class Canonization:
     sums: int = 0
     gates: list[str] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)  # layers called more than once, one copy per further call
+    unrectified: list[str] = field(default_factory=list)  # convolutions whose output reaches a layer other than a ReLU
 
     def summary(self) -> str:
         return (f"{len(self.merged_batchnorms)} BatchNorm merged, {len(self.unmerged_batchnorms)} passed, "
@@ -253,6 +254,24 @@ class _Rewriter:
                              "replace them with supported layers (convolutions, linear, BatchNorm, activations, "
                              "pooling, sums, gates), or explain this model with another method")
         self.graph.eliminate_dead_code()
+        self._find_unrectified()
+
+    def _find_unrectified(self) -> None:
+        """Convolutions whose output flows on without a ReLU: the z+ rule alone would drop relevance there."""
+        for node in self.graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[node.target], Convolution):
+                if not all(self._rectifies(user) for user in node.users):
+                    self.report.unrectified.append(node.target)
+
+    def _rectifies(self, node) -> bool:
+        if node.op != "call_module":
+            return False
+        module = self.modules[node.target]
+        if isinstance(module, (Tap, nn.Identity, nn.Dropout)):
+            return all(self._rectifies(user) for user in node.users)
+        if isinstance(module, Activate):
+            return module.function in (F.relu, torch.relu, F.relu6)
+        return isinstance(module, (nn.ReLU, nn.ReLU6)) or (isinstance(module, nn.Hardtanh) and module.min_val >= 0)
 
     # -- helpers
     def _where(self, node) -> str:

@@ -239,7 +239,7 @@ class _Simplifier:
         nodes = [a for a in args if isinstance(a, torch.fx.Node)]
         if t in (aten.zeros_like.default, aten.zeros.default):
             self.zero.add(node)
-        elif t in _SIGN_KEEPING and args[0] in self.zero:
+        elif (t in _SIGN_KEEPING or _zero_padding(node)) and args[0] in self.zero:
             self.zero.add(node)
         elif t is aten.clamp.default and args[0] in self.nonneg and len(args) > 2 and args[2] is not None and args[2] <= 0:
             self.zero.add(node)
@@ -251,9 +251,11 @@ class _Simplifier:
             self.ones.add(node)
         if node in self.zero:
             self.nonneg.add(node)
-        elif t in (aten.relu.default, aten.relu_.default, aten.ones_like.default) or (t is aten.clamp.default and len(args) > 1 and args[1] is not None and args[1] >= 0) or (t is aten.full.default and args[1] >= 0):
+        elif (t in (aten.relu.default, aten.relu_.default, aten.ones_like.default)
+              or (t in (aten.clamp.default, aten.hardtanh.default) and len(args) > 1 and args[1] is not None and args[1] >= 0)
+              or (t is aten.full.default and args[1] >= 0)):
             self.nonneg.add(node)
-        elif t in _SIGN_KEEPING or t in (operator.getitem, aten.max_pool2d_with_indices.default):
+        elif t in _SIGN_KEEPING or t in (operator.getitem, aten.max_pool2d_with_indices.default) or _zero_padding(node):
             if args[0] in self.nonneg:
                 self.nonneg.add(node)
         elif t in (aten.convolution.default, aten.add.Tensor, aten.mul.Tensor, aten.addmm.default):
@@ -372,6 +374,11 @@ class _Simplifier:
             return None
         with self.graph.inserting_before(node):
             return self._new(aten.mul.Tensor, stack.args[0][node.args[2]], inner.args[0])
+
+
+def _zero_padding(node) -> bool:
+    """A constant padding with zeros (a "same"-padding wrapper's): it keeps signs and zeros."""
+    return node.target is aten.constant_pad_nd.default and (len(node.args) < 3 or node.args[2] == 0)
 
 
 def _hashable(value):
