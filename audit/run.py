@@ -98,6 +98,9 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
         from unhans.core.layers import get_layer
 
         get_layer(model, spec.layer)  # an unknown layer fails here, with the valid names, before any work
+    with LRP(model, spec.composite) as lrp:  # a model whose LRP is not conservative is refused here, before any work
+        conservation = lrp.check(torch.from_numpy(dataset.images[:8]))
+    console.print(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
 
     fingerprint = {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": hashlib.sha256(
         dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest(), "composite": spec.composite, "layer": spec.layer}
@@ -127,6 +130,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
     seconds = time.perf_counter() - started
 
     notes = [f"model {spec.model_file}, data {spec.data} ({len(dataset)} samples), composite {spec.composite}, relevance at {spec.layer}",
+             f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}",
              f"{computed_here:.0%} of relevance batches computed in this run (the rest resumed from {store_path.name}/); {seconds:.1f} s"]
     notes += [f"class {dataset.classes[r.class_index]}: {r.skipped}" for r in ranked if r.skipped]
     write_report(out, "unhans audit", ranked, dataset.classes, dataset.images, relevance, notes)
@@ -135,7 +139,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
                               {"class_index": r.class_index, "index": r.indices, "labels": r.labels, "eigenvalues": r.eigenvalues,
                                "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])
     (out / "audit.json").write_text(json.dumps({
-        "spec": spec.__dict__, "seconds": seconds, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
+        "spec": spec.__dict__, "seconds": seconds, "conservation": conservation.__dict__, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
         "classes": [{**r.summary(), "class": dataset.classes[r.class_index], **_artifact_summary(r, relevance)} for r in ranked],
         "clusters": {str(r.class_index): {"rows": r.indices.tolist(), "labels": r.labels.tolist()} for r in ranked if r.spray is not None},
     }, indent=1))

@@ -117,7 +117,14 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         from ..core.training import MODEL_FILE, WEIGHTS_FILE
         from ..core.models import load_model
 
+        import torch
+
+        from ..core.attribution import LRP
+
         model = load_model(Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE)
+        with LRP(model, composite) as lrp:  # the relevance the archive will serve must be LRP: refused before any work
+            conservation = lrp.check(torch.from_numpy(probe))
+        click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
         cav = fit_cav(model, layer, artifact, clean, method, mode)
         report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold)
     print_table(f"unhans export -> {report.path}", {

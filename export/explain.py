@@ -108,13 +108,16 @@ def _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation
 
 
 def _adaptive_avg_pool2d_backward(grad, x):
-    """Adaptive average pooling's gradient where its windows tile the input (global pooling, identity, or an input
-    side a multiple of the output side): each window's share spread evenly over it."""
+    """Adaptive average pooling's gradient where its windows tile the input (global pooling, identity, or one side a
+    multiple of the other): each window's share spread evenly over it, or each block's summed into its one input."""
     (h, w), (oh, ow) = x.shape[2:], grad.shape[2:]
     if (oh, ow) == (1, 1):
         return grad.expand(x.shape) / (h * w)
     if (oh, ow) == (h, w):
         return grad
+    if oh % h == 0 and ow % w == 0:  # an upsampling (VGG's 7x7 pooling of a small input): each input fills a block
+        n, c = grad.shape[:2]
+        return grad.reshape(n, c, h, oh // h, w, ow // w).sum((3, 5))
     if h % oh or w % ow:
         raise NotImplementedError(f"adaptive average pooling from {h}x{w} to {oh}x{ow} (windows that overlap)")
     kh, kw = h // oh, w // ow

@@ -27,6 +27,7 @@ from unhans.core.layers import insert_after
 from unhans.core.models import load_model
 from unhans.export.correction import load_correction
 from unhans.export.graph import SCORE_OUTPUT
+from unhans.export.onnx import META
 from unhans.export.runtime import session
 
 from .sink import Record, ShardWriter
@@ -54,11 +55,22 @@ class Explainer:
             self._outputs = ["logits", "relevance"] + [o.name for o in self._graph.get_outputs() if o.name == SCORE_OUTPUT]
             self.scores = SCORE_OUTPUT in self._outputs
             self._lrp = None
+            recorded = self._graph.get_modelmeta().custom_metadata_map.get(f"{META}verify.conservation_rel_err")
+            self._conservation = (f"relevance conservation error {recorded} (bias-free, measured at export)" if recorded
+                                  else "relevance conservation not recorded in this explain graph (exported before it was measured)")
         else:
             self.kind = "zennit on the PyTorch twin"
             correction, layer = load_correction(os.path.join(model_dir, "correction.npz"))
             model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
             self._lrp = LRP(insert_after(model, layer, correction.module()), composite)
+
+    @property
+    def conservation(self) -> str:
+        """How conservative the served relevance is, for the start-up log (the PyTorch twin measures it on its first
+        batch, and refuses a model that is not)."""
+        if self._lrp is None:
+            return self._conservation
+        return self._lrp.conservation.describe() if self._lrp.conservation else "relevance conservation not yet measured"
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Logits, relevance and scores of ``inputs``; no targets explain the predicted classes, and so does a negative

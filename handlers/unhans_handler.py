@@ -107,6 +107,7 @@ class UnhansHandler(BaseHandler):
                 logger.error(message)
                 raise RuntimeError(message)
             logger.info("unhans: ONNX graph and %s agree on %s to %.3g on %d probe rows", self.explainer.kind, name, diff, PROBE_ROWS)
+        logger.info("unhans: %s: %s", self.explainer.kind, self.explainer.conservation)
         return outputs["logits"].shape[1]
 
     def handle(self, data, context):
