@@ -25,10 +25,10 @@ from torch import nn
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.layer import Sum
 from zennit.core import BasicHook, Stabilizer
-from zennit.rules import ClampMod, NoMod, Norm, Pass, ZPlus, zero_bias
+from zennit.rules import ClampMod, Epsilon, Gamma, NoMod, Norm, Pass, ZPlus, zero_bias
 from zennit.types import AvgPool, BatchNorm, Convolution
 
-from .canonize import Activate, Pool, Reduction, canonize
+from .canonize import Activate, Canonization, Pool, Reduction, canonize
 from .errors import InputError
 from .layers import Corrected, get_layer
 
@@ -60,23 +60,31 @@ class ZPlusOrEpsilon(BasicHook):
         )
 
 
-class _UnrectifiedFallback:
-    """Composite mixin: the layers ``unrectified`` names get :class:`ZPlusOrEpsilon` where the composite says z+."""
+class _SignAwareRules:
+    """Composite mixin, the two exceptions to the composite's convolution rule (z+ or gamma), by what canonization
+    found: a layer whose input can be negative (behind SiLU, Hardswish, a linear bottleneck) takes the epsilon rule,
+    as deep Taylor decomposition prescribes z+ only for non-negative inputs (it also halves that layer's cost: z+ of
+    a signed input needs two convolutions each way); a z+ layer whose output flows on unrectified takes
+    :class:`ZPlusOrEpsilon`. The first layer keeps the composite's own rule (flat, or the box rule)."""
 
-    def __init__(self, *args, unrectified=(), fallback=None, **kwargs):
-        self.unrectified, self.fallback = frozenset(unrectified), fallback
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, signed_input=(), unrectified=(), epsilon=1e-6, stabilizer=1e-6, **kwargs):
+        self.signed_input, self.unrectified = frozenset(signed_input), frozenset(unrectified)
+        self.signed_rule = Epsilon(epsilon=epsilon)
+        self.fallback = ZPlusOrEpsilon(stabilizer=stabilizer, epsilon=epsilon)
+        super().__init__(*args, epsilon=epsilon, stabilizer=stabilizer, **kwargs)
 
     def mapping(self, ctx, name, module):
         hook = super().mapping(ctx, name, module)
+        if isinstance(hook, (ZPlus, Gamma)) and name in self.signed_input:
+            return self.signed_rule
         return self.fallback if isinstance(hook, ZPlus) and name in self.unrectified else hook
 
 
-class _EpsilonPlusFlat(_UnrectifiedFallback, EpsilonPlusFlat):
+class _EpsilonPlusFlat(_SignAwareRules, EpsilonPlusFlat):
     pass
 
 
-class _EpsilonGammaBox(_UnrectifiedFallback, EpsilonGammaBox):
+class _EpsilonGammaBox(_SignAwareRules, EpsilonGammaBox):
     pass
 
 
@@ -103,16 +111,15 @@ def _composite_key(name: str) -> str:
 
 
 def make_composite(name: str, low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6, gamma: float = 0.25,
-                   stabilizer: float = STABILIZER, unrectified=()):
+                   stabilizer: float = STABILIZER, canonization: Canonization | None = None):
     """A fresh zennit composite by name for a canonized model. ``low``/``high`` bound the input (ZBox); the layers
-    ``unrectified`` names (:attr:`unhans.core.canonize.Canonization.unrectified`) get :class:`ZPlusOrEpsilon`."""
+    ``canonization`` found with signed inputs or unrectified outputs get the rules of :class:`_SignAwareRules`."""
     key = _composite_key(name)
     layer_map = [(types, rule(stabilizer)) for types, rule in CANONICAL_RULES]
-    fallback = ZPlusOrEpsilon(stabilizer=stabilizer, epsilon=epsilon)
+    found = {"signed_input": canonization.signed_input, "unrectified": canonization.unrectified} if canonization else {}
     if key == "epsilon_plus_flat":
-        return _EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, layer_map=layer_map, unrectified=unrectified, fallback=fallback)
-    return _EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma, stabilizer=stabilizer, layer_map=layer_map,
-                            unrectified=unrectified, fallback=fallback)
+        return _EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, layer_map=layer_map, **found)
+    return _EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma, stabilizer=stabilizer, layer_map=layer_map, **found)
 
 
 @dataclass
@@ -161,7 +168,7 @@ def conservation(model: nn.Module, x: torch.Tensor, composite: str = "epsilon_pl
     lrp.model.double()  # in float64 with a tiny epsilon, so that only a rule, never rounding, can break conservation
     lrp._composite.remove()
     lrp._composite = make_composite(composite, low, high, epsilon=CHECK_EPSILON, stabilizer=CHECK_EPSILON,
-                                    unrectified=lrp.canonization.unrectified)
+                                    canonization=lrp.canonization)
     lrp._composite.register(lrp.model)
     sums: dict[str, list] = {}
 
@@ -239,7 +246,7 @@ class LRP:
             if taps[name] not in called:
                 raise InputError("layer", f"{name!r} is never called in {type(model).__name__}'s forward", "name a layer the model uses")
         self._outputs: dict[str, torch.Tensor] = {}
-        self._composite = make_composite(composite, low, high, epsilon, gamma, unrectified=self.canonization.unrectified)
+        self._composite = make_composite(composite, low, high, epsilon, gamma, canonization=self.canonization)
         self._composite.register(self.model)
         # registered after the composite, so each sees the tensor that flows on (and carries its relevance)
         self._layer_handles = [

@@ -180,6 +180,7 @@ class Canonization:
     gates: list[str] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)  # layers called more than once, one copy per further call
     unrectified: list[str] = field(default_factory=list)  # convolutions whose output reaches a layer other than a ReLU
+    signed_input: list[str] = field(default_factory=list)  # convolutions whose input can be negative
 
     def summary(self) -> str:
         return (f"{len(self.merged_batchnorms)} BatchNorm merged, {len(self.unmerged_batchnorms)} passed, "
@@ -257,11 +258,20 @@ class _Rewriter:
         self._find_unrectified()
 
     def _find_unrectified(self) -> None:
-        """Convolutions whose output flows on without a ReLU: the z+ rule alone would drop relevance there."""
+        """Convolutions whose output flows on without a ReLU (the z+ rule alone would drop relevance there), and
+        convolutions whose input can be negative (z+ is the rule for non-negative inputs: these take epsilon)."""
+        nonneg: set[fx.Node] = set()
         for node in self.graph.nodes:
-            if node.op == "call_module" and isinstance(self.modules[node.target], Convolution):
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            inputs = [a for a in node.all_input_nodes if a.op != "get_attr" and a not in self.sizes]
+            if isinstance(module, Convolution):
                 if not all(self._rectifies(user) for user in node.users):
                     self.report.unrectified.append(node.target)
+                if not (inputs and inputs[0] in nonneg):
+                    self.report.signed_input.append(node.target)
+            elif _makes_nonneg(module) or (inputs and all(a in nonneg for a in inputs) and (
+                    isinstance(module, SIGN_KEEPING_LAYERS) or (node.op == "call_function" and node.target in _SIGN_KEEPING_FUNCTIONS))):
+                nonneg.add(node)
 
     def _rectifies(self, node) -> bool:
         if node.op != "call_module":
@@ -269,9 +279,7 @@ class _Rewriter:
         module = self.modules[node.target]
         if isinstance(module, (Tap, nn.Identity, nn.Dropout)):
             return all(self._rectifies(user) for user in node.users)
-        if isinstance(module, Activate):
-            return module.function in (F.relu, torch.relu, F.relu6)
-        return isinstance(module, (nn.ReLU, nn.ReLU6)) or (isinstance(module, nn.Hardtanh) and module.min_val >= 0)
+        return _makes_nonneg(module) and not isinstance(module, (nn.Sigmoid, nn.Hardsigmoid))
 
     # -- helpers
     def _where(self, node) -> str:
@@ -403,6 +411,21 @@ class _Rewriter:
             module = self.modules[node.target]
             return isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) or (isinstance(module, Activate) and module.function in _GATE_MAKERS)
         return node.target in _GATE_MAKERS
+
+
+# layers whose output is non-negative when their input is; and functions likewise (for the sign analysis)
+SIGN_KEEPING_LAYERS = (MaxPool, AvgPool, Pool, Reduction, Sum, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad2d,
+                       nn.Upsample, Tap, PassProduct, nn.ReflectionPad2d, nn.ReplicationPad2d)
+_SIGN_KEEPING_FUNCTIONS = {stack_pair, torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, operator.getitem,
+                           F.max_pool2d, F.interpolate, "view", "reshape", "flatten", "contiguous", "__getitem__"}
+
+
+def _makes_nonneg(module) -> bool:
+    """Whether ``module``'s output is never negative (a rectifier or a sigmoid)."""
+    if isinstance(module, Activate):
+        return module.function in (F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid)
+    return isinstance(module, (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)) or (
+        isinstance(module, nn.Hardtanh) and module.min_val >= 0)
 
 
 def _merge(linear: nn.Module, bn: nn.Module) -> None:
