@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -47,11 +46,16 @@ def activations(model: nn.Module, images: np.ndarray, layer: str, batch_size: in
     return torch.cat(outputs).numpy() if outputs else np.zeros((0,), np.float32)
 
 
-class Corrected(nn.Sequential):
-    """A layer followed by its correction; the path of the layer keeps naming the (now corrected) output."""
+class Corrected(nn.Module):
+    """A layer followed by its correction; the path of the layer keeps naming the (now corrected) output. The layer
+    is called as the model calls it, keyword arguments included (EfficientNet's ``block(x, drop_connect_rate=…)``)."""
 
     def __init__(self, layer: nn.Module, correction: nn.Module):
-        super().__init__(OrderedDict([("layer", layer), ("correction", correction)]))
+        super().__init__()
+        self.layer, self.correction = layer, correction
+
+    def forward(self, *args, **kwargs):
+        return self.correction(self.layer(*args, **kwargs))
 
 
 def insert_after(model: nn.Module, name: str, correction: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 from unhans.core import canonize as canonize_module
 from unhans.core.attribution import LRP
 from unhans.core.errors import InputError
-from unhans.core.layers import insert_after
+from unhans.core.layers import activations, insert_after
 from unhans.core.models.zoo import MATRIX, USER_RESNET_FILE, build, photos
 from unhans.export.correction import Correction
 from unhans.export.explain import explain_graph
@@ -193,3 +193,23 @@ def test_served_relevance_is_the_conservative_lrp_of_the_corrected_model(models,
         expected = lrp(torch.from_numpy(x))
     assert np.allclose(logits, expected.logits, atol=1e-6) and np.allclose(relevance, expected.relevance, atol=1e-7)
     assert lrp.conservation.rel_err <= 1e-9 and "conservation error" in explainer.conservation
+
+
+def test_a_correction_goes_after_a_block_called_with_keyword_arguments(models):
+    """EfficientNet-Lite calls its blocks as ``block(x, drop_connect_rate=…)``: corrected, explained, conservative."""
+    model = _model(models, "efficientnet_lite0")
+    x = photos(4, 96)
+    layer = "_blocks.10"
+    h = activations(model, x, layer)
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=h[0].size).astype(np.float32)
+    correction = Correction(direction / np.linalg.norm(direction), h.mean(0))
+    corrected = insert_after(model, layer, correction.module())
+    with torch.no_grad():
+        corrected_logits, logits = corrected(torch.from_numpy(x)).numpy(), model(torch.from_numpy(x)).numpy()
+    assert 0 < np.abs(corrected_logits - logits).max()  # the projection changes what reaches the head
+    assert np.allclose(activations(corrected, x, layer), correction.module()(torch.from_numpy(h)).numpy(), atol=1e-5)
+    with LRP(corrected, layers=[layer]) as lrp:
+        explanation = lrp(torch.from_numpy(x))
+    assert np.allclose(explanation.logits, corrected_logits, atol=1e-4) and lrp.conservation.rel_err <= 1e-9
+    assert explanation.layer_relevance[layer].shape == h.shape
