@@ -19,6 +19,7 @@ import hashlib
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
@@ -26,6 +27,9 @@ from .errors import InputError
 
 CAV_METHODS = ("pattern", "svm", "logistic")
 CAV_MODES = ("flat", "channel")
+QUALITY_FOLDS = 5  # cross-validation folds of the held-out detection accuracy (fewer when samples are few)
+POOR_DETECTION = 0.9  # held-out detection accuracy below this is reported as a warning
+FEW_SAMPLES = 0.1  # fewer samples than this share of the CAV's dimensions is reported as a warning
 
 
 def features(h: np.ndarray, mode: str) -> np.ndarray:
@@ -50,7 +54,8 @@ class CAV(BaseEstimator):
     """Fit ``direction_`` (unit v), ``clean_mean_`` (z, shaped like one sample's activation) and a detector.
 
     Learned attributes: ``direction_`` (D,) or (C,), ``clean_mean_`` (activation shape), ``detector_weight_``,
-    ``detector_bias_`` (the detector's intercept, in activation units), ``activation_shape_``, ``artifact_mean_score_``.
+    ``detector_bias_`` (the detector's intercept, in activation units), ``activation_shape_``, ``artifact_mean_score_``,
+    ``quality_`` (held-out detection accuracy, sample and dimension counts, and warnings: see :meth:`_quality`).
     """
 
     def __init__(self, method: str = "pattern", mode: str = "flat", C: float = 1.0, random_state: int = 0):
@@ -73,6 +78,9 @@ class CAV(BaseEstimator):
                 raise InputError(f"{name} activations", "contain NaN or Inf", "check the model and the inputs")
 
     def _fit_detector(self, a: np.ndarray, c: np.ndarray) -> None:
+        self.detector_weight_, self.detector_bias_ = self._detector(a, c)
+
+    def _detector(self, a: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
         """A linear classifier on standardised features, mapped back so that score = w·h + b in activation units."""
         x = np.concatenate([a, c])
         y = np.r_[np.ones(len(a)), np.zeros(len(c))]
@@ -84,8 +92,40 @@ class CAV(BaseEstimator):
             classifier = LogisticRegression(C=self.C, max_iter=2000)
         classifier.fit((x - scaler.mean_) / scale, y)
         weight = classifier.coef_.ravel() / scale
-        self.detector_weight_ = weight
-        self.detector_bias_ = float(classifier.intercept_[0] - weight @ scaler.mean_)
+        return weight, float(classifier.intercept_[0] - weight @ scaler.mean_)
+
+    def _quality(self, a: np.ndarray, c: np.ndarray, paired: bool) -> dict:
+        """Cross-validated accuracy of the detector on samples it was not fitted on (a pair stays in one fold), and
+        warnings a person should read before deploying the correction."""
+        x, y = np.concatenate([a, c]), np.r_[np.ones(len(a)), np.zeros(len(c))]
+        folds = min(QUALITY_FOLDS, len(a), len(c))
+        quality = {"samples": int(len(x)), "dims": int(x.shape[1]), "folds": int(folds), "paired": paired}
+        warnings = []
+        if folds >= 2:
+            if paired:
+                groups = np.r_[np.arange(len(a)), np.arange(len(c))]
+                splits = GroupKFold(n_splits=folds).split(x, y, groups)
+            else:
+                splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.random_state).split(x, y)
+            correct = 0
+            for train, held in splits:
+                weight, bias = self._detector(x[train][y[train] == 1], x[train][y[train] == 0])
+                correct += int(((x[held] @ weight + bias > 0) == (y[held] == 1)).sum())
+            quality["heldout_detection_acc"] = correct / len(x)
+            if quality["heldout_detection_acc"] < POOR_DETECTION:
+                warnings.append(f"the detector finds the artifact in held-out samples only {quality['heldout_detection_acc']:.0%} "
+                                "of the time: the samples may not share one artifact, or this layer does not represent it")
+        else:
+            quality["heldout_detection_acc"] = float("nan")
+            warnings.append("too few samples to measure detection on held-out ones (need 2 of each)")
+        if len(x) < FEW_SAMPLES * x.shape[1]:
+            warnings.append(f"{len(x)} samples for {x.shape[1]} dimensions: the direction is poorly determined; "
+                            "use more samples, a smaller layer, or mode='channel'")
+        if not paired:
+            warnings.append("artifact and clean samples are different images: the direction may carry what else tells them "
+                            "apart; a paired set (the same images with the artifact pasted) is more reliable")
+        quality["warnings"] = warnings
+        return quality
 
     def fit(self, h_artifact: np.ndarray, h_clean: np.ndarray) -> "CAV":
         """Fit on activations of samples with the artifact and of the contrast (clean) samples."""
@@ -93,6 +133,7 @@ class CAV(BaseEstimator):
         self._check(h_artifact, h_clean)
         a, c = features(h_artifact, self.mode), features(h_clean, self.mode)
         self._fit_detector(a, c)
+        self.quality_ = self._quality(a, c, paired=False)
         direction = a.mean(0) - c.mean(0) if self.method == "pattern" else self.detector_weight_.copy()
         return self._finish(direction, h_clean, a)
 
@@ -104,6 +145,7 @@ class CAV(BaseEstimator):
             raise InputError("pairs", f"{len(h_with)} with and {len(h_without)} without the artifact", "pass the same images twice")
         a, c = features(h_with, self.mode), features(h_without, self.mode)
         self._fit_detector(a, c)
+        self.quality_ = self._quality(a, c, paired=True)
         return self._finish((a - c).mean(0), h_without, a)
 
     def _finish(self, direction: np.ndarray, h_clean: np.ndarray, a: np.ndarray) -> "CAV":

@@ -111,7 +111,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
     fold = not no_fold
     if onnx_file is not None:
         cav = fit_cav_onnx(load_onnx(onnx_file), artifact, clean, tensor, layer, method, mode)
-        report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold)
+        report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold, cav.quality_)
     else:
         from ..core.clarc import fit_cav
         from ..core.training import MODEL_FILE, WEIGHTS_FILE
@@ -126,13 +126,17 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
             conservation = lrp.check(torch.from_numpy(probe))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
         cav = fit_cav(model, layer, artifact, clean, method, mode)
-        report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold)
+        report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold, cav.quality_)
     print_table(f"unhans export -> {report.path}", {
         "tensor": report.tensor, "folded": report.folded, "nodes": f"{report.nodes_before} -> {report.nodes_after}",
         "max |onnxruntime - torch|": report.max_abs_diff, "max |logit|": report.logit_scale,
         "max |score - detector|": "no detector" if report.score_max_abs_diff is None else report.score_max_abs_diff,
         "correction spec": report.spec_path, "seconds": report.seconds, "cav fingerprint": report.metadata["unhans.cav.fingerprint"],
+        "cav held-out detection accuracy": f"{cav.quality_['heldout_detection_acc']:.3g} ({cav.quality_['folds']}-fold, "
+                                           f"{cav.quality_['samples']} samples, {cav.quality_['dims']} dimensions)",
     })
+    for warning in cav.quality_["warnings"]:
+        click.secho(f"warning: CAV: {warning}", fg="yellow", err=True)
     if explain:  # after the prediction graph is written: an unexplainable model still gets that
         from ..core.layers import insert_after
         from .explain import explain_path, export_explain

@@ -133,8 +133,17 @@ def fit_cav_onnx(model: onnx.ModelProto, artifact_images: np.ndarray, clean_imag
     return CAV(method=method, mode=mode).fit(onnx_activations(model, name, artifact_images), onnx_activations(model, name, clean_images))
 
 
+def cav_metadata(quality: dict | None) -> dict[str, str]:
+    """A CAV's :attr:`~unhans.core.cav.CAV.quality_` as metadata entries (``inspect`` shows them)."""
+    if not quality:
+        return {}
+    return {"cav.heldout_detection_acc": f"{quality['heldout_detection_acc']:.3g}", "cav.samples": str(quality["samples"]),
+            "cav.dims": str(quality["dims"]), "cav.paired": str(quality["paired"]).lower(),
+            "cav.warnings": " | ".join(quality["warnings"]) or "none"}
+
+
 def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np.ndarray, out: str | Path,
-                 fold: bool = True) -> ExportReport:
+                 fold: bool = True, cav_quality: dict | None = None) -> ExportReport:
     """Export ``model`` with ``correction`` after module ``layer`` to ``out``, verified against PyTorch's P-ClArC.
 
     ``probe`` is a batch of real inputs (mix artifact and clean samples so a reactive gate is exercised both ways).
@@ -153,12 +162,12 @@ def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest()}
+    source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest(), **cav_metadata(cav_quality)}
     return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started)
 
 
 def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarray, out: str | Path,
-                tensor: str | None = None, layer: str | None = None, fold: bool = True) -> ExportReport:
+                tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None) -> ExportReport:
     """Correct an existing ONNX file after ``tensor`` (or module scope ``layer``), without its PyTorch source.
 
     The reference is the source graph itself, cut at the tensor: onnxruntime computes h, PyTorch's P-ClArC module
@@ -183,7 +192,8 @@ def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarr
         feeds = {input_name: x, name: corrected}
         return suffix.run(None, {i.name: feeds[i.name] for i in suffix.get_inputs()})[0], correction.score(h)
 
-    provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest()}
+    provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest(),
+                  **cav_metadata(cav_quality)}
     return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started)
 
 

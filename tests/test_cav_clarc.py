@@ -101,3 +101,21 @@ def test_aclarc_finetuning_unlearns_the_artifact(backdoored_vgg):
     assert attack_success(tuned, attack, 0) < 0.5 * attack_success(model, attack, 0)
     assert clean_accuracy(tuned, test) > 0.9
     assert attack_success(model, attack, 0) > 0.9  # the original is untouched
+
+
+def test_cav_reports_its_held_out_detection_and_warns():
+    from unhans.core.cav import CAV
+
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(40, 8, 2, 2))
+    shift = np.zeros((8, 2, 2))
+    shift[3, 1, 1] = 6.0
+    paired = CAV().fit_paired(clean + shift, clean)
+    assert paired.quality_["heldout_detection_acc"] >= 0.95 and paired.quality_["paired"] and not paired.quality_["warnings"]
+    # artifact samples that carry nothing the clean ones lack: the detector cannot find it in held-out samples
+    unrelated = CAV().fit(rng.normal(size=(40, 8, 2, 2)), clean)
+    assert unrelated.quality_["heldout_detection_acc"] < 0.8
+    assert any("held-out" in w for w in unrelated.quality_["warnings"]) and any("paired" in w for w in unrelated.quality_["warnings"])
+    # ten pairs for 3,200 dimensions (a CAV at a large layer from a handful of photos)
+    few = CAV().fit_paired(rng.normal(size=(10, 200, 4, 4)) + 1.0, rng.normal(size=(10, 200, 4, 4)))
+    assert any("20 samples for 3200 dimensions" in w for w in few.quality_["warnings"])
