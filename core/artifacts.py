@@ -1,4 +1,4 @@
-"""Spurious artifacts (a text tag, a patch, a border frame) that poison data and probe models.
+"""Spurious artifacts (a text tag, a patch, a border frame, a user's own watermark image) that poison data and probe models.
 
 An artifact is drawn as a *stamp*: an opacity map ``alpha`` (H, W) in [0, 1] and the colour ``value``
 (C, H, W) it lays down, composited as ``x' = x (1 - alpha) + value alpha``. Its mask is ``alpha > 0``: exactly
@@ -84,7 +84,9 @@ class Artifact:
         h, w = glyph_alpha.shape
         alpha[row : row + h, col : col + w] = glyph_alpha
         color = np.broadcast_to(np.asarray(self.color, np.float32), (channels,))
-        value[:, row : row + h, col : col + w] = color[:, None, None] * glyph_value[None]
+        if glyph_value.ndim == 3:  # a glyph with colours of its own (an RGB watermark): grey where the image is grey
+            glyph_value = glyph_value.mean(0, keepdims=True) if channels == 1 else glyph_value
+        value[:, row : row + h, col : col + w] = color[:, None, None] * glyph_value.reshape(-1, h, w)
         return alpha, value
 
     def apply(self, images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +157,40 @@ class Frame(Artifact):
         return alpha, color[:, None, None] * alpha[None]
 
 
-ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Frame)}
+@dataclass
+class Watermark(Artifact):
+    """An image the user has, with its alpha channel: a logo, a watermark, a stamp cropped from a real sample.
+
+    ``size`` scales its longer side to that many pixels (0 keeps it), ``opacity`` scales its alpha. Without an alpha
+    channel the whole image is opaque.
+    """
+
+    path: str = ""
+    size: int = 0
+    opacity: float = 1.0
+    kind = "image"
+
+    def glyph(self):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.path) as picture:
+                picture = picture.convert("RGBA")
+                if self.size:
+                    scale = self.size / max(picture.size)
+                    picture = picture.resize((max(1, round(picture.size[0] * scale)), max(1, round(picture.size[1] * scale))), Image.LANCZOS)
+                rgba = np.asarray(picture, np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise InputError(f"image artifact {self.path!r}", f"cannot be read ({error})", "pass a PNG with an alpha channel") from None
+        if not 0.0 < self.opacity <= 1.0:
+            raise InputError("opacity", f"{self.opacity} is outside (0, 1]", "pass e.g. opacity=0.6")
+        alpha = rgba[..., 3] * self.opacity
+        if not (alpha > 0).any():
+            raise InputError(f"image artifact {self.path!r}", "is fully transparent", "pass an image whose alpha marks the watermark")
+        return alpha, rgba[..., :3].transpose(2, 0, 1)
+
+
+ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Frame, Watermark)}
 
 
 def make_artifact(kind: str, **options) -> Artifact:

@@ -15,9 +15,43 @@ import numpy as np
 from ..core.cav import CAV_METHODS, CAV_MODES
 from ..core.errors import InputError
 from ..handlers.relevance import DEFAULT_CPU_BUDGET
-from ..output import print_table, results
+from ..output import print_table, results, warn
 
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
+
+
+def contract_options(command):
+    """The input contract's options (:class:`unhans.core.contract.InputContract`), shared by export and archive."""
+    for option in reversed([
+        click.option("--size", help="Model input H,W (or one number for a square), e.g. 224; default: the graph's or run's."),
+        click.option("--channels", type=click.IntRange(1), default=3, show_default=True, help="Input channels (with --size)."),
+        click.option("--resize", type=click.IntRange(0), default=0, show_default=True,
+                     help="Scale an image's shorter side to this, then centre-crop to --size (ImageNet: 256); 0 scales straight to --size."),
+        click.option("--mean", help="Per-channel mean subtracted after scaling pixels to [0, 1], e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std divided by, e.g. 0.229,0.224,0.225."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _contract(size, channels, resize, mean, std):
+    """The contract the options declare, or None when --size is not given (the graph's or run's shape is used)."""
+    from ..core.contract import InputContract
+
+    def numbers(text, flag):
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise InputError(flag, f"{text!r} is not a comma-separated list of numbers", f"write e.g. {flag} 0.5,0.5,0.5") from None
+    if size is None:
+        if mean or std or resize:
+            raise InputError("--size", "is needed with --mean, --std or --resize", "pass the model's input size, e.g. --size 224")
+        return None
+    sides = numbers(size, "--size")
+    if len(sides) not in (1, 2) or any(s < 1 or s != int(s) for s in sides):
+        raise InputError("--size", f"{size!r} is not H,W", "write e.g. --size 224 or --size 224,224")
+    height, width = int(sides[0]), int(sides[-1])
+    return InputContract(channels, height, width, numbers(mean, "--mean") if mean else [0.0], numbers(std, "--std") if std else [1.0], resize)
 
 
 def _images(path: str, argument: str, shape: tuple) -> np.ndarray:
@@ -72,6 +106,28 @@ def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndar
     return train.images[train.has_artifact], train.images[~train.has_artifact]
 
 
+def _pasted(images, artifact_image, position, artifact_options, contract) -> tuple[np.ndarray, np.ndarray]:
+    """Your photos with and without the artifact image pasted, normalised: the paired contrast set."""
+    from ..core.artifacts import Watermark
+    from ..core.contract import image_files
+
+    if artifact_image is None:
+        raise InputError("--images", "needs --artifact-image, the artifact to paste into them", "pass a PNG with alpha, e.g. --artifact-image logo.png")
+    if contract is None:
+        raise InputError("--images", "needs the model's input contract to read photos", "pass --size (and --resize, --mean, --std)")
+    from ..options import parse_options, parse_position
+
+    options = parse_options(artifact_options, "--artifact-option")
+    unknown = set(options) - {"size", "opacity", "margin"}
+    if unknown:
+        raise InputError("--artifact-option", f"{sorted(unknown)} are not options of an image artifact", "use size, opacity, margin")
+    pixels = contract.load(image_files(images))
+    if len(pixels) < 4:
+        raise InputError("--images", f"holds {len(pixels)} photos", "give at least 4 (a few dozen make a reliable CAV)")
+    pasted, _ = Watermark(path=str(artifact_image), position=parse_position(position), **options).apply(pixels)
+    return contract.normalise(pasted), contract.normalise(pixels)
+
+
 @click.command("export")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder written by 'unhans train' (model and samples).")
 @click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph).")
@@ -86,46 +142,63 @@ def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndar
 @click.option("--samples", type=click.Path(dir_okay=False), help=".npz with 'artifact' and 'clean' masks or indices into the run's training set.")
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
+@click.option("--model", "model_file", type=click.Path(dir_okay=False), help="Your model file (one nn.Module class, TorchServe-style), instead of --run.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Its state_dict (with --model).")
+@click.option("--images", type=click.Path(file_okay=False), help="A folder of your photos: the correction is fitted on them with and without --artifact-image pasted (a paired set).")
+@click.option("--artifact-image", type=click.Path(dir_okay=False), help="The artifact as an image with alpha (a watermark or logo PNG), pasted into --images.")
+@click.option("--position", default="bottom-right", show_default=True, help="Where the artifact image goes: a corner, center, random, or ROW,COL.")
+@click.option("--artifact-option", "artifact_options", multiple=True, metavar="KEY=VALUE", help="size=N (longer side in pixels), opacity=0.6, margin=N (repeatable).")
+@contract_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write; the correction spec goes beside it.")
 @click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance of the corrected model.")
 @click.option("--composite", type=click.Choice(("epsilon_plus_flat", "epsilon_gamma_box")), default="epsilon_plus_flat", show_default=True,
               help="The LRP composite of the --explain graph (epsilon_gamma_box bounds the input to [0, 1]).")
-def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples, out, explain,
-                   composite):
+def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples,
+                   model_file, weights, images, artifact_image, position, artifact_options, size, channels, resize, mean, std, out,
+                   explain, composite):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
     Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
-    that is exact (else inserts a few rank-1 ops), and writes OUT plus OUT's .correction.npz. With --onnx the
-    model is an existing graph and activations come from onnxruntime.
+    that is exact (else inserts a few rank-1 ops), and writes OUT plus OUT's .correction.npz. The model is a run's
+    (--run), your own (--model/--weights), or an existing graph (--onnx, activations from onnxruntime). With --images
+    and --artifact-image the samples are your photos with and without the artifact pasted: the paired set.
     """
     from .correction import Correction
     from .onnx import export_onnx, export_torch, fit_cav_onnx, load_onnx
 
-    if onnx_file is None and (run_dir is None or layer is None or tensor is not None):
-        raise InputError("--run/--layer", "exporting a PyTorch run needs --run and --layer (--tensor only with --onnx)",
-                         "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
+    if run_dir is not None:
+        from ..core.training import MODEL_FILE, WEIGHTS_FILE
+
+        model_file, weights = Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE
+    if onnx_file is None and (model_file is None or weights is None or layer is None or tensor is not None):
+        raise InputError("--run/--model/--layer", "exporting a PyTorch model needs --run (or --model and --weights) and --layer; "
+                         "--tensor only with --onnx", "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
     if explain and onnx_file is not None:
-        raise InputError("--explain", "needs the PyTorch model of a run", "pass --run and --layer instead of --onnx")
-    artifact, clean = _samples(run_dir, samples, artifact_samples, clean_samples)
+        raise InputError("--explain", "needs the PyTorch model", "pass --model/--weights (or --run) and --layer instead of --onnx")
+    contract = _contract(size, channels, resize, mean, std)
+    paired = images is not None
+    if paired:
+        artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
+    else:
+        artifact, clean = _samples(run_dir, samples, artifact_samples, clean_samples)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
     if onnx_file is not None:
-        cav = fit_cav_onnx(load_onnx(onnx_file), artifact, clean, tensor, layer, method, mode)
+        cav = fit_cav_onnx(load_onnx(onnx_file), artifact, clean, tensor, layer, method, mode, paired)
         report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold, cav.quality_)
     else:
         from ..core.clarc import fit_cav
-        from ..core.training import MODEL_FILE, WEIGHTS_FILE
         from ..core.models import load_model
 
         import torch
 
         from ..core.attribution import LRP
 
-        model = load_model(Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE)
+        model = load_model(model_file, weights)
         with LRP(model, composite) as lrp:  # the relevance the archive will serve must be LRP: refused before any work
             conservation = lrp.check(torch.from_numpy(probe))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
-        cav = fit_cav(model, layer, artifact, clean, method, mode)
+        cav = fit_cav(model, layer, artifact, clean, method, mode, paired)
         report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold, cav.quality_)
     print_table(f"unhans export -> {report.path}", {
         "tensor": report.tensor, "folded": report.folded, "nodes": f"{report.nodes_before} -> {report.nodes_after}",
@@ -136,7 +209,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
                                            f"{cav.quality_['samples']} samples, {cav.quality_['dims']} dimensions)",
     })
     for warning in cav.quality_["warnings"]:
-        click.secho(f"warning: CAV: {warning}", fg="yellow", err=True)
+        warn(f"CAV: {warning}")
     if explain:  # after the prediction graph is written: an unexplainable model still gets that
         from ..core.layers import insert_after
         from .explain import explain_path, export_explain
@@ -175,7 +248,11 @@ def inspect_command(onnx_file, as_json):
 
 @click.command("archive")
 @click.option("--onnx", "onnx_file", required=True, type=click.Path(dir_okay=False), help="Graph written by 'unhans export'.")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder the graph was exported from.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder the graph was exported from (or --model/--weights, or neither).")
+@click.option("--model", "model_file", type=click.Path(dir_okay=False), help="The PyTorch twin: your model file (relevance without an explain graph).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Its state_dict (with --model).")
+@click.option("--classes", type=click.Path(dir_okay=False), help="Class names: a text file with one a line, or index_to_name.json (default: numbers).")
+@contract_options
 @click.option("--name", required=True, help="Model name: TorchServe serves it at /predictions/NAME.")
 @click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="TorchServe server-side batch size.")
@@ -191,14 +268,20 @@ def inspect_command(onnx_file, as_json):
 @click.option("--sample-cpu-budget", type=float, default=DEFAULT_CPU_BUDGET, show_default=True,
               help="Share of one core each worker may spend on relevance for sampled instances (1 = no cap); beyond it samples are dropped and counted.")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
-def archive_command(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, threads, topk, sample_fraction, sink,
-                    max_shard_seconds, sample_cpu_budget, force):
-    """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe."""
+def archive_command(onnx_file, run_dir, model_file, weights, classes, size, channels, resize, mean, std, name, model_store, batch_size,
+                    max_batch_delay, workers, threads, topk, sample_fraction, sink, max_shard_seconds, sample_cpu_budget, force):
+    """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe.
+
+    The input contract (--size, --resize, --mean, --std) is what the handler applies to every PNG/JPEG body.
+    """
     from .archive import build_archive
 
+    if run_dir is not None and model_file is not None:
+        raise InputError("--run/--model", "name the model once", "pass --run, or --model and --weights")
     path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force,
                          sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
-                         sample_cpu_budget=sample_cpu_budget)
+                         sample_cpu_budget=sample_cpu_budget, model_file=model_file, weights=weights, classes=classes,
+                         contract=_contract(size, channels, resize, mean, std))
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

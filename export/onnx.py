@@ -127,10 +127,13 @@ def onnx_activations(model: onnx.ModelProto, tensor: str, images: np.ndarray) ->
 
 
 def fit_cav_onnx(model: onnx.ModelProto, artifact_images: np.ndarray, clean_images: np.ndarray, tensor: str | None = None,
-                 layer: str | None = None, method: str = "pattern", mode: str = "flat") -> CAV:
-    """A CAV fitted on onnxruntime's activations of ``tensor`` (or of module scope ``layer``): no PyTorch source needed."""
+                 layer: str | None = None, method: str = "pattern", mode: str = "flat", paired: bool = False) -> CAV:
+    """A CAV fitted on onnxruntime's activations of ``tensor`` (or of module scope ``layer``): no PyTorch source needed.
+    ``paired``: the two image sets are the same images with and without the artifact."""
     name = resolve(model, tensor, layer)
-    return CAV(method=method, mode=mode).fit(onnx_activations(model, name, artifact_images), onnx_activations(model, name, clean_images))
+    h_artifact, h_clean = onnx_activations(model, name, artifact_images), onnx_activations(model, name, clean_images)
+    cav = CAV(method=method, mode=mode)
+    return cav.fit_paired(h_artifact, h_clean) if paired else cav.fit(h_artifact, h_clean)
 
 
 def cav_metadata(quality: dict | None) -> dict[str, str]:

@@ -45,6 +45,11 @@ class Explainer:
     """``explainer(inputs, targets) -> (logits, relevance, scores)``, ``scores`` the artifact detector's where
     :attr:`scores` says the explainer has them, else None; thread-safe (one call at a time)."""
 
+    @staticmethod
+    def available(model_dir: str) -> bool:
+        """Whether an archive can explain at all: an explain graph, or a PyTorch twin (model.py beside its graph)."""
+        return os.path.isfile(os.path.join(model_dir, EXPLAIN_FILE)) or os.path.isfile(os.path.join(model_dir, "model.py"))
+
     def __init__(self, model_dir: str, composite: str = "epsilon_plus_flat", threads: int = 1):
         self._lock = threading.Lock()
         explain = os.path.join(model_dir, EXPLAIN_FILE)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from unhans.core.contract import InputContract
+
 OPTIONS = ("explain", "target", "format", "downsample", "topk")
 FORMATS = ("none", "float16-base64", "png", "list")
 
@@ -33,28 +35,6 @@ class RequestError(Exception):
 
 
 @dataclass
-class Preprocess:
-    """How raw inputs become model inputs, declared in the archive's model-config.yaml (``unhans.preprocess``)."""
-
-    channels: int
-    height: int
-    width: int
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
-    max_payload_bytes: int = 4 * 1024 * 1024
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.channels, self.height, self.width
-
-    def normalise(self, x: np.ndarray) -> np.ndarray:
-        """[0, 1] pixels to model inputs: (x − mean) / std per channel."""
-        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
-        return ((x - mean) / std).astype(np.float32)
-
-
-@dataclass
 class Request:
     """One HTTP request: its instances (N, C, H, W) and options; ``many`` when the client sent ``instances``."""
 
@@ -67,17 +47,15 @@ class Request:
     topk: int = 3
 
 
-def _image(data: bytes, pre: Preprocess) -> np.ndarray:
+def _image(data: bytes, pre: InputContract) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as picture:
-            picture = picture.convert("L" if pre.channels == 1 else "RGB").resize((pre.width, pre.height))
-            pixels = np.asarray(picture, np.float32) / 255.0
+            return pre.pixels(picture)
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise RequestError("body", f"is not a decodable PNG/JPEG image or .npy array ({error})") from None
-    return pixels.reshape(pre.height, pre.width, pre.channels).transpose(2, 0, 1)
 
 
-def _array(value, pre: Preprocess, where: str) -> np.ndarray:
+def _array(value, pre: InputContract, where: str) -> np.ndarray:
     """A nested list or array as one (C, H, W) instance in [0, 1]: shape, channels and finiteness checked."""
     try:
         x = np.asarray(value, dtype=np.float32)
@@ -128,7 +106,7 @@ def _options(source: dict, request: Request, n: int) -> None:
             raise RequestError("target", f"{t!r} is not 'predicted' or a class index")
 
 
-def parse(row: dict, pre: Preprocess, explain_header: bool = False) -> Request:
+def parse(row: dict, pre: InputContract, explain_header: bool = False) -> Request:
     """One TorchServe row (``data``/``body``: JSON, image bytes or ``.npy`` bytes) as a :class:`Request`."""
     body = row.get("data") if row.get("data") is not None else row.get("body")
     if body is None:
@@ -164,7 +142,7 @@ def parse(row: dict, pre: Preprocess, explain_header: bool = False) -> Request:
     return _single(body, pre, explain_header)
 
 
-def _single(value, pre: Preprocess, explain_header: bool) -> Request:
+def _single(value, pre: InputContract, explain_header: bool) -> Request:
     """A bare array: one instance (C, H, W), or a stack of them (N, C, H, W) as KServe v2 inputs carry."""
     if np.ndim(value) == 4:
         request = Request(np.stack([_array(x, pre, f"body[{i}]") for i, x in enumerate(value)]), many=True, explain=explain_header)
@@ -172,6 +150,16 @@ def _single(value, pre: Preprocess, explain_header: bool) -> Request:
         request = Request(_array(value, pre, "body")[None], many=False, explain=explain_header)
     _options({}, request, len(request.inputs))
     return request
+
+
+def decode_relevance(packed: dict | list) -> np.ndarray:
+    """A relevance field of an answer (``float16-base64`` or ``list``) as a float32 map: what a Python client calls."""
+    if isinstance(packed, list):
+        return np.asarray(packed, np.float32)
+    if "png" in packed:
+        raise ValueError("a 'png' relevance is a picture; ask for format 'float16-base64' or 'list' for the values")
+    values = np.frombuffer(base64.b64decode(packed["data"]), np.float16).reshape(packed["shape"]).astype(np.float32)
+    return values * np.float32(packed.get("scale", 1.0))
 
 
 def encode_relevance(relevance: np.ndarray, fmt: str, downsample: int) -> dict | list | None:
@@ -185,8 +173,10 @@ def encode_relevance(relevance: np.ndarray, fmt: str, downsample: int) -> dict |
         heat = heat.reshape(heat.shape[0] // downsample, downsample, heat.shape[1] // downsample, downsample).sum(axis=(1, 3))
     if fmt == "list":
         return heat.astype(float).tolist()
-    if fmt == "float16-base64":
-        return {"dtype": "float16", "shape": list(heat.shape), "data": base64.b64encode(heat.astype(np.float16).tobytes()).decode()}
+    if fmt == "float16-base64":  # scaled to max |value| 1 first: real models' maps (1e-8 a pixel) underflow float16
+        scale = float(np.abs(heat).max()) or 1.0
+        data = base64.b64encode((heat / scale).astype(np.float16).tobytes()).decode()
+        return {"dtype": "float16", "shape": list(heat.shape), "scale": scale, "data": data}
     from zennit.image import imgify
 
     buffer = io.BytesIO()

@@ -31,7 +31,8 @@ from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import TOLERANCE
 from unhans.export.runtime import session
 from unhans.handlers.relevance import DEFAULT_CPU_BUDGET, Explainer, Sampler
-from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
+from unhans.core.contract import InputContract
+from unhans.handlers.requests import RequestError, encode_relevance, parse
 from unhans.handlers.sink import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,15 @@ class UnhansHandler(BaseHandler):
         self.graph = session(os.path.join(model_dir, self.manifest["model"]["serializedFile"]), threads=threads)
         self.input_name = self.graph.get_inputs()[0].name
         self.outputs = [o.name for o in self.graph.get_outputs()]
-        self.preprocess_config = Preprocess(**config["preprocess"])
+        self.preprocess_config = InputContract(**config["preprocess"])
         self.topk = int(config.get("topk", 3))
         names = os.path.join(model_dir, "index_to_name.json")
         self.classes = json.loads(open(names).read()) if os.path.isfile(names) else {}
 
         composite = config.get("composite", "epsilon_plus_flat")
-        self.explainer = Explainer(model_dir, composite, threads)
+        self.explainer = Explainer(model_dir, composite, threads) if Explainer.available(model_dir) else None
+        if self.explainer is None:
+            logger.warning("unhans: this archive has no explain graph and no PyTorch twin: relevance requests are refused")
         self.num_classes = self._check_agreement()
         self._start_sampling(config.get("sample", {}), model_dir, composite)
         self.initialized = True
@@ -78,6 +81,9 @@ class UnhansHandler(BaseHandler):
         self.sampler, self._counts_due = None, 0.0
         fraction = float(sample.get("fraction", 0.0))
         if fraction <= 0:
+            return
+        if self.explainer is None:
+            logger.warning("unhans: sampling is off: the monitor needs relevance, and this archive has no explainer")
             return
         model = self.manifest["model"]
         url = sample.get("sink") or os.environ.get("UNHANS_SINK") or os.path.join(os.getcwd(), "unhans-sink")
@@ -95,6 +101,8 @@ class UnhansHandler(BaseHandler):
         probe = np.random.default_rng(0).random((PROBE_ROWS, *self.preprocess_config.shape), dtype=np.float32)
         probe = self.preprocess_config.normalise(probe)
         outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: probe})))
+        if self.explainer is None:
+            return outputs["logits"].shape[1]
         explained_logits, _, explained_scores = self.explainer(probe)
         pairs = [("logits", outputs["logits"], explained_logits)]
         if explained_scores is not None and SCORE_OUTPUT in outputs:  # explained instances take their score from it
@@ -126,7 +134,11 @@ class UnhansHandler(BaseHandler):
         accepted = []
         for i, request in requests:
             bad = [t for t in request.targets if t is not None and not 0 <= t < self.num_classes] if _wants_relevance(request) else []
-            if bad:
+            if _wants_relevance(request) and self.explainer is None:
+                answers[i] = self._reject(RequestError("explain", "this archive serves no relevance (it has no explain graph and no "
+                                                       "PyTorch twin); ask for predictions, or rebuild it with 'unhans archive --model'",
+                                                       422, reason="no_explainer"), i)
+            elif bad:
                 answers[i] = self._reject(RequestError("target", f"class indices must lie in 0..{self.num_classes - 1}", 422), i)
             else:
                 accepted.append((i, request))
@@ -196,7 +208,7 @@ class UnhansHandler(BaseHandler):
         graph would (an explain graph with the detector's score), the explained instances run through it alone.
         """
         asked = np.concatenate([np.arange(rows.start, rows.stop) for _, rows in explained]) if explained else np.zeros(0, int)
-        alone = self.explainer.kind == "onnx explain graph" and (self.explainer.scores or SCORE_OUTPUT not in self.outputs)
+        alone = self.explainer is not None and self.explainer.kind == "onnx explain graph" and (self.explainer.scores or SCORE_OUTPUT not in self.outputs)
         plain = np.setdiff1d(np.arange(len(inputs)), asked) if alone else np.arange(len(inputs))
         logits = np.empty((len(inputs), self.num_classes), np.float32)
         scores = np.empty(len(inputs), np.float32) if SCORE_OUTPUT in self.outputs else None

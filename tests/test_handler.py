@@ -14,9 +14,10 @@ from PIL import Image
 
 from unhans.core.attribution import LRP
 from unhans.export.archive import build_archive
-from unhans.handlers.requests import Preprocess, RequestError, encode_relevance, parse
+from unhans.core.contract import InputContract
+from unhans.handlers.requests import RequestError, decode_relevance, encode_relevance, parse
 
-PRE = Preprocess(channels=1, height=28, width=28, max_payload_bytes=100_000)
+PRE = InputContract(channels=1, height=28, width=28, max_payload_bytes=100_000)
 
 
 def _npy(array) -> bytes:
@@ -104,8 +105,10 @@ def test_sampler_stays_within_its_cpu_budget(tmp_path):
 def test_relevance_encodings():
     relevance = np.random.default_rng(1).normal(size=(1, 28, 28)).astype(np.float32)
     packed = encode_relevance(relevance, "float16-base64", 1)
-    decoded = np.frombuffer(base64.b64decode(packed["data"]), np.float16).reshape(packed["shape"])
-    assert np.allclose(decoded, relevance[0], atol=2e-3)
+    decoded = decode_relevance(packed)
+    assert np.allclose(decoded, relevance[0], atol=2e-3 * np.abs(relevance).max())
+    tiny = decode_relevance(encode_relevance(relevance * 1e-9, "float16-base64", 1))  # below float16's smallest number
+    assert np.allclose(tiny, relevance[0] * 1e-9, atol=2e-3 * 1e-9 * np.abs(relevance).max())
     pooled = np.asarray(encode_relevance(relevance, "list", 4))
     assert pooled.shape == (7, 7) and np.isclose(pooled.sum(), relevance.sum(), atol=1e-4)
     picture = Image.open(io.BytesIO(base64.b64decode(encode_relevance(relevance, "png", 1)["png"])))
@@ -127,7 +130,7 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
         for k, prediction in enumerate(answer["predictions"]):
             assert prediction["label"] == expected.targets[k] and prediction["target"] == expected.targets[k]
             packed = prediction["relevance"]
-            relevance = np.frombuffer(base64.b64decode(packed["data"]), np.float16).reshape(packed["shape"])
+            relevance = decode_relevance(packed)
             # the relevance of the corrected model that predicted, as zennit computes it (float16 on the wire)
             assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
         # TorchServe's explanations endpoint reaches the same handler; a target per instance is honoured
@@ -163,7 +166,7 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
             assert status == 200, reply
             assert ("relevance" in reply) == (endpoint == "explanations")
             if endpoint == "explanations":
-                relevance = np.frombuffer(base64.b64decode(reply["relevance"]["data"]), np.float16).reshape(reply["relevance"]["shape"])
+                relevance = decode_relevance(reply["relevance"])
                 assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
         assert 1 <= _metric_total(server, "unhans_relevance_seconds_count") - batches_before < 3
 
@@ -191,7 +194,7 @@ def test_explain_graph_answers_explanations_alone(served_explain_archive, backdo
             assert status == plain_status == 200, (explained, plain)
             assert explained["label"] == plain["label"] == explained["target"] == expected.targets[k]
             assert abs(explained["artifact_score"] - plain["artifact_score"]) <= 1e-4 * max(1.0, abs(plain["artifact_score"]))
-            relevance = np.frombuffer(base64.b64decode(explained["relevance"]["data"]), np.float16).reshape(explained["relevance"]["shape"])
+            relevance = decode_relevance(explained["relevance"])
             assert np.abs(relevance - expected.relevance[k, 0]).max() <= 2e-3 * max(1.0, np.abs(expected.relevance[k]).max())
         body = {"instances": images[:2].tolist(), "explain": True, "target": [5, 7], "format": "list"}
         status, targeted = server.post("/predictions/vgg", json.dumps(body).encode(), "application/json")

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .core.errors import InputError
+from .options import parse_options, parse_position
 from .export.cli import archive_command, export_command, inspect_command
 from .monitor.cli import monitor_group
 from .output import console, print_table, results
@@ -43,20 +44,6 @@ def _command_path(args) -> str:
     args = sys.argv[1:] if args is None else args
     sub = next((a for a in args if not a.startswith("-")), "")
     return f"unhans {sub}".strip()
-
-
-def _parse_options(pairs: tuple[str, ...], flag: str) -> dict:
-    """``key=value`` pairs into a dict; values are read as JSON where they parse (numbers, lists), else text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(flag, f"{pair!r} is not KEY=VALUE", f"write e.g. {flag} size=5")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 @click.group(cls=UnhansGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,12 +79,7 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
     from .core.artifacts import make_artifact
     from .core.training import TrainSpec, train_run
 
-    if "," in position:
-        try:
-            position = tuple(int(v) for v in position.split(","))
-        except ValueError:
-            raise InputError("--position", f"{position!r} is not ROW,COL", "write e.g. --position 20,20") from None
-    options = {"position": position, **_parse_options(artifact_options, "--artifact-option")}
+    options = {"position": parse_position(position), **parse_options(artifact_options, "--artifact-option")}
     spec = TrainSpec(data=data, architecture=architecture, mode=mode, target=target, fraction=fraction,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     metrics = train_run(spec, make_artifact(artifact, **options), out_dir)

