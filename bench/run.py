@@ -35,6 +35,7 @@ BENCHMARKS = {
     "export": ["--vgg-run", str(RUNS / "vgg"), "--resnet-run", str(RUNS / "resnet")],
     "explain": ["--vgg-run", str(RUNS / "vgg"), "--resnet-run", str(RUNS / "resnet")],
     "models": [],
+    "imagenet": [],
     "serving": ["--run", str(RUNS / "vgg")],
     "monitor": ["--run", str(RUNS / "vgg")],
 }
