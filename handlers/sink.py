@@ -69,8 +69,10 @@ def _array_spec(array: np.ndarray) -> list:
 class Record:
     """One recorded request: what the model predicted, the relevance it was explained with, and a small thumbnail.
 
-    ``relevance`` is stored as float16 (precision enough for clustering relevance maps, half the bytes);
-    ``thumbnail`` as uint8. Either may be None when the handler had none to record.
+    ``relevance`` is stored as float16 (precision enough for clustering relevance maps, half the bytes), divided by its
+    largest magnitude first (header ``relevance_scale``): a real model's maps, about 1e-8 a pixel, would underflow
+    float16 to zeros; it is read back as float32 at its own scale. ``thumbnail`` is stored as uint8. Either may be None
+    when the handler had none to record.
     """
 
     prediction: int
@@ -86,9 +88,11 @@ class Record:
 
     def to_bytes(self) -> bytes:
         """The framed record (magic, length, CRC, payload), ready to append to a shard."""
-        arrays = []
+        arrays, scale = [], 1.0
         if self.relevance is not None:
-            arrays.append(("relevance", np.ascontiguousarray(self.relevance, dtype="<f2")))
+            magnitude = float(np.abs(np.asarray(self.relevance, np.float32)).max()) if np.size(self.relevance) else 0.0
+            scale = magnitude if np.isfinite(magnitude) and magnitude > 0 else 1.0
+            arrays.append(("relevance", np.ascontiguousarray(np.asarray(self.relevance, np.float32) / scale, dtype="<f2")))
         if self.thumbnail is not None:
             arrays.append(("thumbnail", np.ascontiguousarray(self.thumbnail, dtype=np.uint8)))
         header = {
@@ -101,6 +105,7 @@ class Record:
             "model": str(self.model),
             "version": str(self.version),
             "request_id": str(self.request_id),
+            "relevance_scale": scale,
             "arrays": [[name, *_array_spec(a)] for name, a in arrays],
         }
         head = json.dumps(header, separators=(",", ":")).encode()
@@ -137,8 +142,11 @@ class Record:
                 offset = end
             if offset != len(payload):
                 raise CorruptRecord("trailing bytes in the payload")
+            relevance = arrays.get("relevance")
+            if relevance is not None:
+                relevance = relevance.astype(np.float32) * np.float32(header.get("relevance_scale", 1.0))
             return cls(prediction=int(header["prediction"]), target=int(header["target"]),
-                       probabilities=[float(p) for p in header["probabilities"]], relevance=arrays.get("relevance"),
+                       probabilities=[float(p) for p in header["probabilities"]], relevance=relevance,
                        thumbnail=arrays.get("thumbnail"), score=header["score"], timestamp=float(header["timestamp"]),
                        model=header["model"], version=header["version"], request_id=header["request_id"])
         except CorruptRecord:
