@@ -46,6 +46,9 @@ class LocalTorchServe:
         for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
             self.ports[key] = _free_port()
             config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{self.ports[key]}")
+        for key, default in (("grpc_inference_port", 7070), ("grpc_management_port", 7071)):  # another server may hold them
+            self.ports[key] = _free_port()
+            config = config.replace(f"{key}={default}", f"{key}={self.ports[key]}")
         assert "disable_token_authorization=false" in config
         (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n{extra_config}\n")
         self.bin = Path(sys.executable).parent
