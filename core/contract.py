@@ -1,10 +1,16 @@
-"""The input contract of a served model: how an image (PNG/JPEG bytes, a photo on disk) becomes a model input.
+"""The contract of a served model: how an image (PNG/JPEG bytes, a photo on disk) becomes a model input, and how large
+a request and its answer may be.
 
 One typed object, written by ``unhans archive`` into the archive's ``model-config.yaml`` (section
 ``unhans.preprocess``) and read by the handler for every request and by ``unhans export`` for a user's photos, so the
 model sees the same pixels in both. The defaults fit the project's own 28×28 runs: no resize beyond the model's
 size, pixels in [0, 1] unnormalised. An ImageNet model declares ``resize=256`` (shorter side), its 224×224 centre
 crop, and ImageNet's mean and std.
+
+The size limits are checked by the handler before any work, and TorchServe's own ``max_request_size`` /
+``max_response_size`` are set from the same numbers (:func:`torchserve_limits`), with room above them, so that the
+handler, not TorchServe, answers an oversized request (a JSON 413 instead of a reset connection) and no answer ever
+reaches TorchServe's limit (which kills the worker).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ class InputContract:
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     resize: int = 0  # shorter side scaled to this, then a centre crop to height x width; 0: scaled straight to it
-    max_payload_bytes: int = 4 * 1024 * 1024
+    max_payload_bytes: int = 32 * 1024 * 1024  # a request body; JSON of one 224-px RGB instance takes 2-4 MB
+    max_response_bytes: int = 16 * 1024 * 1024  # an answer, estimated before the work (instances x relevance format)
+    max_instances: int = 256  # per request
 
     def __post_init__(self):
         for name in ("mean", "std"):
@@ -79,6 +87,17 @@ class InputContract:
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 raise InputError(str(path), f"is not a readable image ({error})", "pass PNG or JPEG files") from None
         return np.stack(images) if images else np.zeros((0, *self.shape), np.float32)
+
+
+# TorchServe's limits sit this far above the handler's, so requests between the two get the handler's JSON 413
+TORCHSERVE_HEADROOM_BYTES = 4 * 1024 * 1024
+
+
+def torchserve_limits(contract: InputContract | None = None) -> dict[str, int]:
+    """TorchServe's ``max_request_size`` and ``max_response_size`` for archives with ``contract``'s limits."""
+    contract = contract or InputContract(1, 1, 1)
+    return {"max_request_size": contract.max_payload_bytes + TORCHSERVE_HEADROOM_BYTES,
+            "max_response_size": contract.max_response_bytes + TORCHSERVE_HEADROOM_BYTES}
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..core.contract import InputContract
+from ..core.contract import InputContract, torchserve_limits
 from ..core.errors import InputError
 from ..core.layers import insert_after
 from ..core.models import load_model
@@ -132,14 +132,31 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
             problem = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise InputError("archive", f"torch-model-archiver failed ({problem[0]})", "check that torch-model-archiver is installed")
         (staging / f"{name}.mar").replace(target)
-        config_file = model_store / "config.properties"
-        if not config_file.exists():  # the configuration 'unhans archive' tells people to start TorchServe with
-            from unhans.torchserve import CONFIG_TEMPLATE
-
-            config_file.write_text(CONFIG_TEMPLATE.read_text())
+        _configure_torchserve(model_store / "config.properties", contract)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+TORCHSERVE_DEFAULT_SIZE = 6553500  # TorchServe's max_request_size and max_response_size when not set
+
+
+def _configure_torchserve(config_file: Path, contract: InputContract) -> None:
+    """Write the configuration 'unhans archive' tells people to start TorchServe with, its size limits set from the
+    archive's (:func:`unhans.core.contract.torchserve_limits`); an existing one is kept, and a warning names a limit
+    that is too small for this archive (TorchServe would reset large requests, or kill the worker on large answers)."""
+    needed = torchserve_limits(contract)
+    if not config_file.exists():
+        from unhans.torchserve import CONFIG_TEMPLATE
+
+        limits = "".join(f"{key}={value}\n" for key, value in needed.items())
+        config_file.write_text(CONFIG_TEMPLATE.read_text() + "# request and answer sizes, set from the archive's limits\n" + limits)
+        return
+    present = dict(line.split("=", 1) for line in config_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    for key, value in needed.items():
+        if int(present.get(key, TORCHSERVE_DEFAULT_SIZE)) < value:
+            warn(f"{config_file}: {key} is {present.get(key, f'{TORCHSERVE_DEFAULT_SIZE} (the default)')}, this archive needs "
+                 f"{key}={value}; set it, or TorchServe answers large requests or answers itself (a reset, a dead worker)")
 
 
 def _contract_of(graph) -> InputContract:

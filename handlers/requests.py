@@ -106,8 +106,42 @@ def _options(source: dict, request: Request, n: int) -> None:
             raise RequestError("target", f"{t!r} is not 'predicted' or a class index")
 
 
+# bytes of one instance's answer without relevance (label, class, probabilities' names and values), and per relevance
+# cell in each format (float16-base64: 2 bytes as base64; list: a JSON float; png: RGB as base64, uncompressed at worst)
+ANSWER_BYTES = 300
+TOPK_BYTES = 80
+RELEVANCE_CELL_BYTES = {"none": 0, "float16-base64": 3, "list": 26, "png": 4}
+
+
+def answer_bytes(request: Request, pre: InputContract) -> int:
+    """An upper estimate of the answer's size, known before any work: instances x (fields + relevance in its format)."""
+    cells = 0
+    if request.explain:
+        cells = -(-pre.height // request.downsample) * -(-pre.width // request.downsample)
+    return len(request.inputs) * (ANSWER_BYTES + TOPK_BYTES * request.topk + cells * RELEVANCE_CELL_BYTES[request.format])
+
+
 def parse(row: dict, pre: InputContract, explain_header: bool = False) -> Request:
-    """One TorchServe row (``data``/``body``: JSON, image bytes or ``.npy`` bytes) as a :class:`Request`."""
+    """One TorchServe row (``data``/``body``: JSON, image bytes or ``.npy`` bytes) as a :class:`Request`, refused with
+    413 when the answer it asks for would pass the contract's ``max_response_bytes``."""
+    request = _parse(row, pre, explain_header)
+    if request.downsample > max(pre.height, pre.width):
+        raise RequestError("downsample", f"is {request.downsample}, larger than the {pre.height}x{pre.width} map; use at most "
+                           f"{max(pre.height, pre.width)}", 422)
+    size = answer_bytes(request, pre)
+    if size > pre.max_response_bytes:
+        raise RequestError("instances", f"ask for an answer of about {size / 2**20:.1f} MiB, more than the limit of "
+                           f"{pre.max_response_bytes / 2**20:.1f} MiB; send fewer instances, a larger 'downsample', or "
+                           "format 'float16-base64' or 'none'", 413, reason="answer_too_large")
+    return request
+
+
+def _many(count: int, pre: InputContract, where: str) -> None:
+    if count > pre.max_instances:
+        raise RequestError(where, f"has {count} instances, more than the limit of {pre.max_instances} a request", 413)
+
+
+def _parse(row: dict, pre: InputContract, explain_header: bool) -> Request:
     body = row.get("data") if row.get("data") is not None else row.get("body")
     if body is None:
         raise RequestError("body", "is empty; send an image, a .npy array or JSON with 'instances'")
@@ -136,6 +170,7 @@ def parse(row: dict, pre: InputContract, explain_header: bool = False) -> Reques
             raise RequestError("instances", "is missing; send {\"instances\": [...]} or one array")
         if not isinstance(instances, list) or not instances:
             raise RequestError("instances", "must be a non-empty list of arrays")
+        _many(len(instances), pre, "instances")
         request = Request(np.stack([_array(x, pre, f"instances[{i}]") for i, x in enumerate(instances)]), many=True, explain=explain_header)
         _options(body, request, len(instances))
         return request
@@ -145,6 +180,7 @@ def parse(row: dict, pre: InputContract, explain_header: bool = False) -> Reques
 def _single(value, pre: InputContract, explain_header: bool) -> Request:
     """A bare array: one instance (C, H, W), or a stack of them (N, C, H, W) as KServe v2 inputs carry."""
     if np.ndim(value) == 4:
+        _many(len(value), pre, "body")
         request = Request(np.stack([_array(x, pre, f"body[{i}]") for i, x in enumerate(value)]), many=True, explain=explain_header)
     else:
         request = Request(_array(value, pre, "body")[None], many=False, explain=explain_header)

@@ -177,6 +177,19 @@ def test_handler_in_torchserve(served_archive, backdoored_vgg, torchserve, tmp_p
                     for line in exposed.splitlines() if line.startswith("unhans_rejected_requests_total{")}
         assert rejected == {"body": 2.0, "unknown_option": 1.0}
 
+        # sizes, set together (unhans.core.contract.torchserve_limits): a body above TorchServe's default limit (6.5 MB)
+        # reaches the handler and is answered; one above the handler's limit gets the handler's JSON 413, since
+        # TorchServe's own limit sits above it; an answer too large is refused before the work; no worker dies
+        padded = json.dumps({"instances": images[:1].tolist()}).encode() + b" " * 8_000_000
+        status, reply = server.post("/predictions/vgg", padded, "application/octet-stream")
+        assert status == 200 and "label" in reply["predictions"][0], reply
+        status, reply = server.post("/predictions/vgg", b"\0" * (33 * 2**20), "application/octet-stream")
+        assert status == 413 and "more than the limit" in reply["error"]["problem"], reply
+        many = json.dumps({"instances": [images[0].tolist()] * 300, "explain": True, "format": "list"}).encode()
+        status, reply = server.post("/predictions/vgg", many, "application/octet-stream")
+        assert status == 413 and reply["error"]["field"] == "instances", reply
+        assert {w["pid"] for w in server.workers()} == pids
+
 
 @pytest.mark.integration
 def test_explain_graph_answers_explanations_alone(served_explain_archive, backdoored_vgg, torchserve, tmp_path):
@@ -290,3 +303,23 @@ def test_sampled_requests_reach_the_sink(backdoored_vgg, served_archive, torchse
     assert np.allclose(records[0].relevance, expected[0], atol=2e-3 * max(1.0, np.abs(expected[0]).max()))
     assert records[0].thumbnail.shape[:2] == (16, 16) and records[0].score is not None and records[0].version == "1.0"
     assert len({record.request_id for record in records}) == 5  # each HTTP request keeps its own id
+
+
+def test_answers_larger_than_the_limit_are_refused_before_the_work():
+    from unhans.handlers.requests import answer_bytes
+
+    images = np.zeros((40, 1, 28, 28), np.float32).tolist()
+    small = InputContract(channels=1, height=28, width=28, max_response_bytes=200_000, max_instances=50)
+    listed = {"data": json.dumps({"instances": images, "explain": True, "format": "list"}).encode()}
+    with pytest.raises(RequestError, match="answer of about .* MiB, more than the limit") as refused:
+        parse(listed, small)
+    assert refused.value.status == 413
+    # the same instances fit as float16-base64, or pooled: the estimate follows the format and the downsampling
+    assert parse({"data": json.dumps({"instances": images, "explain": True}).encode()}, small).format == "float16-base64"
+    pooled = parse({"data": json.dumps({"instances": images, "explain": True, "format": "list", "downsample": 4}).encode()}, small)
+    assert answer_bytes(pooled, small) < 200_000
+    with pytest.raises(RequestError, match="51 instances, more than the limit of 50") as many:
+        parse({"data": json.dumps({"instances": images + images[:11]}).encode()}, small)
+    assert many.value.status == 413
+    with pytest.raises(RequestError, match="larger than the 28x28 map"):
+        parse({"data": json.dumps({"instances": images[:1], "explain": True, "downsample": 10**6}).encode()}, small)

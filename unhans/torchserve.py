@@ -21,6 +21,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from unhans.core.contract import torchserve_limits
+
 CONFIG_TEMPLATE = importlib.resources.files("unhans.model_store") / "config.properties"  # package data
 
 
@@ -50,7 +52,8 @@ class LocalTorchServe:
             self.ports[key] = _free_port()
             config = config.replace(f"{key}={default}", f"{key}={self.ports[key]}")
         assert "disable_token_authorization=false" in config
-        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n{extra_config}\n")
+        limits = "".join(f"{key}={value}\n" for key, value in torchserve_limits().items())  # the contract's defaults
+        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n{limits}{extra_config}\n")
         self.bin = Path(sys.executable).parent
         # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
         self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
