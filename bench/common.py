@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -20,3 +22,14 @@ def report(title: str, figures: dict, targets: dict, json_path: Path | None) -> 
     Console().print(table)
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=2))
+
+
+def throughput(server, name: str, bodies: list[bytes], endpoint: str = "predictions", content_type: str = "image/png",
+               clients: int = 16) -> float:
+    """Requests per second that ``clients`` concurrent keep-alive clients get for ``bodies`` from ``/endpoint/name`` of a
+    :class:`unhans.torchserve.LocalTorchServe`; every answer must be a 200."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(lambda body: server.post(f"/{endpoint}/{name}", body, content_type)[0], bodies))
+    assert all(s == 200 for s in statuses), statuses
+    return len(bodies) / (time.perf_counter() - started)

@@ -12,6 +12,15 @@ correction is fitted on 13 photos paired with their watermarked copies, at one b
 - clean_top1_agreement_after: top-1 of the corrected vs the original model on clean held-out photos (target >= 0.99);
 - cav_heldout_detection_acc: the artifact detector on the held-out photos, clean and watermarked (target >= 0.9),
   beside cav_cv_detection_acc, the cross-validated figure the CAV reports from its own fitting pairs.
+
+Over HTTP, in one real TorchServe (batch size 8, 8 keep-alive clients, the photos' JPEG files as bodies), side by side:
+`ours` (the corrected graph and its explain graph, archived by `build_archive` with the ImageNet contract, 2 threads)
+and `stock` (the same model.py and weights with TorchServe's stock `image_classifier`, whose preprocessing is the same
+256/224/ImageNet one, explanations by its Captum Integrated Gradients):
+
+- explain_speedup_vs_torchserve_ig_224: our explanations per second over theirs (target >= 20);
+- predict_throughput_vs_stock_224: our predictions per second over theirs (target >= 1.5), rounds interleaved;
+- explain_latency_over_predict_b1: one request at a time, our explanation's latency over our prediction's.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from unhans.core.layers import activations, insert_after
 from unhans.core.models.zoo import IMAGENET_MEAN, IMAGENET_STD, PHOTOS, efficientnet_lite0
 from unhans.export.correction import Correction
 
-TARGETS = {"watermark_flip_rate_after": "<= 0.1 x before", "clean_top1_agreement_after": ">= 0.99", "cav_heldout_detection_acc": ">= 0.9"}
+TARGETS = {"watermark_flip_rate_after": "<= 0.1 x before", "clean_top1_agreement_after": ">= 0.99", "cav_heldout_detection_acc": ">= 0.9",
+           "explain_speedup_vs_torchserve_ig_224": ">= 20", "predict_throughput_vs_stock_224": ">= 1.5"}
+CLIENTS, BATCH, ROUNDS = 8, 8, 3
 CONTRACT = InputContract(3, 224, 224, list(IMAGENET_MEAN), list(IMAGENET_STD), resize=256)
 
 
@@ -57,18 +68,75 @@ def watermark(path: Path) -> Path:
     return path
 
 
+def http(scratch: Path, model, layer: str, correction: Correction, probe: np.ndarray, files: list[Path]) -> dict:
+    """Our archive and TorchServe's stock image classifier on the same model, in one TorchServe: the HTTP figures."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    from common import throughput
+
+    from unhans.core.models.zoo import write_efficientnet_lite0
+    from unhans.export.archive import build_archive
+    from unhans.export.explain import explain_path, export_explain
+    from unhans.export.onnx import export_torch
+    from unhans.torchserve import LocalTorchServe
+
+    model_file, weights = write_efficientnet_lite0(scratch / "lite0")
+    graph = export_torch(model, layer, correction, probe, scratch / "lite0.onnx").path
+    export_explain(insert_after(model, layer, correction.module()), explain_path(graph), probe=probe[:8], detector=correction)
+    store = scratch / "store"
+    store.mkdir()
+    build_archive(graph, None, "ours", store, batch_size=BATCH, max_batch_delay_ms=5, threads=2, model_file=model_file,
+                  weights=weights, contract=CONTRACT)
+    config = scratch / "stock-config.yaml"
+    config.write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {BATCH}\nmaxBatchDelay: 5\nresponseTimeout: 600\n")
+    subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "stock", "--version", "1.0",
+                    "--model-file", str(model_file), "--serialized-file", str(weights), "--handler", "image_classifier",
+                    "--config-file", str(config), "--export-path", str(store), "--force"], check=True,
+                   env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True)
+    bodies = [path.read_bytes() for path in files]
+    (scratch / "work").mkdir()
+    figures = {}
+    with LocalTorchServe(store, ["ours", "stock"], scratch / "work", ready_timeout=300, keep_alive=True) as server:
+        latency = {"predictions": [], "explanations": []}
+        for body in bodies[:12]:
+            for endpoint in latency:
+                started = time.perf_counter()
+                status, answer = server.post(f"/{endpoint}/ours", body, "image/jpeg")
+                latency[endpoint].append(time.perf_counter() - started)
+                assert status == 200, answer
+        figures["predict_ms_b1"] = 1000 * statistics.median(latency["predictions"])
+        figures["explain_ms_b1"] = 1000 * statistics.median(latency["explanations"])
+        figures["explain_latency_over_predict_b1"] = figures["explain_ms_b1"] / figures["predict_ms_b1"]
+        rates = {(endpoint, name): [] for endpoint in ("predictions", "explanations") for name in ("ours", "stock")}
+        for _ in range(ROUNDS):
+            for (endpoint, name), runs in rates.items():
+                count = 16 if (endpoint, name) == ("explanations", "stock") else 64
+                runs.append(throughput(server, name, (bodies * 4)[:count], endpoint, "image/jpeg", CLIENTS))
+        for (endpoint, name), runs in rates.items():
+            figures[f"{endpoint}_per_s_{name}"] = statistics.median(runs)
+        figures["predict_throughput_vs_stock_224"] = figures["predictions_per_s_ours"] / figures["predictions_per_s_stock"]
+        figures["explain_speedup_vs_torchserve_ig_224"] = figures["explanations_per_s_ours"] / figures["explanations_per_s_stock"]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--layer", default="_blocks.10")
     parser.add_argument("--mode", default="flat", choices=("flat", "channel"))
+    parser.add_argument("--no-http", action="store_true", help="skip the TorchServe comparison (a few minutes)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = efficientnet_lite0()
-    with tempfile.TemporaryDirectory() as scratch:
-        files = photo_files(Path(scratch))
-        pixels = CONTRACT.load(files)
-        marked, _ = Watermark(path=str(watermark(Path(scratch) / "watermark.png")), position="center", size=200).apply(pixels)
+    scratch_dir = tempfile.TemporaryDirectory()
+    scratch = Path(scratch_dir.name)
+    files = photo_files(scratch)
+    pixels = CONTRACT.load(files)
+    marked, _ = Watermark(path=str(watermark(scratch / "watermark.png")), position="center", size=200).apply(pixels)
     clean, dirty = CONTRACT.normalise(pixels), CONTRACT.normalise(marked)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(clean))
@@ -93,6 +161,9 @@ def main() -> None:
         "cav_cv_detection_acc": float(cav.quality_["heldout_detection_acc"]),
         "cav_warnings": " | ".join(cav.quality_["warnings"]) or "none",
     }
+    if not args.no_http:
+        figures.update(http(scratch, model, args.layer, correction, np.concatenate([dirty[fit][:8], clean[fit][:8]]), files))
+    scratch_dir.cleanup()
     report("imagenet: EfficientNet-Lite0 patched against a watermark from paired photos", figures, TARGETS, args.json)
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from common import report
+from common import report, throughput
 from PIL import Image
 
 from unhans.core.artifacts import Patch
@@ -77,14 +77,6 @@ def _stock_archive(run: Path, store: Path, scratch: Path) -> None:
                     "--model-file", str(run / "model.py"), "--serialized-file", str(run / "weights.pt"),
                     "--handler", str(Path(__file__).with_name("stock_mnist_handler.py")), "--config-file", str(config),
                     "--export-path", str(store), "--force"], check=True, env={**os.environ, "TMPDIR": str(scratch)})
-
-
-def _throughput(server: LocalTorchServe, name: str, bodies: list[bytes], endpoint: str = "predictions") -> float:
-    started = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        statuses = list(pool.map(lambda body: server.post(f"/{endpoint}/{name}", body, "image/png")[0], bodies))
-    assert all(s == 200 for s in statuses), statuses
-    return len(bodies) / (time.perf_counter() - started)
 
 
 def _cpu(process: psutil.Process | None = None) -> float:
@@ -154,7 +146,7 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
         explained = {"ours_all_cores": [], "ours": [], "stock": []}
         for _ in range(ROUNDS):
             for name in explained:
-                explained[name].append(_throughput(server, name, bodies[: 80 if name == "stock" else 320], "explanations"))
+                explained[name].append(throughput(server, name, bodies[: 80 if name == "stock" else 320], "explanations"))
         figures.update({f"explanations_per_s_{name}": statistics.median(r) for name, r in explained.items()})
         figures["explain_speedup_vs_torchserve_ig"] = figures["explanations_per_s_ours_all_cores"] / figures["explanations_per_s_stock"]
         figures["explain_speedup_one_thread"] = figures["explanations_per_s_ours"] / figures["explanations_per_s_stock"]
@@ -162,10 +154,10 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
         rates = {"ours": [], "stock": []}
         for _ in range(ROUNDS):
             for name in rates:
-                rates[name].append(_throughput(server, name, bodies))
+                rates[name].append(throughput(server, name, bodies))
         figures.update({f"requests_per_s_{name}": statistics.median(r) for name, r in rates.items()})
         figures["predict_throughput_vs_stock_handler"] = figures["requests_per_s_ours"] / figures["requests_per_s_stock"]
-        figures["explain_http_ceiling"] = _throughput(server, "ours_all_cores", bodies) / figures["explanations_per_s_stock"]
+        figures["explain_http_ceiling"] = throughput(server, "ours_all_cores", bodies) / figures["explanations_per_s_stock"]
         lost, workers = [], {name: psutil.Process(server.workers(name)[0]["pid"]) for name in ("ours", "ours_sampled")}
         worker_cpu = {name: -_cpu(process) for name, process in workers.items()}
         threads_before = {t.id: t.user_time + t.system_time for t in workers["ours_sampled"].threads()}
@@ -174,7 +166,7 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
             pair = {}
             for name in ("ours", "ours_sampled") if r % 2 else ("ours_sampled", "ours"):
                 machine = -_cpu()
-                pair[name] = _throughput(server, name, bodies * 5)
+                pair[name] = throughput(server, name, bodies * 5)
                 if name == "ours":
                     machine_cpu_ours += machine + _cpu()
             lost.append(100 * (1 - pair["ours_sampled"] / pair["ours"]))

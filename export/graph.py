@@ -65,6 +65,10 @@ def scope_output(model: onnx.ModelProto, layer: str) -> str:
     """The one tensor that leaves module scope ``layer``: the layer's output as the rest of the graph sees it."""
     graph = model.graph
     inside = [node for node in graph.node if layer in _scopes(node)[:-1]]
+    if not inside and not scope_names(model):
+        raise InputError("layer", f"the graph records no module names, so {layer!r} cannot be found in it (only "
+                         "torch.onnx.export(..., dynamo=True) writes them)", "name the tensor to correct with --tensor NAME "
+                         "('unhans inspect' lists inputs and outputs; onnx.load(...).graph.node the rest)")
     if not inside:
         raise _unknown("layer", layer, scope_names(model))
     inside_ids = {id(node) for node in inside}
@@ -101,12 +105,21 @@ def shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return out
 
 
-def activation_shape(model: onnx.ModelProto, tensor: str) -> tuple[int, ...]:
-    """Shape of one sample of ``tensor`` (batch axis dropped); refuses tensors whose shape is not static."""
+def activation_shape(model: onnx.ModelProto, tensor: str, seen: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Shape of one sample of ``tensor`` (batch axis dropped). Where shape inference leaves dimensions symbolic (a
+    graph exported with dynamic height and width), ``seen``, the shape onnxruntime computed for the activations the
+    correction was fitted on, fills them in (the corrected graph is then verified in onnxruntime on a probe)."""
     shape = shapes(model).get(tensor)
-    if shape is None or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-        raise InputError("tensor", f"{tensor!r} has no static per-sample shape ({shape})", "pick a tensor of shape (batch, ...) with fixed sizes")
-    return tuple(shape[1:])
+    static = shape is not None and len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    if static:
+        return tuple(shape[1:])
+    fits = seen is not None and (shape is None or (len(shape) == len(seen) + 1 and all(
+        not isinstance(d, int) or d <= 0 or d == k for d, k in zip(shape[1:], seen))))
+    if not fits:
+        raise InputError("tensor", f"{tensor!r} has no static per-sample shape ({shape}) and its activations were not "
+                         f"seen{'' if seen is None else f' with a matching rank ({seen})'}",
+                         "pick a tensor of shape (batch, ...), or fit the correction on its activations")
+    return tuple(seen)
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -291,7 +304,7 @@ def apply_correction(model: onnx.ModelProto, x: str, correction: Correction, fol
         raise InputError("tensor", f"{x!r} is an output of the graph", "correct an intermediate layer")
     if SCORE_OUTPUT in tensor_names(graph) or SCORE_OUTPUT in {o.name for o in graph.output}:
         raise InputError("model", f"the graph already has a tensor {SCORE_OUTPUT!r}", "export from the uncorrected model")
-    shape = activation_shape(corrected, x)
+    shape = activation_shape(corrected, x, tuple(correction.clean_mean.shape))
     correction.check_shape(shape, f"tensor {x!r}")
 
     b = _Builder(graph, x, shape)

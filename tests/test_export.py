@@ -18,7 +18,7 @@ from unhans.export import onnx as onnx_export
 from unhans.export.archive import build_archive
 from unhans.export.cli import export_command, inspect_command
 from unhans.export.correction import Correction, load_correction
-from unhans.export.graph import scope_output
+from unhans.export.graph import scope_output, shapes
 from unhans.export.runtime import run_batched, session
 
 LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
@@ -253,3 +253,33 @@ def test_integration_torchserve_serves_the_archive(runs, tmp_path, torchserve):
         assert status == 200 and as_json["label"] == answer["label"]
         status, _ = server.post("/predictions/vgg", npy.getvalue(), "application/octet-stream", authorize=False)
         assert status in (400, 401)  # token authorization is on
+
+def test_onnx_route_resolves_symbolic_shapes_and_names_the_fix_for_missing_scopes(tmp_path):
+    """A graph exported with dynamic height and width: shape inference leaves the activation's size symbolic, the shape
+    onnxruntime computed for the fitting activations fills it in, and the corrected graph is verified on a probe."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=4, max=64), 3: torch.export.Dim("w", min=4, max=64)}
+    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+                                dynamic_shapes=(dims,), external_data=False, opset_version=onnx_export.OPSET)
+    source = tmp_path / "dynamic.onnx"
+    source.write_bytes(onnx_export._with_ir_version(program.model_proto).SerializeToString())
+    graph = onnx.load(str(source))
+    relu = next(n.output[0] for n in graph.graph.node if n.op_type == "Relu")
+    assert not all(isinstance(d, int) for d in shapes(graph)[relu][1:])  # inference leaves them symbolic
+    rng = np.random.default_rng(0)
+    clean = rng.random((20, 3, 16, 16), dtype=np.float32)
+    marked = clean.copy()
+    marked[:, :, :4, :4] = 1.0
+    cav = onnx_export.fit_cav_onnx(graph, marked, clean, tensor=relu, paired=True)
+    report = onnx_export.export_onnx(source, Correction.from_cav(cav), np.concatenate([marked[:4], clean[:4]]), tmp_path / "out.onnx", tensor=relu)
+    assert report.max_abs_diff <= 1e-4 * max(1.0, report.logit_scale)
+    # a graph without module names (not written by the dynamo exporter): the message says so, and what to pass instead
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+    (tmp_path / "plain.onnx").write_bytes(graph.SerializeToString())
+    with pytest.raises(InputError, match=r"records no module names.*dynamo=True.*--tensor NAME"):
+        onnx_export.fit_cav_onnx(onnx.load(str(tmp_path / "plain.onnx")), marked, clean, layer="0")
