@@ -70,7 +70,8 @@ def _explain_batch(model_source: str, state: bytes, key: str, composite: str, la
             f.write(model_source)
         model = model_class_from_file(f.name)()
         model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
-        lrp = _LRP_CACHE[key] = LRP(model.eval(), composite, layers=() if layer == INPUT else (layer,))
+        # checked once by run_audit before any batch: this copy (per process) is the same model
+        lrp = _LRP_CACHE[key] = LRP(model.eval(), composite, layers=() if layer == INPUT else (layer,), check=False)
     explanation = lrp(torch.from_numpy(images), targets)
     return {INPUT: explanation.relevance, "logits": explanation.logits, **explanation.layer_relevance}
 

@@ -33,3 +33,18 @@ def throughput(server, name: str, bodies: list[bytes], endpoint: str = "predicti
         statuses = list(pool.map(lambda body: server.post(f"/{endpoint}/{name}", body, content_type)[0], bodies))
     assert all(s == 200 for s in statuses), statuses
     return len(bodies) / (time.perf_counter() - started)
+
+
+def latency_ms(server, paths: list[str], bodies: list[bytes], content_type: str = "image/png") -> dict[str, float]:
+    """Median milliseconds of one request at a time to each of ``paths`` (e.g. ``/explanations/ours``), the paths
+    interleaved body by body so a slow phase of the machine hits all alike; every answer must be a 200."""
+    import statistics
+
+    times = {path: [] for path in paths}
+    for body in bodies:
+        for path in paths:
+            started = time.perf_counter()
+            status, answer = server.post(path, body, content_type)
+            times[path].append(time.perf_counter() - started)
+            assert status == 200, (path, answer)
+    return {path: 1000 * statistics.median(values) for path, values in times.items()}

@@ -74,9 +74,8 @@ def http(scratch: Path, model, layer: str, correction: Correction, probe: np.nda
     import statistics
     import subprocess
     import sys
-    import time
 
-    from common import throughput
+    from common import latency_ms, throughput
 
     from unhans.core.models.zoo import write_efficientnet_lite0
     from unhans.export.archive import build_archive
@@ -101,15 +100,8 @@ def http(scratch: Path, model, layer: str, correction: Correction, probe: np.nda
     (scratch / "work").mkdir()
     figures = {}
     with LocalTorchServe(store, ["ours", "stock"], scratch / "work", ready_timeout=300, keep_alive=True) as server:
-        latency = {"predictions": [], "explanations": []}
-        for body in bodies[:12]:
-            for endpoint in latency:
-                started = time.perf_counter()
-                status, answer = server.post(f"/{endpoint}/ours", body, "image/jpeg")
-                latency[endpoint].append(time.perf_counter() - started)
-                assert status == 200, answer
-        figures["predict_ms_b1"] = 1000 * statistics.median(latency["predictions"])
-        figures["explain_ms_b1"] = 1000 * statistics.median(latency["explanations"])
+        latency = latency_ms(server, ["/predictions/ours", "/explanations/ours"], bodies[:12], "image/jpeg")
+        figures["predict_ms_b1"], figures["explain_ms_b1"] = latency["/predictions/ours"], latency["/explanations/ours"]
         figures["explain_latency_over_predict_b1"] = figures["explain_ms_b1"] / figures["predict_ms_b1"]
         rates = {(endpoint, name): [] for endpoint in ("predictions", "explanations") for name in ("ours", "stock")}
         for _ in range(ROUNDS):
@@ -145,8 +137,7 @@ def main() -> None:
     correction = Correction.from_cav(cav)
     corrected = insert_after(model, args.layer, correction.module())
     with torch.no_grad():
-        top1 = {name: net(torch.from_numpy(x[held])).argmax(1).numpy() for name, net in (("original", model), ("corrected", corrected))
-                for x in (clean,)}
+        before_clean = model(torch.from_numpy(clean[held])).argmax(1).numpy()
         before_dirty = model(torch.from_numpy(dirty[held])).argmax(1).numpy()
         after_clean = corrected(torch.from_numpy(clean[held])).argmax(1).numpy()
         after_dirty = corrected(torch.from_numpy(dirty[held])).argmax(1).numpy()
@@ -154,9 +145,9 @@ def main() -> None:
     truth = np.r_[np.ones(len(held)), np.zeros(len(held))]
     figures = {
         "photos_fit": int(len(fit)), "photos_held_out": int(len(held)), "layer": args.layer, "mode": args.mode,
-        "watermark_flip_rate_before": float(np.mean(before_dirty != top1["original"])),
+        "watermark_flip_rate_before": float(np.mean(before_dirty != before_clean)),
         "watermark_flip_rate_after": float(np.mean(after_dirty != after_clean)),
-        "clean_top1_agreement_after": float(np.mean(after_clean == top1["original"])),
+        "clean_top1_agreement_after": float(np.mean(after_clean == before_clean)),
         "cav_heldout_detection_acc": float(np.mean((scores > 0) == truth)),
         "cav_cv_detection_acc": float(cav.quality_["heldout_detection_acc"]),
         "cav_warnings": " | ".join(cav.quality_["warnings"]) or "none",

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from common import report, throughput
+from common import latency_ms, report, throughput
 from PIL import Image
 
 from unhans.core.artifacts import Patch
@@ -132,15 +132,9 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
     (scratch / "work").mkdir()
     with LocalTorchServe(store, ["ours", "ours_sampled", "ours_all_cores", "stock"], scratch / "work", ready_timeout=240, keep_alive=True) as server:
         pids = {name: {w["pid"] for w in server.workers(name)} for name in server.names}
-        latency = {"ours_all_cores": [], "stock": []}
-        for body in bodies[:40]:
-            for name in latency:
-                started = time.perf_counter()
-                status, answer = server.post(f"/explanations/{name}", body, "image/png")
-                latency[name].append(time.perf_counter() - started)
-                assert status == 200, (name, answer)
-        figures["explain_ms_ours"] = 1000 * statistics.median(latency["ours_all_cores"])
-        figures["explain_ms_torchserve_ig"] = 1000 * statistics.median(latency["stock"])
+        latency = latency_ms(server, ["/explanations/ours_all_cores", "/explanations/stock"], bodies[:40])
+        figures["explain_ms_ours"] = latency["/explanations/ours_all_cores"]
+        figures["explain_ms_torchserve_ig"] = latency["/explanations/stock"]
         figures["explain_latency_ratio_b1"] = figures["explain_ms_torchserve_ig"] / figures["explain_ms_ours"]
         # under load, batches of 8 form on both sides: explanations per second, same model, same batch
         explained = {"ours_all_cores": [], "ours": [], "stock": []}

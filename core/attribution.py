@@ -164,12 +164,10 @@ def conservation(model: nn.Module, x: torch.Tensor, composite: str = "epsilon_pl
                  high: float = 1.0) -> Conservation:
     """Conservation of LRP on ``model`` with biases zeroed (and corrections taken out: the P-ClArC projection is an
     edit of the user's, not a rule), for the rows of ``x``; the worst redistributing layer is named."""
-    lrp = LRP(_bias_free(without_corrections(model)), composite, low=low, high=high, epsilon=CHECK_EPSILON, check=False)
-    lrp.model.double()  # in float64 with a tiny epsilon, so that only a rule, never rounding, can break conservation
-    lrp._composite.remove()
-    lrp._composite = make_composite(composite, low, high, epsilon=CHECK_EPSILON, stabilizer=CHECK_EPSILON,
-                                    canonization=lrp.canonization)
-    lrp._composite.register(lrp.model)
+    # in float64 with a tiny epsilon, so that only a rule, never rounding, can break conservation
+    lrp = LRP(_bias_free(without_corrections(model)), composite, low=low, high=high, epsilon=CHECK_EPSILON,
+              stabilizer=CHECK_EPSILON, check=False)
+    lrp.model.double()
     sums: dict[str, list] = {}
 
     def record(name, side):
@@ -232,7 +230,8 @@ class LRP:
     """
 
     def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat", layers: tuple[str, ...] = (),
-                 low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6, gamma: float = 0.25, check: bool = True):
+                 low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6, gamma: float = 0.25, check: bool = True,
+                 stabilizer: float = STABILIZER):
         self.layers = tuple(layers)
         for name in self.layers:
             get_layer(model, name)
@@ -246,7 +245,7 @@ class LRP:
             if taps[name] not in called:
                 raise InputError("layer", f"{name!r} is never called in {type(model).__name__}'s forward", "name a layer the model uses")
         self._outputs: dict[str, torch.Tensor] = {}
-        self._composite = make_composite(composite, low, high, epsilon, gamma, canonization=self.canonization)
+        self._composite = make_composite(composite, low, high, epsilon, gamma, stabilizer, canonization=self.canonization)
         self._composite.register(self.model)
         # registered after the composite, so each sees the tensor that flows on (and carries its relevance)
         self._layer_handles = [

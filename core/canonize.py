@@ -270,7 +270,8 @@ class _Rewriter:
                 if not (inputs and inputs[0] in nonneg):
                     self.report.signed_input.append(node.target)
             elif _makes_nonneg(module) or (inputs and all(a in nonneg for a in inputs) and (
-                    isinstance(module, SIGN_KEEPING_LAYERS) or (node.op == "call_function" and node.target in _SIGN_KEEPING_FUNCTIONS))):
+                    isinstance(module, SIGN_KEEPING_LAYERS) or (node.op in ("call_function", "call_method")
+                                                                  and node.target in _SIGN_KEEPING_FUNCTIONS))):
                 nonneg.add(node)
 
     def _rectifies(self, node) -> bool:
