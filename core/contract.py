@@ -34,6 +34,7 @@ class InputContract:
     max_payload_bytes: int = 32 * 1024 * 1024  # a request body; JSON of one 224-px RGB instance takes 2-4 MB
     max_response_bytes: int = 16 * 1024 * 1024  # an answer, estimated before the work (instances x relevance format)
     max_instances: int = 256  # per request
+    max_image_pixels: int = 36_000_000  # an encoded image's width x height, read from its header before decoding
 
     def __post_init__(self):
         for name in ("mean", "std"):

@@ -6,7 +6,8 @@ An explain graph exported with the correction's detector also gives the artifact
 needs no run of the prediction graph.
 :class:`Sampler` records a fraction of served instances off the request path: a bounded queue, drained by one
 thread that computes relevance for the sampled instances in batches and appends them to the sink; when the queue
-is full, instances are dropped and counted rather than slowing requests down.
+is full, instances are dropped and counted rather than slowing requests down. What it accepts is journaled before
+the answer leaves, so a killed worker loses none of it: the next worker on the host records it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import META
 from unhans.export.runtime import session
 
-from .sink import Record, ShardWriter
+from .sink import Journal, Record, ShardReader, ShardWriter, orphaned_journals, read_journal, seal_stale
 
 logger = logging.getLogger(__name__)
 EXPLAIN_FILE = "explain.onnx"
@@ -99,6 +100,7 @@ class _Pending:
     score: float | None
     timestamp: float
     request_id: str
+    generation: int = -1  # its journal generation (-1: not journaled)
 
 
 class Sampler:
@@ -112,15 +114,15 @@ class Sampler:
     """
 
     def __init__(self, writer: ShardWriter, explainer: Explainer, fraction: float, model: str, version: str,
-                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = DEFAULT_CPU_BUDGET):
+                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = DEFAULT_CPU_BUDGET, journal: Journal | None = None):
         if not 0.0 < cpu_budget <= 1.0:
             raise ValueError(f"cpu_budget {cpu_budget} is outside (0, 1]: give the share of one core sampling may use")
         self.cpu_budget = cpu_budget
-        self.writer, self.explainer, self.fraction = writer, explainer, fraction
+        self.writer, self.explainer, self.fraction, self.journal = writer, explainer, fraction, journal
         self.model, self.version, self.batch = model, version, batch
         self._queue: queue.Queue[_Pending] = queue.Queue(queue_size)
         self._rng = np.random.default_rng()
-        self._counts = {"sampled": 0, "dropped": 0, "errors": 0}
+        self._counts = {"sampled": 0, "dropped": 0, "errors": 0, "recovered": 0}
         self._counts_lock = threading.Lock()
         threading.Thread(target=self._drain, name="unhans-sampler", daemon=True).start()
 
@@ -130,17 +132,26 @@ class Sampler:
         return np.flatnonzero(self._rng.random(n) < self.fraction)
 
     def offer(self, inputs: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, scores, request_ids: list[str]) -> None:
-        """Queue picked instances (one request id each) for recording; called on the request path, never blocks."""
-        dropped = 0
+        """Queue picked instances (one request id each) for recording, journaled first; called on the request path
+        (one thread: the handler's), never blocks and never raises: what it cannot take is counted."""
+        dropped = errors = 0
         for k in range(len(inputs)):
+            if self._queue.full():  # only this thread adds: a free slot stays free until the put
+                dropped += 1
+                continue
             item = _Pending(inputs[k].copy(), int(predicted[k]), probabilities[k].tolist(),
                             None if scores is None else float(scores[k]), time.time(), request_ids[k])
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                dropped += 1
+            if self.journal is not None:
+                try:
+                    item.generation = self.journal.append(_record(item, self.model, self.version, journaled=True))
+                except OSError as error:
+                    logger.warning("unhans: the sampler's journal failed (%s): this instance is recorded unjournaled", error)
+                    errors += 1
+            self._queue.put_nowait(item)
         if dropped:
             self._count("dropped", dropped)
+        if errors:
+            self._count("errors", errors)
 
     def take_counts(self) -> dict[str, int]:
         """Counts since the last call (the handler turns them into metrics on the request path)."""
@@ -153,6 +164,7 @@ class Sampler:
             self._counts[key] += n
 
     def _drain(self) -> None:
+        self._recover()
         while True:
             items = []
             try:
@@ -165,23 +177,50 @@ class Sampler:
                 if items:
                     started = time.thread_time()
                     self._write(items)
+                    if self.journal is not None:  # durable in the shard: the journal before this batch may go
+                        self.writer.flush()
+                        self.journal.release(items[-1].generation)
                     time.sleep((time.thread_time() - started) * (1.0 / self.cpu_budget - 1.0))  # stay within the budget
                 self.writer.poll()  # time-based flush and rotation happen here even when traffic stops
             except Exception as error:  # the sampler must outlive any failure; losses are counted
                 logger.warning("unhans: sampling failed (%s)", error)
                 self._count("errors", len(items))
 
+    def _recover(self) -> None:
+        """Record what workers on this host journaled and did not record before they died (killed, crashed)."""
+        if self.journal is None:
+            return
+        url, model, version = self.writer.url, self.model, self.version
+        for writer_id, paths in orphaned_journals(url, model, version).items():
+            try:
+                seal_stale(url, model, float("inf"))  # their open shards are final: closed at once, for the monitor too
+                recorded = {(r.request_id, r.timestamp) for _, r in ShardReader(url, model, version, writer_id=writer_id).read()}
+                lost = [r for path in paths for r in read_journal(path) if (r.request_id, r.timestamp) not in recorded]
+                for start in range(0, len(lost), self.batch):
+                    self._write([_Pending(r.input, r.prediction, r.probabilities, r.score, r.timestamp, r.request_id)
+                                 for r in lost[start:start + self.batch]])
+                self.writer.flush()
+                for path in paths:
+                    os.remove(path)
+                self._count("recovered", len(lost))
+                logger.info("unhans: recorded %d sampled instances that writer %s had journaled and not recorded", len(lost), writer_id)
+            except Exception as error:  # a bad journal must not stop sampling; it stays for a look
+                logger.warning("unhans: could not recover the journal of writer %s (%s)", writer_id, error)
+
     def _write(self, items: list[_Pending]) -> None:
         images = np.stack([item.image for item in items])
         targets = np.array([item.prediction for item in items])
         _, relevance, _ = self.explainer(images, targets)
         for item, heat in zip(items, relevance):
-            self.writer.append(Record(
-                prediction=item.prediction, target=item.prediction, probabilities=item.probabilities,
-                relevance=heat.sum(axis=0), thumbnail=thumbnail(item.image), score=item.score, timestamp=item.timestamp,
-                model=self.model, version=self.version, request_id=item.request_id,
-            ))
+            self.writer.append(_record(item, self.model, self.version, relevance=heat.sum(axis=0)))
         self._count("sampled", len(items))
+
+
+def _record(item: _Pending, model: str, version: str, relevance: np.ndarray | None = None, journaled: bool = False) -> Record:
+    """The sink's record of a sampled instance: with its relevance for a shard, with its model input for the journal."""
+    return Record(prediction=item.prediction, target=item.prediction, probabilities=item.probabilities, relevance=relevance,
+                  thumbnail=thumbnail(item.image), score=item.score, timestamp=item.timestamp, model=model, version=version,
+                  request_id=item.request_id, input=item.image if journaled else None)
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ any fsspec URL (``s3://...``, ``memory://...``) so many replicas can share one. 
 
     <sink>/<model>/<version>/<writer_id>-<seq:08d>.shard   closed shard: complete, immutable
     <sink>/<model>/<version>/<writer_id>-<seq:08d>.open    open shard of a live (or crashed) writer, local sinks only
+    <sink>/<model>/<version>/<writer_id>-<gen:08d>.journal sampled instances not yet in a shard, local sinks only
 
 A shard is a run of framed records. Each frame is ``MAGIC | u32 payload length | u32 crc32(payload) | payload``
 (little endian), so a reader detects a torn tail (a frame cut short by a crash) and corrupt bytes (CRC mismatch)
@@ -19,6 +20,11 @@ Why these choices:
 * Object stores cannot rename atomically or append, so the open shard is buffered in memory and written in one put
   on rotation: readers only ever see whole shards, and a crash loses at most the open shard (bound it with
   ``max_shard_seconds``).
+* A sampled instance is answered before its relevance is computed (off the request path), so a killed worker would
+  lose the instances it had answered and not yet recorded. The sampler appends each one, model input included, to
+  its :class:`Journal` with one ``write`` before the answer leaves (in the kernel's hands: a killed process loses
+  nothing, a machine crash the unflushed tail); the next worker on the host finds the journals of writers whose
+  process is gone and records what their shards lack (:func:`orphaned_journals`).
 * Positions are keyed by ``<version>/<writer_id>`` and a shard's sequence number, never by its file name, so a
   position taken while a shard was ``.open`` stays valid after it is renamed: the bytes and offsets do not change.
 """
@@ -29,6 +35,7 @@ import heapq
 import json
 import os
 import re
+import socket
 import struct
 import threading
 import time
@@ -49,6 +56,8 @@ FORMAT = 1
 CLOSED, OPEN = ".shard", ".open"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _SHARD = re.compile(r"^(?P<writer>.+)-(?P<seq>\d{8,})(?P<suffix>\.shard|\.open)$")
+JOURNAL = ".journal"
+_JOURNAL = re.compile(r"^(?P<writer>.+)-(?P<gen>\d{8,})\.journal$")
 
 
 class CorruptRecord(ValueError):
@@ -85,6 +94,7 @@ class Record:
     model: str
     version: str
     request_id: str
+    input: np.ndarray | None = None  # the model input itself, float32: journal entries only (see :class:`Journal`)
 
     def to_bytes(self) -> bytes:
         """The framed record (magic, length, CRC, payload), ready to append to a shard."""
@@ -95,6 +105,8 @@ class Record:
             arrays.append(("relevance", np.ascontiguousarray(np.asarray(self.relevance, np.float32) / scale, dtype="<f2")))
         if self.thumbnail is not None:
             arrays.append(("thumbnail", np.ascontiguousarray(self.thumbnail, dtype=np.uint8)))
+        if self.input is not None:
+            arrays.append(("input", np.ascontiguousarray(self.input, dtype="<f4")))
         header = {
             "format": FORMAT,
             "prediction": int(self.prediction),
@@ -148,7 +160,8 @@ class Record:
             return cls(prediction=int(header["prediction"]), target=int(header["target"]),
                        probabilities=[float(p) for p in header["probabilities"]], relevance=relevance,
                        thumbnail=arrays.get("thumbnail"), score=header["score"], timestamp=float(header["timestamp"]),
-                       model=header["model"], version=header["version"], request_id=header["request_id"])
+                       model=header["model"], version=header["version"], request_id=header["request_id"],
+                       input=arrays.get("input"))
         except CorruptRecord:
             raise
         except (ValueError, KeyError, TypeError, struct.error) as error:
@@ -240,7 +253,7 @@ class ShardWriter:
             raise ValueError("max_shard_bytes, max_shard_seconds and flush_every must be positive")
         if max_total_bytes < max_shard_bytes:
             raise ValueError("max_total_bytes must hold at least one shard (>= max_shard_bytes)")
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.url, (self.fs, root) = url, fsspec.core.url_to_fs(url)
         self.model, self.version = _check_name("model", model), _check_name("version", version)
         self.writer_id = _check_name("writer_id", writer_id)
         self.directory = f"{root.rstrip('/')}/{model}/{version}"
@@ -435,7 +448,9 @@ class ShardReader:
     consumed, including skipped bytes; each yielded position is the one just after that record.
     """
 
-    def __init__(self, url: str, model: str, version: str | None = None, *, include_open: bool = False):
+    def __init__(self, url: str, model: str, version: str | None = None, *, include_open: bool = False,
+                 writer_id: str | None = None):
+        self.writer_id = writer_id  # only this writer's shards, when given
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/")
         self.model = _check_name("model", model)
@@ -460,7 +475,7 @@ class ShardReader:
                 self._other_shards.update(f"{version}/{s.name[:-len(CLOSED if s.closed else OPEN)]}" for s in shards)
                 continue
             for shard in shards:
-                if shard.closed or self.include_open:
+                if (shard.closed or self.include_open) and self.writer_id in (None, shard.writer):
                     writers.setdefault(f"{version}/{shard.writer}", []).append(shard)
         self.stats.other_version_shards = len(self._other_shards)
         for shards in writers.values():
@@ -552,8 +567,25 @@ class ShardReader:
         yield start + size, None
 
 
+def writer_alive(writer_id: str) -> bool | None:
+    """Whether the process of a writer id made as ``f"{hostname}-{pid}-{start}"`` runs: None when it ran on another
+    host (or the id has another form), where only time tells."""
+    host, _, rest = writer_id.rpartition("-")[0].rpartition("-")
+    pid = rest if host else ""
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
 def seal_stale(url: str, model: str, older_than_s: float, *, now: float | None = None) -> list[str]:
-    """Close ``.open`` shards not written for ``older_than_s`` seconds: their writer has died (a killed worker).
+    """Close ``.open`` shards whose writer has died (a killed worker): at once where the writer ran on this host and
+    its process is gone, else when not written for ``older_than_s`` seconds.
 
     Run it from the monitor, with a bound well above the writers' ``flush_seconds`` and ``max_shard_seconds``, so
     records of crashed workers get read by closed-only readers and count towards retention. Returns the new paths.
@@ -565,7 +597,8 @@ def seal_stale(url: str, model: str, older_than_s: float, *, now: float | None =
     sealed = []
     for version in _versions(fs, root, model):
         for shard in _shards(fs, f"{root}/{model}/{version}"):
-            if not shard.closed and now - shard.mtime >= older_than_s:
+            dead = isinstance(fs, LocalFileSystem) and writer_alive(shard.writer) is False
+            if not shard.closed and (dead or now - shard.mtime >= older_than_s):
                 target = shard.path[:-len(OPEN)] + CLOSED
                 try:
                     _rename(fs, shard.path, target)
@@ -573,6 +606,85 @@ def seal_stale(url: str, model: str, older_than_s: float, *, now: float | None =
                     continue
                 sealed.append(target)
     return sealed
+
+
+class Journal:
+    """Write-ahead log of one writer's sampled instances: each :meth:`append` is one ``write`` of a framed
+    :class:`Record` (model input included, relevance not yet) to ``<writer_id>-<gen:08d>.journal``.
+
+    Generations of ``max_entries`` records let the sampler drop what its shards hold: :meth:`release` deletes the
+    generations before the one given. Local sinks only (an object store cannot append). Thread-safe.
+    """
+
+    def __init__(self, url: str, model: str, version: str, writer_id: str, *, max_entries: int = 256):
+        fs, root = fsspec.core.url_to_fs(url)
+        if not isinstance(fs, LocalFileSystem):
+            raise ValueError(f"{url}: a journal needs a local sink (an object store cannot append)")
+        self.directory = f"{root.rstrip('/')}/{_check_name('model', model)}/{_check_name('version', version)}"
+        self.writer_id, self.max_entries = _check_name("writer_id", writer_id), max_entries
+        os.makedirs(self.directory, exist_ok=True)
+        self._lock = threading.Lock()
+        self._generation, self._entries, self._fd = 0, 0, None
+
+    def _path(self, generation: int) -> str:
+        return f"{self.directory}/{self.writer_id}-{generation:08d}{JOURNAL}"
+
+    def append(self, record: Record) -> int:
+        """Hand one record to the kernel; returns its generation."""
+        frame = record.to_bytes()
+        with self._lock:
+            if self._fd is not None and self._entries >= self.max_entries:
+                os.close(self._fd)
+                self._fd, self._generation, self._entries = None, self._generation + 1, 0
+            if self._fd is None:
+                self._fd = os.open(self._path(self._generation), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(self._fd, frame)
+            self._entries += 1
+            return self._generation
+
+    def release(self, generation: int) -> None:
+        """Delete the generations before ``generation``: their records are in shards now."""
+        with self._lock:
+            for old in range(max(generation - 1, 0), -1, -1):
+                try:
+                    os.remove(self._path(old))
+                except FileNotFoundError:
+                    break  # released before, and so are all older ones
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def orphaned_journals(url: str, model: str, version: str) -> dict[str, list[str]]:
+    """Journal files (oldest first) of this host's writers whose process is gone, by writer id."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        return {}
+    directory = f"{root.rstrip('/')}/{_check_name('model', model)}/{_check_name('version', version)}"
+    found: dict[str, list[tuple[int, str]]] = {}
+    for info in _ls(fs, directory):
+        match = _JOURNAL.match(info["name"].rsplit("/", 1)[-1])
+        if match and writer_alive(match["writer"]) is False:
+            found.setdefault(match["writer"], []).append((int(match["gen"]), info["name"]))
+    return {writer: [path for _, path in sorted(paths)] for writer, paths in found.items()}
+
+
+def read_journal(path: str) -> list[Record]:
+    """A journal's records up to the first incomplete one (a write cut short by a crash ends it)."""
+    with open(path, "rb") as file:
+        data = file.read()
+    records, at = [], 0
+    while at + FRAME.size <= len(data):
+        _, length, _ = FRAME.unpack_from(data, at)
+        try:
+            records.append(Record.from_bytes(data[at:at + FRAME.size + length]))
+        except CorruptRecord:
+            break
+        at += FRAME.size + length
+    return records
 
 
 def prune(url: str, model: str, *, max_total_bytes: int | None = None, max_age_s: float | None = None,

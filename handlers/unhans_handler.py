@@ -32,8 +32,8 @@ from unhans.export.onnx import TOLERANCE
 from unhans.export.runtime import session
 from unhans.handlers.relevance import DEFAULT_CPU_BUDGET, Explainer, Sampler
 from unhans.core.contract import InputContract
-from unhans.handlers.requests import RequestError, encode_relevance, parse
-from unhans.handlers.sink import ShardWriter
+from unhans.handlers.requests import V2_BINARY_HEADER, Request, RequestError, encode_relevance, parse
+from unhans.handlers.sink import Journal, ShardWriter
 
 logger = logging.getLogger(__name__)
 PROBE_ROWS = 8
@@ -44,9 +44,11 @@ METRICS = {  # name: (type, unit, extra dimensions, what it counts)
     "unhans_relevance_seconds": (MetricTypes.HISTOGRAM, "s", [], "time to compute the relevance of one batch"),
     "unhans_artifact_score": (MetricTypes.HISTOGRAM, "score", [], "artifact detector score of each served instance"),
     "unhans_rejected_requests_total": (MetricTypes.COUNTER, "count", ["reason"], "requests answered with a 4xx, by reason"),
+    "unhans_internal_errors_total": (MetricTypes.COUNTER, "count", ["stage"], "requests answered with a 500: a fault of ours, logged"),
     "unhans_sampled_total": (MetricTypes.COUNTER, "count", [], "instances recorded to the sink for the monitor"),
     "unhans_sample_dropped_total": (MetricTypes.COUNTER, "count", [], "sampled instances dropped: the sampler was behind"),
     "unhans_sink_errors_total": (MetricTypes.COUNTER, "count", [], "sampled instances the sink could not write"),
+    "unhans_sample_recovered_total": (MetricTypes.COUNTER, "count", [], "sampled instances a dead worker journaled, recorded by this one"),
 }
 
 
@@ -92,8 +94,14 @@ class UnhansHandler(BaseHandler):
         version = str(model.get("modelVersion", "1.0"))
         writer = ShardWriter(url, model["modelName"], version, writer_id, max_shard_seconds=float(sample.get("max_shard_seconds", 60)),
                              max_total_bytes=int(sample.get("max_total_bytes", 1 << 30)))
+        try:  # what a killed worker had answered and not yet recorded survives in it (local sinks)
+            journal = Journal(url, model["modelName"], version, writer_id)
+        except ValueError:
+            journal = None
+            logger.warning("unhans: %s is not a local folder: sampled instances are not journaled, a killed worker loses "
+                           "those it had not yet recorded", url)
         self.sampler = Sampler(writer, Explainer(model_dir, composite, threads=1), fraction, model["modelName"], version,
-                               cpu_budget=float(sample.get("cpu_budget", DEFAULT_CPU_BUDGET)))
+                               cpu_budget=float(sample.get("cpu_budget", DEFAULT_CPU_BUDGET)), journal=journal)
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * fraction, url, writer_id)
 
     def _check_agreement(self) -> int:
@@ -119,64 +127,101 @@ class UnhansHandler(BaseHandler):
         return outputs["logits"].shape[1]
 
     def handle(self, data, context):
+        """Answer each request of TorchServe's batch on its own: a client mistake becomes that request's JSON 4xx, an
+        internal fault its JSON 500 (logged and counted), and neither touches the other requests of the batch."""
         self.context = context
-        # TorchServe's KServe envelopes hand over one request's inputs as rows of their own: v1 (service_envelope=kserve)
-        # bare arrays, v2 (kservev2) tensors {name, shape, datatype, data} whose answers must be arrays too
-        v2 = bool(data) and isinstance(data[0], dict) and "datatype" in data[0]
-        self._enveloped = bool(data) and (v2 or not isinstance(data[0], dict))
-        requests, answers = [], [None] * len(data)
+        answers, accepted = [None] * len(data), []
         for i, row in enumerate(data):
-            try:  # /explanations sets the header per request: one batch may mix both endpoints
-                explain_header = str(context.get_request_header(self._idx(i), "explain") or "").lower() == "true"
-                requests.append((i, parse(row if isinstance(row, dict) else {"body": row}, self.preprocess_config, explain_header)))
+            try:
+                accepted.append((i, self._parse(i, row)))
             except RequestError as error:
                 answers[i] = self._reject(error, i)
-        accepted = []
-        for i, request in requests:
-            bad = [t for t in request.targets if t is not None and not 0 <= t < self.num_classes] if _wants_relevance(request) else []
-            if _wants_relevance(request) and self.explainer is None:
-                answers[i] = self._reject(RequestError("explain", "this archive serves no relevance (it has no explain graph and no "
-                                                       "PyTorch twin); ask for predictions, or rebuild it with 'unhans archive --model'",
-                                                       422, reason="no_explainer"), i)
-            elif bad:
-                answers[i] = self._reject(RequestError("target", f"class indices must lie in 0..{self.num_classes - 1}", 422), i)
-            else:
-                accepted.append((i, request))
-        if not accepted:
-            return answers
+            except Exception:
+                answers[i] = self._fault("parsing", i)
+        if accepted:
+            self._answer(accepted, answers)
+        if self.sampler is not None and time.monotonic() >= self._counts_due:
+            self._emit_sampler_counts()
+        return answers
+
+    def _parse(self, i: int, row) -> Request:
+        # one request a row (TorchServe's own service_envelope would read only the first of a batch: not supported).
+        # /explanations, :explain and /v2/.../explain set the explain header; TorchServe overwrites a client's
+        headers = {str(k).lower(): v for k, v in (self.context.get_all_request_header(i) or {}).items()}
+        request = parse(row if isinstance(row, dict) else {"body": row}, self.preprocess_config,
+                        explain_header=str(headers.get("explain", "")).lower() == "true", classes=self.num_classes,
+                        binary_header_length=headers.get(V2_BINARY_HEADER.lower()))
+        if _wants_relevance(request) and self.explainer is None:
+            raise RequestError("explain", "this archive serves no relevance (it has no explain graph and no PyTorch twin); "
+                               "ask for predictions, or rebuild it with 'unhans archive --model'", 422, reason="no_explainer")
+        return request
+
+    def _answer(self, accepted: list[tuple[int, Request]], answers: list) -> None:
+        """Predict (and explain) the accepted requests together; if that fails, each one alone, so a fault stays with
+        the request that caused it."""
+        try:
+            self._answer_together(accepted, answers)
+        except Exception:
+            if len(accepted) == 1:
+                answers[accepted[0][0]] = self._fault("inference", accepted[0][0])
+                return
+            for one in accepted:
+                self._answer([one], answers)
+
+    def _answer_together(self, accepted: list[tuple[int, Request]], answers: list) -> None:
         inputs = np.concatenate([self.preprocess_config.normalise(r.inputs) for _, r in accepted])
         answered, start = [], 0
         for i, request in accepted:
             answered.append((i, request, slice(start, start + len(request.inputs))))
             start += len(request.inputs)
         logits, scores, relevance = self._infer(inputs, [(request, rows) for _, request, rows in answered if _wants_relevance(request)])
-        answered = [(i, request, rows, self._predictions(request, logits[rows], None if scores is None else scores[rows]))
-                    for i, request, rows in answered]
-        k = 0
-        for _, request, _, predictions in answered:
+        k, results = 0, []
+        for i, request, rows in answered:
+            heat = None
             if _wants_relevance(request):
-                for prediction in predictions:
-                    prediction["relevance"] = encode_relevance(relevance[k], request.format, request.downsample)
-                    k += 1
-        if self.sampler is not None and answered:
-            self._offer(inputs, logits, scores, answered)
-        for i, request, rows, predictions in answered:
-            if v2:  # a tensor answer per input: the class probabilities of each of its instances
-                answers[i] = _softmax(logits[rows]).tolist()
-            else:
-                answers[i] = {"predictions": predictions} if request.many else predictions[0]
-        if self.sampler is not None and time.monotonic() >= self._counts_due:
-            self._emit_sampler_counts()
-        return answers
+                heat = relevance[k:k + len(request.inputs)]
+                k += len(request.inputs)
+            request_scores = None if scores is None else scores[rows]
+            results.append((i, rows, self._v2_answer(i, request, logits[rows], request_scores, heat) if request.protocol == "v2"
+                            else self._unhans_answer(request, logits[rows], request_scores, heat)))
+        if self.sampler is not None:
+            self._offer(inputs, logits, scores, [(i, rows) for i, rows, _ in results])
+        for i, _, answer in results:  # only now: a fault above leaves no request half answered
+            answers[i] = answer
 
-    def _offer(self, inputs: np.ndarray, logits: np.ndarray, scores, answered: list) -> None:
+    def _unhans_answer(self, request: Request, logits: np.ndarray, scores, relevance) -> dict:
+        predictions = self._predictions(request, logits, scores)
+        if relevance is not None:
+            for prediction, heat in zip(predictions, relevance):
+                prediction["relevance"] = encode_relevance(heat, request.format, request.downsample)
+        return {"predictions": predictions} if request.many else predictions[0]
+
+    def _v2_answer(self, i: int, request: Request, logits: np.ndarray, scores, relevance) -> dict:
+        """KServe v2 output tensors: probabilities (N, classes), label (N), artifact_score (N), relevance (N, h, w)."""
+        n = len(logits)
+        tensors = {"probabilities": ("FP32", [n, logits.shape[1]], _softmax(logits)), "label": ("INT64", [n], logits.argmax(1))}
+        if scores is not None:
+            tensors["artifact_score"] = ("FP32", [n], scores)
+            for score in scores:
+                self._metric("unhans_artifact_score", float(score))
+        if relevance is not None:
+            maps = np.stack([np.asarray(encode_relevance(heat, "list", request.downsample), np.float32) for heat in relevance])
+            tensors["relevance"] = ("FP32", list(maps.shape), maps)
+        names = [name for name in (request.outputs or tensors) if name in tensors]
+        model = self.manifest["model"]
+        return {"model_name": model["modelName"], "model_version": str(model.get("modelVersion", "1.0")),
+                "id": request.id if request.id is not None else str(self.context.get_request_id(i) or ""),
+                "outputs": [{"name": name, "datatype": tensors[name][0], "shape": tensors[name][1],
+                             "data": np.asarray(tensors[name][2]).ravel().tolist()} for name in names]}
+
+    def _offer(self, inputs: np.ndarray, logits: np.ndarray, scores, answered: list[tuple[int, slice]]) -> None:
         """Hand the sampler the answered instances it picks, once per batch: most batches pick none and pay one draw."""
-        picked = self.sampler.pick(sum(rows.stop - rows.start for _, _, rows, _ in answered))
+        picked = self.sampler.pick(sum(rows.stop - rows.start for _, rows in answered))
         if not picked.size:
             return
-        owners = [(i, k) for i, _, rows, _ in answered for k in range(rows.start, rows.stop)]  # (request, input row)
+        owners = [(i, k) for i, rows in answered for k in range(rows.start, rows.stop)]  # (request, input row)
         rows = np.array([owners[p][1] for p in picked])
-        ids = [str(self.context.get_request_id(self._idx(owners[p][0])) or "") for p in picked]
+        ids = [str(self.context.get_request_id(owners[p][0]) or "") for p in picked]
         self.sampler.offer(inputs[rows], logits[rows].argmax(1), _softmax(logits[rows]), None if scores is None else scores[rows], ids)
 
     def _emit_sampler_counts(self) -> None:
@@ -184,22 +229,27 @@ class UnhansHandler(BaseHandler):
         frontend parses, and per batch these lines cost the sampled worker more throughput than the sampling itself."""
         self._counts_due = time.monotonic() + COUNTS_INTERVAL_S
         counts = self.sampler.take_counts()
-        for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"), ("errors", "unhans_sink_errors_total")):
+        for key, name in (("sampled", "unhans_sampled_total"), ("dropped", "unhans_sample_dropped_total"),
+                          ("errors", "unhans_sink_errors_total"), ("recovered", "unhans_sample_recovered_total")):
             if counts[key]:
                 self._metric(name, counts[key])
-
-    def _idx(self, i: int) -> int:
-        """The TorchServe request index of batch row ``i`` (an envelope's rows are all one request's)."""
-        return 0 if self._enveloped else i
 
     def _metric(self, name: str, value: float, **dimensions) -> None:
         kind, unit, _, _ = METRICS[name]
         self.context.metrics.add_metric(name, value, unit, dimensions=[Dimension(k, v) for k, v in dimensions.items()], metric_type=kind)
 
-    def _reject(self, error: RequestError, idx: int) -> dict:
-        self.context.set_response_status(error.status, error.problem, idx=self._idx(idx))
+    def _reject(self, error: RequestError, i: int) -> dict:
+        self.context.set_response_status(error.status, error.problem, idx=i)
         self._metric("unhans_rejected_requests_total", 1, reason=error.reason)
         return error.body()
+
+    def _fault(self, stage: str, i: int) -> dict:
+        """An internal fault while ``stage`` one request: logged with its traceback, counted, answered as JSON 500."""
+        logger.exception("unhans: internal error while %s request %s", stage, self.context.get_request_id(i))
+        self._metric("unhans_internal_errors_total", 1, stage=stage)
+        problem = f"internal error while {stage} this request; it is logged in the worker's log (request id {self.context.get_request_id(i)})"
+        self.context.set_response_status(500, problem, idx=i)
+        return {"error": {"field": None, "problem": problem, "status": 500}}
 
     def _infer(self, inputs: np.ndarray, explained: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Logits, artifact scores and the relevance of the ``explained`` (request, rows) pairs' instances, in order.

@@ -3,12 +3,17 @@
 import base64
 import io
 import json
+import re
+import struct
 import time
+import zlib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 
@@ -74,7 +79,113 @@ def test_parse_names_the_field_and_the_problem(row, field, status):
         parse(row, PRE)
     assert error.value.field == field and error.value.status == status
     assert error.value.body()["error"]["field"] == field and error.value.problem
-    assert error.value.reason in ("body", "format", "target", "instances", "unknown_option")
+    assert re.fullmatch(r"[a-z_]+", error.value.reason)  # a bounded metric label, never the client's text
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height``: a decompression bomb unless the size is read first."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _npy_claiming(shape, descr: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + b"\0" * 64
+
+
+ZEROS = np.zeros((1, 28, 28)).tolist()
+
+
+@pytest.mark.parametrize("body, field, status", [
+    (_png_claiming(20000, 20000), "body", 413),  # PIL's DecompressionBombError
+    (_png_claiming(6100, 6000), "body", 413),  # under PIL's bound, over the contract's max_image_pixels
+    (json.dumps({"instances": [[[10**400] + [0] * 27] * 28]}).encode(), "instances[0]", 400),  # OverflowError
+    (b"[" * 5000, "body", 400),  # RecursionError
+    (b"[" * 100 + b"0" + b"]" * 100, "body", 400),  # parses, too deep to be an image
+    (_npy_claiming((10**12,)), "body", 413),  # MemoryError
+    (_npy_claiming((3,), "|O"), "body", 422),  # a pickle
+    (_npy_claiming((1, 28, 28)), "body", 400),  # data cut short
+    (json.dumps({"instances": [ZEROS], "downsample": 10**6}).encode(), "downsample", 422),
+    (json.dumps({"instances": [ZEROS], "downsample": 10**30}).encode(), "downsample", 422),
+    (json.dumps({"instances": [ZEROS], "downsample": 1.5}).encode(), "downsample", 400),
+    (json.dumps([[0.0] * 28, [0.0] * 3]).encode(), "body", 400),  # ragged
+    (json.dumps([[[[0.0]]], [[0.0]]]).encode(), "body", 400),  # ragged, 4-d at first sight
+    (json.dumps({"instances": [0] * 257}).encode(), "instances", 413),
+    (json.dumps({"instances": [ZEROS], "target": 10}).encode(), "target", 422),
+    (json.dumps({"instances": [{"b64": "not base64!"}]}).encode(), "instances[0]", 400),
+    (b"\xff\xfe{", "body", 400),
+])
+def test_hostile_bodies_are_refused_before_the_work(body, field, status):
+    with pytest.raises(RequestError) as error:
+        parse({"body": body}, PRE, classes=10)
+    assert (error.value.field, error.value.status) == (field, status), error.value
+
+
+def _v2(array: np.ndarray, **fields) -> dict:
+    return {"inputs": [{"name": "x", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}], **fields}
+
+
+def test_kserve_v2_requests_json_and_binary():
+    images = np.random.default_rng(1).random((2, 1, 28, 28), dtype=np.float32)
+    request = parse({"body": _v2(images, id="r", parameters={"explain": True, "target": 3}, outputs=[{"name": "label"}])}, PRE, classes=10)
+    assert request.protocol == "v2" and request.id == "r" and request.explain and request.targets == [3, 3]
+    assert request.outputs == ["label"] and request.format == "list" and np.array_equal(request.inputs, images)
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2, 28, 28, 1], "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": 2 * 784}}]}).encode()
+    pixels = (images * 255).astype(np.uint8)
+    binary = parse({"body": head + pixels.transpose(0, 2, 3, 1).tobytes()}, PRE, binary_header_length=str(len(head)))
+    assert np.allclose(binary.inputs, pixels / 255.0)
+    png = base64.b64encode(_png(pixels[0, 0])).decode()
+    encoded = parse({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [png]}]}}, PRE)
+    assert np.allclose(encoded.inputs[0], pixels[0] / 255.0)
+    for body, header, field in [(_v2(images[:, :, :14]), None, "inputs[0][0]"),
+                                ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0]}]}, None, "inputs[0]"),
+                                ({"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}, None, "inputs[0]"),
+                                ({"inputs": [{"name": "x", "shape": [1], "datatype": "COMPLEX", "data": [0]}]}, None, "inputs[0]"),
+                                (_v2(images, outputs=[{"name": "secrets"}]), None, "outputs"),
+                                (head + b"short", str(len(head)), "inputs[0]"),
+                                (head, "999999", "Inference-Header-Content-Length")]:
+        with pytest.raises(RequestError) as error:
+            parse({"body": body}, PRE, binary_header_length=header)
+        assert error.value.field == field and 400 <= error.value.status < 500, error.value
+
+
+def _valid_or_refused(row: dict, header: str | None = None) -> None:
+    """The property every request must have: a well-formed model input, or a 4xx naming a field (nothing else)."""
+    try:
+        request = parse(row, PRE, classes=10, binary_header_length=header)
+    except RequestError as error:
+        assert 400 <= error.status < 500 and error.field is not None and json.dumps(error.body())
+        return
+    assert request.inputs.dtype == np.float32 and request.inputs.shape[1:] == (1, 28, 28)
+    assert 1 <= len(request.inputs) <= PRE.max_instances and np.isfinite(request.inputs).all()
+    assert request.inputs.min() >= 0 and request.inputs.max() <= 1 and 1 <= request.downsample <= 28
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=40)
+OPTION_VALUES = st.fixed_dictionaries({}, optional={name: JSON_VALUES for name in ("explain", "target", "format", "downsample", "topk")})
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=2048) | st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\x93NUMPY", b"{", b"["]).flatmap(
+    lambda prefix: st.binary(max_size=512).map(lambda rest: prefix + rest)))
+def test_any_bytes_are_parsed_or_refused(body):
+    _valid_or_refused({"body": body})
+    _valid_or_refused({"body": body}, header=str(len(body) // 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES, options=OPTION_VALUES, instance=st.sampled_from([ZEROS, np.full((28, 28), 0.5).tolist(), "x", [], None]))
+def test_any_json_is_parsed_or_refused(value, options, instance):
+    _valid_or_refused({"body": value})
+    _valid_or_refused({"body": json.dumps({"instances": [instance], **options}).encode()})
+    _valid_or_refused({"body": {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                            "data": instance if isinstance(instance, list) else value}], "parameters": options}})
 
 
 def test_sampler_stays_within_its_cpu_budget(tmp_path):
@@ -220,38 +331,46 @@ def test_explain_graph_answers_explanations_alone(served_explain_archive, backdo
 
 
 @pytest.mark.integration
-def test_kserve_v1_envelope(served_archive, backdoored_vgg, torchserve, tmp_path):
+def test_kserve_protocols_under_batching(served_archive, backdoored_vgg, torchserve, tmp_path):
+    """KServe v1 (``:predict``, ``:explain``) and v2 (``/infer``, JSON and binary tensors) spoken by the handler itself,
+    no service_envelope: concurrent calls share TorchServe batches of 8 and each gets its own, right answer."""
     root, corrected = served_archive
-    images = backdoored_vgg["test"].images[:2]
-    with torchserve(root / "store", "vgg", tmp_path, extra_config="service_envelope=kserve") as server:
-        status, answer = server.post("/predictions/vgg", json.dumps({"instances": images.tolist()}).encode(), "application/json")
-        assert status == 200, answer
-        labels = corrected(torch.from_numpy(images)).argmax(1).tolist()
-        assert [p["label"] for p in answer["predictions"]] == labels
-        status, explained = server.post("/explanations/vgg", json.dumps({"instances": images[:1].tolist()}).encode(), "application/json")
-        assert status == 200 and "relevance" in explained["explanations"][0]
-        status, rejected = server.post("/predictions/vgg", json.dumps({"instances": [np.full((1, 28, 28), 2.0).tolist()]}).encode(),
-                                       "application/json")
-        assert status == 422 and rejected["predictions"][0]["error"]["field"] == "body"
-
-
-@pytest.mark.integration
-def test_kserve_v2_envelope(served_archive, backdoored_vgg, torchserve, tmp_path):
-    root, corrected = served_archive
-    images = backdoored_vgg["test"].images[:3]
-    with torchserve(root / "store", "vgg", tmp_path, extra_config="service_envelope=kservev2", keep_alive=True) as server:
-        body = {"id": "r1", "inputs": [{"name": "input-0", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}]}
-        status, answer = server.post("/predictions/vgg", json.dumps(body).encode(), "application/json")
-        assert status == 200, answer
-        # keep_alive: the next call reuses this thread's connection
-        connection = server._connections.__dict__[server.url]
-        socket_before = connection.sock
-        assert socket_before is not None and server.post("/predictions/vgg", json.dumps(body).encode(), "application/json") == (status, answer)
-        assert connection.sock is socket_before
-        assert answer["id"] == "r1" and answer["outputs"][0]["name"] == "input-0"
-        probabilities = np.asarray(answer["outputs"][0]["data"]).reshape(3, 10)
-        expected = torch.softmax(corrected(torch.from_numpy(images)), 1).detach().numpy()
-        assert np.allclose(probabilities, expected, atol=1e-4)
+    images = backdoored_vgg["test"].images[:6]
+    labels = corrected(torch.from_numpy(images)).argmax(1).tolist()
+    probabilities = torch.softmax(corrected(torch.from_numpy(images)), 1).detach().numpy()
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": images[4:].nbytes}}]}).encode()
+    calls = {  # name: (path, body, content type, extra headers)
+        "v1": ("/v1/models/vgg:predict", json.dumps({"instances": images[:2].tolist()}).encode(), "application/json", {}),
+        "v1_explain": ("/v1/models/vgg:explain", json.dumps({"instances": images[2:3].tolist()}).encode(), "application/json", {}),
+        "v2": ("/v2/models/vgg/infer", json.dumps(_v2(images[:3], id="json")).encode(), "application/json", {}),
+        "v2_explain": ("/v2/models/vgg/explain", json.dumps(_v2(images[3:4], id="why")).encode(), "application/json", {}),
+        "v2_binary": ("/v2/models/vgg/infer", head + images[4:].tobytes(), "application/octet-stream",
+                      {"Inference-Header-Content-Length": str(len(head))}),
+        "v1_bad": ("/v1/models/vgg:predict", json.dumps({"instances": [np.full((1, 28, 28), 2.0).tolist()]}).encode(), "application/json", {}),
+    }
+    jobs = list(calls) * 8
+    with torchserve(root / "store", "vgg", tmp_path) as server:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda name: (name, server.post(*calls[name][:3], headers=calls[name][3])), jobs))
+    for name, (status, answer) in replies:
+        if name == "v1_bad":
+            assert status == 422 and answer["error"]["field"] == "instances[0]", answer
+        elif name.startswith("v1"):
+            assert status == 200, (name, answer)
+            rows = slice(0, 2) if name == "v1" else slice(2, 3)
+            assert [p["label"] for p in answer["predictions"]] == labels[rows]
+            assert ("relevance" in answer["predictions"][0]) == (name == "v1_explain")
+        else:
+            assert status == 200, (name, answer)
+            rows = {"v2": slice(0, 3), "v2_explain": slice(3, 4), "v2_binary": slice(4, 6)}[name]
+            outputs = {o["name"]: o for o in answer["outputs"]}
+            assert answer["model_name"] == "vgg" and (name == "v2_binary" or answer["id"] == {"v2": "json", "v2_explain": "why"}[name])
+            assert outputs["label"]["data"] == labels[rows] and outputs["label"]["datatype"] == "INT64"
+            assert np.allclose(np.reshape(outputs["probabilities"]["data"], outputs["probabilities"]["shape"]), probabilities[rows], atol=1e-4)
+            assert ("relevance" in outputs) == (name == "v2_explain")
+            if name == "v2_explain":
+                assert outputs["relevance"]["shape"] == [1, 28, 28]
 
 
 @pytest.mark.integration
@@ -321,5 +440,22 @@ def test_answers_larger_than_the_limit_are_refused_before_the_work():
     with pytest.raises(RequestError, match="51 instances, more than the limit of 50") as many:
         parse({"data": json.dumps({"instances": images + images[:11]}).encode()}, small)
     assert many.value.status == 413
-    with pytest.raises(RequestError, match="larger than the 28x28 map"):
+    with pytest.raises(RequestError, match="larger than 28"):
         parse({"data": json.dumps({"instances": images[:1], "explain": True, "downsample": 10**6}).encode()}, small)
+
+
+@pytest.mark.integration
+def test_a_server_that_dies_at_start_is_reported_at_once_with_its_reason(served_archive, torchserve, tmp_path):
+    """Another server holds a port the config names: TorchServe exits, and we say so with its own line, not after the
+    ready timeout with an empty log."""
+    import socket
+
+    root, _ = served_archive
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="exited during start-up: .*(Address already in use|BindException)"):
+            with torchserve(root / "store", "vgg", tmp_path, extra_config=f"grpc_inference_port={busy.getsockname()[1]}", ready_timeout=120):
+                pass
+    assert time.monotonic() - started < 60

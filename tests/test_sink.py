@@ -316,3 +316,54 @@ def test_bad_names_are_refused(sink):
         ShardWriter(sink, "m", "../1", "w0")
     with pytest.raises(ValueError):
         ShardWriter(sink, "m", "1", "w/0")
+
+
+SAMPLING_WORKER = """
+import socket, sys, time, numpy as np
+from unhans.handlers.relevance import Sampler
+from unhans.handlers.sink import Journal, ShardWriter
+sink, writer_id = sys.argv[1], f"{socket.gethostname()}-{__import__('os').getpid()}-1"
+def never_done(images, targets):  # the relevance of a killed worker's sampler is never finished
+    time.sleep(3600)
+sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), never_done, 1.0, "m", "1", batch=2, cpu_budget=1.0,
+                  journal=Journal(sink, "m", "1", writer_id, max_entries=3))
+inputs = np.random.default_rng(0).random((7, 1, 4, 4), dtype=np.float32)
+sampler.offer(inputs, np.arange(7) % 3, np.full((7, 3), 1 / 3), None, [f"req-{k}" for k in range(7)])
+print("answered", flush=True)  # the handler answers now
+time.sleep(3600)
+"""
+
+
+def test_instances_a_killed_sampler_had_accepted_are_recorded_by_the_next(tmp_path):
+    """SIGKILL right after the answer: the journal (one write per instance, in the kernel's hands) lets the next
+    writer on the host record every instance, each once, and the dead writer's open shard is sealed at once."""
+    from unhans.handlers.relevance import Sampler
+    from unhans.handlers.sink import Journal, orphaned_journals, read_journal, writer_alive
+
+    sink = str(tmp_path / "sink")
+    worker = subprocess.Popen([sys.executable, "-c", SAMPLING_WORKER, sink], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "answered"
+    dead_id = f"{__import__('socket').gethostname()}-{worker.pid}-1"
+    assert writer_alive(dead_id) is True
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    journals = orphaned_journals(sink, "m", "1")[dead_id]
+    assert writer_alive(dead_id) is False and len(journals) == 3  # generations of 3 entries
+    first = read_journal(journals[0])[0]  # as if the dead writer had recorded it in its open shard: it must not come twice
+    first.relevance, first.input = np.ones((4, 4), np.float32), None
+    ShardWriter(sink, "m", "1", dead_id, flush_every=1).append(first)
+    assert [p.name for p in (tmp_path / "sink" / "m" / "1").glob("*" + OPEN)] == [f"{dead_id}-00000000{OPEN}"]
+
+    def explain(images, targets):
+        return None, np.ones((len(images), 1, 4, 4), np.float32), None
+
+    writer_id = f"{__import__('socket').gethostname()}-{os.getpid()}-2"
+    sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), explain, 1.0, "m", "1", cpu_budget=1.0,
+                      journal=Journal(sink, "m", "1", writer_id))
+    deadline = time.monotonic() + 30
+    while orphaned_journals(sink, "m", "1") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    records = [r for _, r in ShardReader(sink, "m", include_open=True).read()]
+    assert sorted(r.request_id for r in records) == [f"req-{k}" for k in range(7)]
+    assert all(r.relevance is not None and r.input is None for r in records)
+    assert sampler.take_counts()["recovered"] == 6 and not list((tmp_path / "sink" / "m" / "1").glob(f"{dead_id}*{OPEN}"))

@@ -24,6 +24,8 @@ from pathlib import Path
 from unhans.core.contract import torchserve_limits
 
 CONFIG_TEMPLATE = importlib.resources.files("unhans.model_store") / "config.properties"  # package data
+# lines of TorchServe's logs that name why it or a worker failed, first match reported
+FAILURE_MARKS = ("Address already in use", "BindException", "refusing to start", "Traceback", "Error:", "ERROR")
 
 
 def _free_port() -> int:
@@ -76,14 +78,37 @@ class LocalTorchServe:
             deadline = time.monotonic() + self.ready_timeout
             while time.monotonic() < deadline:
                 time.sleep(0.5)
+                if not self.running():
+                    raise RuntimeError(f"TorchServe exited during start-up: {self.failure()}")
                 if self.key is None:
                     self._read_keys()
                 if self.key is not None and all(self.workers_ready(n) for n in self.names):
                     return self
-            raise RuntimeError("TorchServe did not get ready: " + self.model_log()[-3000:])
+            raise RuntimeError(f"TorchServe did not get ready in {self.ready_timeout:.0f} s: {self.failure()}")
         except BaseException:
             self.__exit__()  # never leave a server behind: a leaked one starves the next of CPU and ports
             raise
+
+    def running(self) -> bool:
+        """Whether the Java server that ``torchserve --start`` launched (its pid file, in our private TMPDIR) is alive."""
+        try:
+            pid = int((self.work / ".model_server.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return False
+        return True
+
+    def failure(self) -> str:
+        """The line that says why the server or its workers failed (a bind error, a handler's exception), else the
+        logs' tails."""
+        logs = {"stdout": self.work / "torchserve.out", "ts_log": self.work / "logs" / "ts_log.log",
+                "model_log": self.work / "logs" / "model_log.log"}
+        texts = {name: path.read_text(errors="replace") if path.is_file() else "" for name, path in logs.items()}
+        for name, text in texts.items():
+            for line in text.splitlines():
+                if any(mark in line for mark in FAILURE_MARKS):
+                    return f"{line.strip()} ({logs[name]})"
+        return " | ".join(f"{name}: {text[-1500:]}" for name, text in texts.items() if text) or "no log was written"
 
     def _read_keys(self) -> None:
         """The inference and management keys, once TorchServe has written key_file.json completely."""
