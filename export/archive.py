@@ -25,41 +25,33 @@ from ..core.contract import InputContract, torchserve_limits
 from ..core.errors import InputError
 from ..core.layers import insert_after
 from ..core.models import load_model
+from ..core.serving import FILES, METRICS, TORCHSERVE_CONFIG, ServingConfig
 from ..core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, load_run
-from ..handlers.relevance import DEFAULT_CPU_BUDGET
 from .correction import load_correction
 from .onnx import META, TOLERANCE, correction_path, load_onnx
 from .runtime import run_batched, session
 from ..output import warn
 
-GRAPH_FILE, SPEC_FILE, EXPLAIN_FILE = "model.onnx", "correction.npz", "explain.onnx"
 HANDLER_MODULE = "unhans.handlers.unhans_handler"
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accepts in /predictions/NAME
 
 
-def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, model_store: str | Path, batch_size: int = 8,
-                  max_batch_delay_ms: int = 20, workers: int = 1, topk: int = 3, threads: int = 1, version: str = "1.0",
-                  force: bool = False, sample_fraction: float = 0.0, sink: str | None = None,
-                  max_shard_seconds: float = 60.0, sample_cpu_budget: float = DEFAULT_CPU_BUDGET, *,
-                  model_file: str | Path | None = None, weights: str | Path | None = None, classes: str | Path | None = None,
-                  contract: InputContract | None = None) -> Path:
+def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, model_store: str | Path, *,
+                  force: bool = False, model_file: str | Path | None = None, weights: str | Path | None = None,
+                  classes: str | Path | None = None, contract: InputContract | None = None, **settings) -> Path:
     """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file``.
 
     The model comes from the run ``run_dir`` it was exported from (twin, classes, input shape), or from the user:
     ``model_file``/``weights`` (the PyTorch twin, optional: without it and without an explain graph the archive serves
     predictions and artifact scores but no relevance), ``classes`` (one name a line, or an ``index_to_name.json``) and
     ``contract`` (the input contract: size, resize, mean, std; default the graph's input shape, pixels in [0, 1]).
-    ``batch_size`` / ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads
-    of each worker's onnxruntime session (TorchServe's own ONNX loader would take every core per worker).
-    ``sample_fraction`` of served instances are recorded with their relevance to ``sink`` (a folder or fsspec URL;
+    ``settings`` are :meth:`unhans.core.serving.ServingConfig.of`'s, defaults there: ``batch_size`` /
+    ``max_batch_delay_ms`` become TorchServe's server-side batching; ``threads`` the intra-op threads of each worker's
+    onnxruntime session (TorchServe's own ONNX loader would take every core per worker). ``sample_fraction`` of served instances are recorded with their relevance to ``sink`` (a folder or fsspec URL;
     default ``$UNHANS_SINK``, else ``unhans-sink`` in TorchServe's working directory) for ``unhans monitor``, in shards
     closed after ``max_shard_seconds`` (the monitor reads closed shards only), using at most ``sample_cpu_budget`` of one
     core per worker for their relevance (beyond it, samples are dropped and counted).
     """
-    if not 0.0 < sample_cpu_budget <= 1.0:
-        raise InputError("--sample-cpu-budget", f"{sample_cpu_budget} is outside (0, 1]", "pass the share of one core sampling may use, e.g. 0.01")
-    if not 0.0 <= sample_fraction <= 1.0:
-        raise InputError("--sample-fraction", f"{sample_fraction} is outside [0, 1]", "pass the share of requests to record, e.g. 0.1")
     onnx_file, model_store = Path(onnx_file), Path(model_store)
     if not NAME_PATTERN.match(name):
         raise InputError("--name", f"{name!r} is not a valid model name", "use letters, digits, '_' and '-', starting with a letter")
@@ -87,9 +79,11 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
                          "export again so graph and spec match")
     if run_dir is not None:
         model, train, test, *_ = load_run(run_dir)
-        class_names, contract, probe = list(train.classes), contract or InputContract(*map(int, train.image_shape)), test.images[:32]
+        class_names, probe = list(train.classes), test.images[:32]
+        config = ServingConfig.of(contract or InputContract(*map(int, train.image_shape)), layer, **settings)
     else:
-        contract = contract or _contract_of(graph)
+        config = ServingConfig.of(contract or _contract_of(graph), layer, **settings)
+        contract = config.contract
         probe = contract.normalise(np.random.default_rng(0).random((8, *contract.shape), dtype=np.float32))
         class_names = _class_names(classes, run_batched(session(graph.SerializeToString(), cuda=False), probe[:2])[0].shape[1])
         model = load_model(model_file, weights) if model_file is not None else None
@@ -104,35 +98,29 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
     try:
         files = staging / "files"
         files.mkdir()
-        shutil.copyfile(onnx_file, files / GRAPH_FILE)
-        shutil.copyfile(spec_file, files / SPEC_FILE)
-        twin = [MODEL_FILE, WEIGHTS_FILE] if model is not None else []
+        shutil.copyfile(onnx_file, files / FILES.graph)
+        shutil.copyfile(spec_file, files / FILES.correction)
+        twin = [FILES.model, FILES.weights] if model is not None else []
         if model is not None:
-            shutil.copyfile(model_file, files / MODEL_FILE)
-            shutil.copyfile(weights, files / WEIGHTS_FILE)
-        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}))
-        (files / "metrics.yaml").write_text(yaml.safe_dump(_metrics_config(), sort_keys=False))
-        config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
-                  "responseTimeout": 120, "unhans": {
-                      "topk": topk, "intra_op_threads": threads, "layer": layer,
-                      "preprocess": contract.to_dict(),
-                      "sample": {"fraction": sample_fraction, "max_shard_seconds": max_shard_seconds, "cpu_budget": sample_cpu_budget, **({"sink": sink} if sink else {})},
-                  }}
-        (files / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        extra = [files / n for n in (*twin, SPEC_FILE, "index_to_name.json", "metrics.yaml")]
+            shutil.copyfile(model_file, files / FILES.model)
+            shutil.copyfile(weights, files / FILES.weights)
+        (files / FILES.classes).write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}))
+        (files / FILES.metrics).write_text(yaml.safe_dump(_metrics_config(), sort_keys=False))
+        (files / FILES.config).write_text(config.to_yaml())
+        extra = [files / n for n in (*twin, FILES.correction, FILES.classes, FILES.metrics)]
         if explain.is_file():
-            shutil.copyfile(explain, files / EXPLAIN_FILE)
-            extra.append(files / EXPLAIN_FILE)
-        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
-                   "--serialized-file", str(files / GRAPH_FILE), "--handler", importlib.util.find_spec(HANDLER_MODULE).origin,
-                   "--extra-files", ",".join(map(str, extra)), "--config-file", str(files / "model-config.yaml"),
+            shutil.copyfile(explain, files / FILES.explain)
+            extra.append(files / FILES.explain)
+        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", config.version,
+                   "--serialized-file", str(files / FILES.graph), "--handler", importlib.util.find_spec(HANDLER_MODULE).origin,
+                   "--extra-files", ",".join(map(str, extra)), "--config-file", str(files / FILES.config),
                    "--export-path", str(staging), "--force"]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(staging)})
         if done.returncode != 0 or not (staging / f"{name}.mar").is_file():
             problem = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise InputError("archive", f"torch-model-archiver failed ({problem[0]})", "check that torch-model-archiver is installed")
         (staging / f"{name}.mar").replace(target)
-        _configure_torchserve(model_store / "config.properties", contract)
+        _configure_torchserve(model_store / "config.properties", config.contract)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -144,19 +132,21 @@ TORCHSERVE_DEFAULT_SIZE = 6553500  # TorchServe's max_request_size and max_respo
 def _configure_torchserve(config_file: Path, contract: InputContract) -> None:
     """Write the configuration 'unhans archive' tells people to start TorchServe with, its size limits set from the
     archive's (:func:`unhans.core.contract.torchserve_limits`); an existing one is kept, and a warning names a limit
-    that is too small for this archive (TorchServe would reset large requests, or kill the worker on large answers)."""
+    that is too small for this archive (TorchServe would reset large requests, or kill the worker on large answers)
+    and a service_envelope (which breaks batching)."""
     needed = torchserve_limits(contract)
     if not config_file.exists():
-        from unhans.torchserve import CONFIG_TEMPLATE
-
         limits = "".join(f"{key}={value}\n" for key, value in needed.items())
-        config_file.write_text(CONFIG_TEMPLATE.read_text() + "# request and answer sizes, set from the archive's limits\n" + limits)
+        config_file.write_text(TORCHSERVE_CONFIG.read_text() + "# request and answer sizes, set from the archive's limits\n" + limits)
         return
     present = dict(line.split("=", 1) for line in config_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
     for key, value in needed.items():
         if int(present.get(key, TORCHSERVE_DEFAULT_SIZE)) < value:
             warn(f"{config_file}: {key} is {present.get(key, f'{TORCHSERVE_DEFAULT_SIZE} (the default)')}, this archive needs "
                  f"{key}={value}; set it, or TorchServe answers large requests or answers itself (a reset, a dead worker)")
+    if present.get("service_envelope", "").strip():
+        warn(f"{config_file}: service_envelope={present['service_envelope'].strip()} is set; remove it: the handler speaks KServe "
+             "v1 and v2 itself, and TorchServe's envelopes fail every request of a batch but the first")
 
 
 def _contract_of(graph) -> InputContract:
@@ -199,9 +189,7 @@ def _metrics_config() -> dict:
     """The metrics the handler emits, in TorchServe's metrics.yaml format. TorchServe reads the file named by
     ``metrics_config`` globally; the template config.properties sets ``model_metrics_auto_detect`` instead, and this
     copy documents what the archive's handler reports."""
-    from ..handlers.unhans_handler import METRICS
-
     by_kind: dict[str, list] = {}
-    for name, (kind, unit, dimensions, _) in METRICS.items():
-        by_kind.setdefault(kind.value, []).append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level", *dimensions]})
+    for name, metric in METRICS.items():
+        by_kind.setdefault(metric.kind, []).append({"name": name, "unit": metric.unit, "dimensions": ["ModelName", "Level", *metric.labels]})
     return {"dimensions": ["ModelName", "Level"], "model_metrics": by_kind}

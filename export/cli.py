@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.cav import CAV_METHODS, CAV_MODES
 from ..core.errors import InputError
-from ..handlers.relevance import DEFAULT_CPU_BUDGET
+from ..core.serving import SampleConfig, ServingConfig
 from ..output import print_table, results, warn
 
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
@@ -255,17 +255,17 @@ def inspect_command(onnx_file, as_json):
 @contract_options
 @click.option("--name", required=True, help="Model name: TorchServe serves it at /predictions/NAME.")
 @click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="TorchServe server-side batch size.")
-@click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="Milliseconds TorchServe waits to fill a batch.")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="onnxruntime intra-op threads per worker.")
-@click.option("--topk", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--sample-fraction", type=float, default=0.0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=ServingConfig.batch_size, show_default=True, help="Requests answered together (TorchServe's batch size; the KServe predictor's too).")
+@click.option("--max-batch-delay", type=click.IntRange(0), default=ServingConfig.max_batch_delay_ms, show_default=True, help="Milliseconds TorchServe waits to fill a batch.")
+@click.option("--workers", type=click.IntRange(1), default=ServingConfig.workers, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=ServingConfig.intra_op_threads, show_default=True, help="onnxruntime intra-op threads per worker.")
+@click.option("--topk", type=click.IntRange(1), default=ServingConfig.topk, show_default=True)
+@click.option("--sample-fraction", type=float, default=SampleConfig.fraction, show_default=True,
               help="Share of served instances recorded with their relevance for 'unhans monitor'.")
 @click.option("--sink", help="Where sampled records go: a folder or an fsspec URL such as s3://bucket/unhans (default: $UNHANS_SINK, else ./unhans-sink of TorchServe).")
-@click.option("--max-shard-seconds", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+@click.option("--max-shard-seconds", type=click.FloatRange(0, min_open=True), default=SampleConfig.max_shard_seconds, show_default=True,
               help="Close a sink shard after this long: the monitor reads closed shards only, so this bounds its delay.")
-@click.option("--sample-cpu-budget", type=float, default=DEFAULT_CPU_BUDGET, show_default=True,
+@click.option("--sample-cpu-budget", type=float, default=SampleConfig.cpu_budget, show_default=True,
               help="Share of one core each worker may spend on relevance for sampled instances (1 = no cap); beyond it samples are dropped and counted.")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
 def archive_command(onnx_file, run_dir, model_file, weights, classes, size, channels, resize, mean, std, name, model_store, batch_size,
@@ -278,8 +278,8 @@ def archive_command(onnx_file, run_dir, model_file, weights, classes, size, chan
 
     if run_dir is not None and model_file is not None:
         raise InputError("--run/--model", "name the model once", "pass --run, or --model and --weights")
-    path = build_archive(onnx_file, run_dir, name, model_store, batch_size, max_batch_delay, workers, topk, threads, force=force,
-                         sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
+    path = build_archive(onnx_file, run_dir, name, model_store, force=force, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
+                         workers=workers, topk=topk, threads=threads, sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
                          sample_cpu_budget=sample_cpu_budget, model_file=model_file, weights=weights, classes=classes,
                          contract=_contract(size, channels, resize, mean, std))
     print_table(f"unhans archive -> {path}", {

@@ -24,6 +24,7 @@ import torch
 
 from unhans.core.attribution import LRP
 from unhans.core.errors import InputError
+from unhans.core.serving import DEFAULT_CPU_BUDGET, FILES
 from unhans.core.layers import insert_after
 from unhans.core.models import load_model
 from unhans.export.correction import load_correction
@@ -34,12 +35,10 @@ from unhans.export.runtime import session
 from .sink import Journal, Record, ShardReader, ShardWriter, orphaned_journals, read_journal, seal_stale
 
 logger = logging.getLogger(__name__)
-EXPLAIN_FILE = "explain.onnx"
 THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
-# share of one core a worker's sampler may use. On a saturated 2-core machine (bench/serving.py) the sampled worker
-# spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the VGG explain graph still records about
-# 3.5 relevance maps a second per worker (12,000 an hour) for the monitor.
-DEFAULT_CPU_BUDGET = 0.01
+# DEFAULT_CPU_BUDGET, the share of one core a worker's sampler may use: on a saturated 2-core machine
+# (bench/serving.py) the sampled worker spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the
+# VGG explain graph still records about 3.5 relevance maps a second per worker (12,000 an hour) for the monitor.
 
 
 class Explainer:
@@ -49,11 +48,11 @@ class Explainer:
     @staticmethod
     def available(model_dir: str) -> bool:
         """Whether an archive can explain at all: an explain graph, or a PyTorch twin (model.py beside its graph)."""
-        return os.path.isfile(os.path.join(model_dir, EXPLAIN_FILE)) or os.path.isfile(os.path.join(model_dir, "model.py"))
+        return os.path.isfile(os.path.join(model_dir, FILES.explain)) or os.path.isfile(os.path.join(model_dir, FILES.model))
 
     def __init__(self, model_dir: str, composite: str = "epsilon_plus_flat", threads: int = 1):
         self._lock = threading.Lock()
-        explain = os.path.join(model_dir, EXPLAIN_FILE)
+        explain = os.path.join(model_dir, FILES.explain)
         self.scores = False
         if os.path.isfile(explain):
             self.kind = "onnx explain graph"
@@ -66,8 +65,8 @@ class Explainer:
                                   else "relevance conservation not recorded in this explain graph (exported before it was measured)")
         else:
             self.kind = "zennit on the PyTorch twin"
-            correction, layer = load_correction(os.path.join(model_dir, "correction.npz"))
-            model = load_model(os.path.join(model_dir, "model.py"), os.path.join(model_dir, "weights.pt"))
+            correction, layer = load_correction(os.path.join(model_dir, FILES.correction))
+            model = load_model(os.path.join(model_dir, FILES.model), os.path.join(model_dir, FILES.weights))
             self._lrp = LRP(insert_after(model, layer, correction.module()), composite)
 
     @property

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from unhans.core.contract import InputContract
 
@@ -49,7 +49,7 @@ class Request:
     targets: list[int | None] = field(default_factory=list)
     format: str = "float16-base64"
     downsample: int = 1
-    topk: int = 3
+    topk: int | None = None  # None: the archive's default
     protocol: str = "unhans"
     id: str | None = None  # v2: echoed in the answer
     outputs: list[str] | None = None  # v2: the output tensors asked for (None: all)
@@ -172,7 +172,9 @@ def _options(source: dict, request: Request, n: int, pre: InputContract, classes
     request.format = fmt
     side = max(pre.height, pre.width)
     request.downsample = _integer("downsample", source.get("downsample", request.downsample), 1, side)
-    request.topk = min(_integer("topk", source.get("topk", request.topk), 1), classes or request.topk)
+    if source.get("topk") is not None:
+        value = _integer("topk", source["topk"], 1)
+        request.topk = min(value, classes) if classes else value
     target = source.get("target", "predicted")
     targets = target if isinstance(target, list) else [target] * n
     if len(targets) != n:
@@ -205,14 +207,17 @@ def answer_bytes(request: Request, pre: InputContract) -> int:
 
 
 def parse(row: dict, pre: InputContract, explain_header: bool = False, classes: int | None = None,
-          binary_header_length: str | None = None) -> Request:
+          binary_header_length: str | None = None, topk: int = 3) -> Request:
     """One TorchServe row (``data``/``body``: JSON, image bytes or ``.npy`` bytes, or a KServe v2 request, with the
     binary extension's ``Inference-Header-Content-Length`` header when given) as a :class:`Request`.
 
     Every limit is checked before the work it guards: bytes, image pixels (from the header), JSON depth, instances, the
     options (``downsample`` at most the map side, targets among ``classes``) and the answer's size, refused with 413
-    when it would pass the contract's ``max_response_bytes``."""
+    when it would pass the contract's ``max_response_bytes``. ``topk`` is the archive's default for requests that do
+    not ask."""
     request = _parse(row, pre, explain_header, classes, binary_header_length)
+    if request.topk is None:
+        request.topk = min(topk, classes) if classes else topk
     size = answer_bytes(request, pre)
     if size > pre.max_response_bytes:
         raise RequestError("instances", f"ask for an answer of about {size / 2**20:.1f} MiB, more than the limit of "
@@ -306,7 +311,8 @@ def _is_v2(body: dict) -> bool:
 
 def _v2(body: dict, pre: InputContract, explain_header: bool, classes: int | None, binary: bytes | None = None) -> Request:
     """A KServe v2 inference request: one input tensor of pixels (N, C, H, W), (C, H, W) or (N, H, W, C) in [0, 1]
-    (UINT8 in 0..255), or BYTES of encoded images; options in ``parameters``."""
+    (UINT8 in 0..255), or BYTES of encoded images; options in ``parameters``. ``data`` may be a (nested) list, or an
+    array a server has already decoded; ``binary`` the tensor's bytes from the binary extension."""
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"}, key=str)
     if unknown:
         raise RequestError(_shown(unknown[0]).strip("'"), "is not a field of a KServe v2 request; use id, inputs, outputs, parameters",
@@ -323,14 +329,13 @@ def _v2(body: dict, pre: InputContract, explain_header: bool, classes: int | Non
     count = int(np.prod(shape, dtype=object))
     if count > pre.max_instances * max(int(np.prod(pre.shape)), 1) and datatype != "BYTES":
         raise RequestError(where, f"has shape {shape}, more than {pre.max_instances} instances", 413, reason="too_many_instances")
-    if binary is not None:
-        values = _v2_binary_values(binary, datatype, count, where)
-    else:
-        values = tensor.get("data")
-        if not isinstance(values, list):
-            raise RequestError(where, "has no 'data' list (or binary data)")
-        if datatype == "BYTES":
-            values = [_base64(v, where) if isinstance(v, str) else None for v in _flat(values, where)]
+    values = _v2_binary_values(binary, datatype, count, where) if binary is not None else tensor.get("data")
+    if isinstance(values, np.ndarray) and datatype == "BYTES":  # a server decoded it (KServe): bytes, or text as sent
+        values = list(values.ravel())
+    elif not isinstance(values, (list, np.ndarray)):
+        raise RequestError(where, "has no 'data' list (or binary data)")
+    if datatype == "BYTES" and binary is None:
+        values = [v if isinstance(v, bytes) else _base64(v, where) if isinstance(v, str) else None for v in _flat(values, where)]
     if datatype == "BYTES":
         if len(values) != count or any(v is None for v in values):
             raise RequestError(where, f"has {len(values)} elements for shape {shape}; each one encoded image (base64 in JSON)")
@@ -377,6 +382,8 @@ def _flat(values: list, where: str) -> list:
 
 def _v2_array(values, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray:
     if isinstance(values, np.ndarray):
+        if values.size != count or values.dtype.kind not in "biuf":
+            raise RequestError(where, f"has {values.size} {values.dtype} values for shape {shape} ({count} numbers)")
         array = values
     else:
         flat = _flat(values, where)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,33 +91,17 @@ def explain_with_archive(archive: str | Path, images: np.ndarray, batch_size: in
     Uses the handler's own code paths: :class:`Explainer` for relevance of the predicted class and the archive's
     prediction graph for the detector score, so the reference matches what the sampler records while serving.
     """
-    import tempfile
-
+    from unhans.core.serving import FILES, ServingConfig, class_names, manifest, unpacked
     from unhans.export.graph import SCORE_OUTPUT
     from unhans.export.runtime import run_batched, session
     from unhans.handlers.relevance import Explainer
 
-    archive = Path(archive)
-    with tempfile.TemporaryDirectory(prefix="unhans-reference-") as scratch:
-        if archive.is_file():
-            try:
-                zipfile.ZipFile(archive).extractall(scratch)
-            except zipfile.BadZipFile:
-                raise InputError(str(archive), "is not a TorchServe archive (.mar)", "pass the file 'unhans archive' wrote") from None
-            folder = Path(scratch)
-        elif archive.is_dir():
-            folder = archive
-        else:
-            raise InputError(str(archive), "does not exist", "pass the .mar file 'unhans archive' wrote, or its unpacked folder")
-        manifest_file = folder / "MAR-INF" / "MANIFEST.json"
-        if not manifest_file.is_file():
-            raise InputError(str(archive), "has no MAR-INF/MANIFEST.json", "pass an archive built by 'unhans archive'")
-        manifest = json.loads(manifest_file.read_text())["model"]
-        names_file = folder / "index_to_name.json"
-        names = json.loads(names_file.read_text()) if names_file.is_file() else {}
-        graph = session(str(folder / manifest["serializedFile"]))
+    with unpacked(archive) as folder:
+        model = manifest(folder)
+        names = class_names(folder)
+        graph = session(str(folder / model["serializedFile"]))
         outputs = [o.name for o in graph.get_outputs()]
-        explainer = Explainer(str(folder))
+        explainer = Explainer(str(folder), ServingConfig.from_yaml(folder / FILES.config).composite)
         relevance, predictions = [], []
         for start in range(0, len(images), batch_size):
             logits, heat, _ = explainer(np.ascontiguousarray(images[start:start + batch_size], np.float32))
@@ -127,4 +110,4 @@ def explain_with_archive(archive: str | Path, images: np.ndarray, batch_size: in
         scores = run_batched(graph, images, [SCORE_OUTPUT])[0].ravel() if SCORE_OUTPUT in outputs else None
     classes = [names.get(str(i), str(i)) for i in range(logits.shape[1])]
     return {"relevance": np.concatenate(relevance), "predictions": np.concatenate(predictions), "scores": scores,
-            "classes": classes, "model": manifest["modelName"], "version": str(manifest.get("modelVersion", "1.0"))}
+            "classes": classes, "model": model["modelName"], "version": str(model.get("modelVersion", "1.0"))}

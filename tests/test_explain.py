@@ -22,7 +22,8 @@ from unhans.export.explain import SUPPORTED_LAYERS, explain_graph, explain_path,
 from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import read_metadata
 from unhans.export.runtime import session
-from unhans.handlers.relevance import EXPLAIN_FILE, Explainer
+from unhans.core.serving import FILES
+from unhans.handlers.relevance import Explainer
 
 LAYERS = {"vgg": "features.pool2", "resnet": "features.layer3"}
 
@@ -170,7 +171,7 @@ def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs
     # the handler's explainer serves from the graph and refuses a class the model does not have
     served = tmp_path / "served"
     served.mkdir()
-    shutil.copy(explain_path(out), served / EXPLAIN_FILE)
+    shutil.copy(explain_path(out), served / FILES.explain)
     explainer = Explainer(str(served))
     assert explainer.kind == "onnx explain graph" and explainer.scores
     served_logits, _, served_scores = explainer(run["probe"])

@@ -241,7 +241,7 @@ def test_alert_rules_pass_promtool():
 
 
 def test_dashboard_queries_only_exported_metrics():
-    from unhans.handlers.unhans_handler import METRICS
+    from unhans.core.serving import METRICS
 
     exported = set(METRICS)
     for family in MonitorMetrics(MODEL, VERSION).registry.collect():  # counters are collected without their _total

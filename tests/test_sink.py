@@ -353,6 +353,10 @@ def test_instances_a_killed_sampler_had_accepted_are_recorded_by_the_next(tmp_pa
     first.relevance, first.input = np.ones((4, 4), np.float32), None
     ShardWriter(sink, "m", "1", dead_id, flush_every=1).append(first)
     assert [p.name for p in (tmp_path / "sink" / "m" / "1").glob("*" + OPEN)] == [f"{dead_id}-00000000{OPEN}"]
+    live = ShardWriter(sink, "m", "1", f"{__import__('socket').gethostname()}-{os.getpid()}-0", flush_every=1)
+    live.append(record(1))  # a live writer's open shard, as fresh: stays open
+    sealed = seal_stale(sink, "m", older_than_s=300)  # the monitor's call: the dead writer's shard is final at once
+    assert [os.path.basename(p) for p in sealed] == [f"{dead_id}-00000000{CLOSED}"]
 
     def explain(images, targets):
         return None, np.ones((len(images), 1, 4, 4), np.float32), None
@@ -364,6 +368,6 @@ def test_instances_a_killed_sampler_had_accepted_are_recorded_by_the_next(tmp_pa
     while orphaned_journals(sink, "m", "1") and time.monotonic() < deadline:
         time.sleep(0.1)
     records = [r for _, r in ShardReader(sink, "m", include_open=True).read()]
-    assert sorted(r.request_id for r in records) == [f"req-{k}" for k in range(7)]
-    assert all(r.relevance is not None and r.input is None for r in records)
-    assert sampler.take_counts()["recovered"] == 6 and not list((tmp_path / "sink" / "m" / "1").glob(f"{dead_id}*{OPEN}"))
+    assert sorted(r.request_id for r in records if r.request_id.startswith("req")) == [f"req-{k}" for k in range(7)]
+    assert all(r.relevance is not None and r.input is None for r in records) and len(records) == 8
+    assert sampler.take_counts()["recovered"] == 6

@@ -7,34 +7,22 @@ writes to a file; the inference and management keys appear in ``key_file.json`` 
 
 from __future__ import annotations
 
-import http.client
-import importlib.resources
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from unhans.core.contract import torchserve_limits
+from unhans.local_server import LocalServer, free_port
+from unhans.core.serving import TORCHSERVE_CONFIG
 
-CONFIG_TEMPLATE = importlib.resources.files("unhans.model_store") / "config.properties"  # package data
 # lines of TorchServe's logs that name why it or a worker failed, first match reported
 FAILURE_MARKS = ("Address already in use", "BindException", "refusing to start", "Traceback", "Error:", "ERROR")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalTorchServe:
+class LocalTorchServe(LocalServer):
     """A real TorchServe on free loopback ports, token authorization on, in its own working and temp folder.
 
     ``with LocalTorchServe(store, "name", work) as server:`` starts it with ``store/name.mar`` (or several names),
@@ -45,17 +33,17 @@ class LocalTorchServe:
                  keep_alive: bool = False):
         self.names = [names] if isinstance(names, str) else list(names)
         self.name, self.work, self.ready_timeout = self.names[0], Path(work).resolve(), ready_timeout  # TorchServe wants absolute paths
-        config = CONFIG_TEMPLATE.read_text()
+        config = TORCHSERVE_CONFIG.read_text()
         self.ports = {}
         for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
-            self.ports[key] = _free_port()
+            self.ports[key] = free_port()
             config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{self.ports[key]}")
         for key, default in (("grpc_inference_port", 7070), ("grpc_management_port", 7071)):  # another server may hold them
-            self.ports[key] = _free_port()
+            self.ports[key] = free_port()
             config = config.replace(f"{key}={default}", f"{key}={self.ports[key]}")
         assert "disable_token_authorization=false" in config
         limits = "".join(f"{key}={value}\n" for key, value in torchserve_limits().items())  # the contract's defaults
-        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={_free_port()}\n{limits}{extra_config}\n")
+        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={free_port()}\n{limits}{extra_config}\n")
         self.bin = Path(sys.executable).parent
         # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
         self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
@@ -64,9 +52,7 @@ class LocalTorchServe:
         self.management_url = f"http://127.0.0.1:{self.ports['management_address']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics_address']}/metrics"
         self.key = self.management_key = None
-        # keep_alive: each calling thread keeps one HTTP/1.1 connection per address, as a production client would;
-        # a new connection per call (urllib) costs both sides CPU that load tests on a small machine then measure
-        self.keep_alive, self._connections = keep_alive, threading.local()
+        super().__init__(keep_alive)
 
     def __enter__(self):
         command = [str(self.bin / "torchserve"), "--start", "--ncs", "--model-store", str(self.store), "--ts-config",
@@ -138,30 +124,7 @@ class LocalTorchServe:
         key = self.management_key if management else self.key
         if authorize and key:
             headers["Authorization"] = f"Bearer {key}"
-        base = self.management_url if management else self.url
-        if self.keep_alive:
-            return self._request_kept(base, method, path, body, headers)
-        try:
-            with urllib.request.urlopen(urllib.request.Request(base + path, data=body, headers=headers, method=method), timeout=60) as response:
-                return response.status, _decode(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, _decode(error.read())
-        except (urllib.error.URLError, ConnectionError) as error:
-            return 0, str(error)
-
-    def _request_kept(self, base: str, method: str, path: str, body: bytes | None, headers: dict):
-        connections = self._connections.__dict__  # this thread's, by address
-        if base not in connections:
-            address = urllib.parse.urlsplit(base)
-            connections[base] = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-        connection = connections[base]
-        try:
-            connection.request(method, path, body, headers)
-            response = connection.getresponse()
-            return response.status, _decode(response.read())
-        except (http.client.HTTPException, OSError) as error:
-            connection.close()  # reconnects on the next call
-            return 0, str(error)
+        return self.call(self.management_url if management else self.url, method, path, body, headers)
 
     def post(self, path: str, body: bytes, content_type: str, headers: dict | None = None, authorize: bool = True):
         return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})}, authorize)
@@ -172,9 +135,3 @@ class LocalTorchServe:
         self.log.close()
 
 
-def _decode(body: bytes):
-    """A response body as JSON, or as text when it is not JSON."""
-    try:
-        return json.loads(body or b"null")
-    except ValueError:
-        return body.decode(errors="replace")
