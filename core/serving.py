@@ -125,8 +125,14 @@ def class_names(folder: str | Path) -> dict[str, str]:
 
 @contextmanager
 def unpacked(archive: str | Path):
-    """The folder of an archive: a ``.mar`` unpacked into a temporary folder for the block, or an unpacked one as is."""
+    """The folder of an archive: a ``.mar`` (or a folder holding one) unpacked into a temporary folder for the block,
+    or an unpacked one as is."""
     archive = Path(archive)
+    if archive.is_dir() and not (archive / FILES.manifest).is_file():  # KServe's /mnt/models: a folder holding the .mar
+        held = sorted(archive.glob("*.mar"))
+        if len(held) != 1:
+            raise InputError(str(archive), f"holds {len(held)} .mar files and is not an unpacked archive", "pass one archive")
+        archive = held[0]
     if archive.is_dir():
         folder = archive
     elif archive.is_file():

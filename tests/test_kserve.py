@@ -3,6 +3,7 @@ through tritonclient (the Open Inference Protocol client) and plain HTTP, answer
 
 import json
 import urllib.request
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +12,63 @@ import torch
 
 from unhans.handlers.requests import decode_relevance
 
-pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _unknown_fields(data, type_name: str, path: str = "") -> list[str]:
+    """Fields of ``data`` that the SDK model ``type_name`` (KServe's or Kubernetes') does not have, recursively."""
+    import re
+
+    import kserve.models
+    from kubernetes.client import models as kubernetes_models
+
+    if match := re.fullmatch(r"(?:list|List)\[(.+)\]", type_name):
+        return [bad for k, item in enumerate(data) for bad in _unknown_fields(item, match[1], f"{path}[{k}]")]
+    if match := re.fullmatch(r"(?:dict|Dict)[\[(]str, ?(.+)[\])]", type_name):
+        return [bad for key, value in data.items() for bad in _unknown_fields(value, match[1], f"{path}.{key}")]
+    model = getattr(kserve.models, type_name, None) or getattr(kubernetes_models, type_name, None)
+    if model is None:  # str, int, bool, object, ...
+        return []
+    attributes = {name: attribute for attribute, name in model.attribute_map.items()}
+    return [bad for key, value in data.items()
+            for bad in ([f"{path}.{key}"] if key not in attributes else _unknown_fields(value, model.openapi_types[attributes[key]], f"{path}.{key}"))]
+
+
+def test_the_shipped_manifest_is_the_sdks_and_valid_for_the_crd():
+    """deploy/kserve/inferenceservice.yaml is what 'unhans kserve-manifest' prints, and every field of it is one of
+    KServe's SDK models (which mirror the CRD's schema)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from unhans.cli import main
+
+    args = ["--name", "vgg", "--storage-uri", "s3://models/unhans/vgg.mar", "--image", "ghcr.io/you/unhans-kserve:0.1.0"]
+    printed = CliRunner().invoke(main, ["kserve-manifest", *args])
+    assert printed.exit_code == 0, printed.output
+    manifest = yaml.safe_load(printed.output)
+    assert manifest == yaml.safe_load((REPO / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert _unknown_fields(manifest, "V1beta1InferenceService") == []
+    assert _unknown_fields({**manifest, "spec": {"predictor": {"replicas": 2}}}, "V1beta1InferenceService") == [".spec.predictor.replicas"]
+    container = manifest["spec"]["predictor"]["containers"][0]
+    assert container["args"][:2] == ["--archive", "/mnt/models"] and container["readinessProbe"]["httpGet"]["path"] == "/v2/models/vgg/ready"
+
+
+def test_a_folder_holding_one_archive_is_served_as_it(served_archive, tmp_path):
+    """KServe's storage initializer puts the .mar into /mnt/models: that folder is the archive."""
+    import shutil
+
+    from unhans.core.serving import manifest, unpacked
+
+    root, _ = served_archive
+    mounted = tmp_path / "mnt-models"
+    mounted.mkdir()
+    shutil.copy(root / "store" / "vgg.mar", mounted)
+    with unpacked(mounted) as folder:
+        assert manifest(folder)["modelName"] == "vgg"
+    shutil.copy(root / "store" / "vgg.mar", mounted / "other.mar")
+    with pytest.raises(ValueError, match="holds 2 .mar files"):
+        with unpacked(mounted):
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +80,7 @@ def kserve_server(served_archive, tmp_path_factory):
         yield server, corrected
 
 
+@pytest.mark.integration
 def test_open_inference_protocol_client(kserve_server, backdoored_vgg):
     """tritonclient: health, readiness, metadata, and infer with binary tensors both ways."""
     import tritonclient.http as triton
@@ -45,6 +103,7 @@ def test_open_inference_protocol_client(kserve_server, backdoored_vgg):
     assert relevance.shape == (5, 28, 28) and np.abs(relevance).sum() > 0
 
 
+@pytest.mark.integration
 def test_answers_equal_the_torchserve_handlers(kserve_server, served_archive, backdoored_vgg, torchserve, tmp_path):
     """Same archive, same core: the same predictions and relevance maps through KServe v1/v2 and TorchServe."""
     server, _ = kserve_server
@@ -67,6 +126,7 @@ def test_answers_equal_the_torchserve_handlers(kserve_server, served_archive, ba
     assert outputs[0]["label"] == outputs[1]["label"] and np.allclose(outputs[0]["relevance"], outputs[1]["relevance"], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.integration
 def test_concurrent_requests_and_errors(kserve_server, backdoored_vgg):
     """Concurrent v1 and v2 calls share batches and each gets its own answer; a bad one gets its own JSON 4xx."""
     server, corrected = kserve_server

@@ -17,6 +17,7 @@ from . import __version__
 from .core.errors import InputError
 from .options import parse_options, parse_position
 from .export.cli import archive_command, export_command, inspect_command
+from .deploy import kserve_manifest_command
 from .monitor.cli import monitor_group
 from .output import console, print_table, results
 
@@ -204,7 +205,7 @@ def demo(out_dir, model_store, retrain, monitor_port):
     print_table("unhans demo", summary)
 
 
-for command in (export_command, inspect_command, archive_command, monitor_group):
+for command in (export_command, inspect_command, archive_command, kserve_manifest_command, monitor_group):
     main.add_command(command)
 
 if __name__ == "__main__":
