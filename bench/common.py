@@ -25,12 +25,13 @@ def report(title: str, figures: dict, targets: dict, json_path: Path | None) -> 
 
 
 def throughput(server, name: str, bodies: list[bytes], endpoint: str = "predictions", content_type: str = "image/png",
-               clients: int = 16) -> float:
-    """Requests per second that ``clients`` concurrent keep-alive clients get for ``bodies`` from ``/endpoint/name`` of a
-    :class:`unhans.torchserve.LocalTorchServe`; every answer must be a 200."""
+               clients: int = 16, path: str | None = None) -> float:
+    """Requests per second that ``clients`` concurrent keep-alive clients get for ``bodies`` from ``/endpoint/name`` (or
+    ``path``) of a local server (:class:`unhans.local_server.LocalServer`); every answer must be a 200."""
+    path = path or f"/{endpoint}/{name}"
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        statuses = list(pool.map(lambda body: server.post(f"/{endpoint}/{name}", body, content_type)[0], bodies))
+        statuses = list(pool.map(lambda body: server.post(path, body, content_type)[0], bodies))
     assert all(s == 200 for s in statuses), statuses
     return len(bodies) / (time.perf_counter() - started)
 
