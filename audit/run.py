@@ -80,6 +80,29 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _fingerprint(spec: AuditSpec, dataset) -> dict:
+    """What the stored relevance depends on: the contents of model, weights and data, the composite and the layer."""
+    return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": hashlib.sha256(
+        dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest(), "composite": spec.composite, "layer": spec.layer}
+
+
+def _inputs(spec: AuditSpec, dataset) -> dict:
+    """What an audit's results depend on: the relevance's fingerprint and SpRAy's settings."""
+    return {**_fingerprint(spec, dataset), "n_neighbors": spec.n_neighbors, "pooling": spec.pooling, "embedding_2d": spec.embedding_2d}
+
+
+def finished_audit(spec: AuditSpec) -> dict | None:
+    """OUT/audit.json when it was written for this very model, data and settings (so picking clusters from it needs
+    no second audit), else None."""
+    path = Path(spec.out_dir) / "audit.json"
+    if not path.is_file():
+        return None
+    audit = json.loads(path.read_text())
+    if audit.get("inputs") != _inputs(spec, load_dataset(spec.data, skip_unreadable=True)):
+        return None
+    return audit
+
+
 def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
     """Run (or resume) an audit; writes OUT/relevance/, audit.json, report.html and virelay/; returns the ranking."""
     out = Path(spec.out_dir)
@@ -103,8 +126,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
         conservation = lrp.check(torch.from_numpy(dataset.images[:8]))
     console.print(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
 
-    fingerprint = {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": hashlib.sha256(
-        dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest(), "composite": spec.composite, "layer": spec.layer}
+    fingerprint = _fingerprint(spec, dataset)
     store_path = out / "relevance"
     if restart:
         RelevanceStore.discard(store_path)
@@ -140,7 +162,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
                               {"class_index": r.class_index, "index": r.indices, "labels": r.labels, "eigenvalues": r.eigenvalues,
                                "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])
     (out / "audit.json").write_text(json.dumps({
-        "spec": spec.__dict__, "seconds": seconds, "conservation": conservation.__dict__, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
+        "spec": spec.__dict__, "inputs": _inputs(spec, dataset), "seconds": seconds, "conservation": conservation.__dict__, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
         "classes": [{**r.summary(), "class": dataset.classes[r.class_index], **_artifact_summary(r, relevance)} for r in ranked],
         "clusters": {str(r.class_index): {"rows": r.indices.tolist(), "labels": r.labels.tolist()} for r in ranked if r.spray is not None},
     }, indent=1))
@@ -182,9 +204,21 @@ class _backend:
             self.client.close()
 
 
+def parse_selection(text: str) -> list[tuple[str, int]]:
+    """``CLASS:CLUSTER[,CLASS:CLUSTER...]`` as (class, cluster) pairs; checked before any work, so a typo costs nothing."""
+    pairs = []
+    for item in text.split(","):
+        name, sep, cluster = item.strip().rpartition(":")
+        if not sep or not name or not cluster.isdigit():
+            raise InputError("--select", f"{item.strip()!r} is not CLASS:CLUSTER", "write e.g. --select 0:1, or --select 3:0,3:2 for two clusters")
+        pairs.append((name, int(cluster)))
+    return pairs
+
+
 def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None) -> Path:
-    """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen cluster, or the given row ids or boolean mask)
-    and ``clean`` (every other row), the sets ``unhans export --samples`` fits the CAV on."""
+    """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen clusters, ``CLASS:CLUSTER[,CLASS:CLUSTER...]``, or
+    the given row ids or boolean mask) and ``clean`` (every other row), the sets ``unhans export --samples`` fits the
+    CAV on."""
     out = Path(out_dir)
     audit_file = out / "audit.json"
     if not audit_file.exists():
@@ -192,15 +226,17 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     audit = json.loads(audit_file.read_text())
     n = sum(c["n"] for c in audit["classes"])
     if class_cluster is not None:
-        class_name, _, cluster = class_cluster.partition(":")
-        match = [c for c in audit["classes"] if class_name in (c["class"], str(c["class_index"]))]
-        if not match or str(match[0]["class_index"]) not in audit["clusters"]:
-            raise InputError("--select", f"class {class_name!r} has no clusters in this audit", "use CLASS:CLUSTER from the report's ranking")
-        found = audit["clusters"][str(match[0]["class_index"])]
-        labels = np.asarray(found["labels"])
-        if not cluster.isdigit() or int(cluster) not in set(labels.tolist()):
-            raise InputError("--select", f"cluster {cluster!r} of class {class_name} does not exist", f"use one of {sorted(set(labels.tolist()))}")
-        rows = np.asarray(found["rows"])[labels == int(cluster)]
+        chosen = []
+        for class_name, cluster in parse_selection(class_cluster):
+            match = [c for c in audit["classes"] if class_name in (c["class"], str(c["class_index"]))]
+            if not match or str(match[0]["class_index"]) not in audit["clusters"]:
+                raise InputError("--select", f"class {class_name!r} has no clusters in this audit", "use CLASS:CLUSTER from the report's ranking")
+            found = audit["clusters"][str(match[0]["class_index"])]
+            labels = np.asarray(found["labels"])
+            if cluster not in set(labels.tolist()):
+                raise InputError("--select", f"cluster '{cluster}' of class {class_name} does not exist", f"use one of {sorted(set(labels.tolist()))}")
+            chosen.append(np.asarray(found["rows"])[labels == cluster])
+        rows = np.concatenate(chosen)
     else:
         ids = np.asarray(ids)
         if ids.dtype == bool:

@@ -17,6 +17,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from ..output import console
 from .artifacts import Artifact
 from .data import ImageDataset, load_dataset, stratified_split
 from .models import load_model, model_class_from_file, write_model_file
@@ -27,15 +28,19 @@ MODEL_FILE, WEIGHTS_FILE, DATASET_FILE, METRICS_FILE = "model.py", "weights.pt",
 
 def fit(model: nn.Module, dataset: ImageDataset, epochs: int, batch_size: int = 64, lr: float = 1e-3,
         seed: int = 0, show_progress: bool = True, description: str = "training") -> list[float]:
-    """Adam on cross-entropy; returns the mean loss of each epoch. Deterministic for a given seed."""
+    """Adam on cross-entropy; returns the mean loss of each epoch. Deterministic for a given seed.
+
+    Progress is a bar on a terminal and one plain line per epoch elsewhere (a log file), where a bar never shows.
+    """
     torch.manual_seed(seed)
+    started = time.perf_counter()
     rng = np.random.default_rng(seed)
     images, labels = torch.from_numpy(dataset.images), torch.from_numpy(dataset.labels)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = -(-len(dataset) // batch_size)
     losses = []
     model.train()
-    with Progress(disable=not show_progress, transient=False) as progress:
+    with Progress(console=console, disable=not show_progress, transient=False) as progress:
         task = progress.add_task(description, total=epochs * steps_per_epoch)
         for epoch in range(epochs):
             order = torch.from_numpy(rng.permutation(len(dataset)))
@@ -49,7 +54,10 @@ def fit(model: nn.Module, dataset: ImageDataset, epochs: int, batch_size: int = 
                 total += loss.item() * len(batch)
                 progress.advance(task)
             losses.append(total / len(dataset))
-            progress.update(task, description=f"{description} (epoch {epoch + 1}/{epochs}, loss {losses[-1]:.3f})")
+            status = f"{description} (epoch {epoch + 1}/{epochs}, loss {losses[-1]:.3f})"
+            progress.update(task, description=status)
+            if show_progress and not console.is_terminal:
+                console.print(f"{status}, {time.perf_counter() - started:.0f} s", highlight=False)
     model.eval()
     return losses
 

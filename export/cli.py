@@ -13,11 +13,13 @@ import click
 import numpy as np
 
 from ..core.cav import CAV_METHODS, CAV_MODES
+from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
 from ..output import print_table, results, warn
 
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
+COST_CLASSES_SHOWN = 10  # classes listed in the cost table, the most costly first
 
 
 def contract_options(command):
@@ -77,16 +79,20 @@ def _index(z, key: str, n: int, path: str) -> np.ndarray:
     return index
 
 
-def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndarray, np.ndarray]:
-    """(artifact images, clean images) for fitting the CAV, from the options in order of precedence."""
-    train = None
-    if run_dir is not None:
-        from ..core.poison import load_scenario
-        from ..core.training import DATASET_FILE
+def _scenario(run_dir):
+    """A run's (poisoned train set, clean test set), or (None, None) without --run."""
+    if run_dir is None:
+        return None, None
+    from ..core.poison import load_scenario
+    from ..core.training import DATASET_FILE
 
-        if not (Path(run_dir) / DATASET_FILE).is_file():
-            raise InputError("--run", f"{Path(run_dir) / DATASET_FILE} is missing", "pass a run folder written by 'unhans train'")
-        train = load_scenario(Path(run_dir) / DATASET_FILE)[0]
+    if not (Path(run_dir) / DATASET_FILE).is_file():
+        raise InputError("--run", f"{Path(run_dir) / DATASET_FILE} is missing", "pass a run folder written by 'unhans train'")
+    return load_scenario(Path(run_dir) / DATASET_FILE)[:2]
+
+
+def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarray, np.ndarray]:
+    """(artifact images, clean images) for fitting the CAV, from the options in order of precedence."""
     shape = train.image_shape if train is not None else ()
     if artifact_samples:
         artifact = _images(artifact_samples, "--artifact-samples", shape)
@@ -104,6 +110,15 @@ def _samples(run_dir, samples, artifact_samples, clean_samples) -> tuple[np.ndar
     if not train.has_artifact.any():
         raise InputError("--run", "its training set marks no sample as carrying the artifact", "pass --samples or --artifact-samples")
     return train.images[train.has_artifact], train.images[~train.has_artifact]
+
+
+def _held_out(test, clean, paired, max_cost, max_class_cost):
+    """What the correction's cost is measured on: a run's labelled clean test set, else the clean images the CAV saw
+    (your photos without the artifact), judged by agreement with the uncorrected model."""
+    if test is not None:
+        return HeldOut(test.images, test.labels, "the run's clean test set", list(test.classes), max_cost, max_class_cost)
+    source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
+    return HeldOut(clean, None, source, None, max_cost, max_class_cost)
 
 
 def _pasted(images, artifact_image, position, artifact_options, contract) -> tuple[np.ndarray, np.ndarray]:
@@ -150,18 +165,26 @@ def _pasted(images, artifact_image, position, artifact_options, contract) -> tup
 @click.option("--artifact-option", "artifact_options", multiple=True, metavar="KEY=VALUE", help="size=N (longer side in pixels), opacity=0.6, margin=N (repeatable).")
 @contract_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write; the correction spec goes beside it.")
+@click.option("--max-cost", type=click.FloatRange(0), default=MAX_COST_PT, show_default=True,
+              help="Points of clean accuracy (without labels: of top-1 agreement with the uncorrected model) the correction may cost; above it nothing is written.")
+@click.option("--max-class-cost", type=click.FloatRange(0), default=MAX_CLASS_COST_PT, show_default=True,
+              help=f"The same for any one class with at least {MIN_CLASS_SAMPLES} held-out images.")
 @click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance of the corrected model.")
 @click.option("--composite", type=click.Choice(("epsilon_plus_flat", "epsilon_gamma_box")), default="epsilon_plus_flat", show_default=True,
               help="The LRP composite of the --explain graph (epsilon_gamma_box bounds the input to [0, 1]).")
 def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, threshold, no_fold, samples, artifact_samples, clean_samples,
                    model_file, weights, images, artifact_image, position, artifact_options, size, channels, resize, mean, std, out,
-                   explain, composite):
+                   max_cost, max_class_cost, explain, composite):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
     Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
     that is exact (else inserts a few rank-1 ops), and writes OUT plus OUT's .correction.npz. The model is a run's
     (--run), your own (--model/--weights), or an existing graph (--onnx, activations from onnxruntime). With --images
     and --artifact-image the samples are your photos with and without the artifact pasted: the paired set.
+
+    What the correction costs is measured on the run's clean test set (clean accuracy, per class too) or, without a
+    run, on the clean images (top-1 agreement with the uncorrected graph); over --max-cost or --max-class-cost
+    nothing is written.
     """
     from .correction import Correction
     from .onnx import export_onnx, export_torch, fit_cav_onnx, load_onnx
@@ -177,15 +200,17 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         raise InputError("--explain", "needs the PyTorch model", "pass --model/--weights (or --run) and --layer instead of --onnx")
     contract = _contract(size, channels, resize, mean, std)
     paired = images is not None
+    train, test = _scenario(run_dir)
     if paired:
         artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
     else:
-        artifact, clean = _samples(run_dir, samples, artifact_samples, clean_samples)
+        artifact, clean = _samples(train, samples, artifact_samples, clean_samples)
+    held_out = _held_out(test, clean, paired, max_cost, max_class_cost)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
     if onnx_file is not None:
         cav = fit_cav_onnx(load_onnx(onnx_file), artifact, clean, tensor, layer, method, mode, paired)
-        report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold, cav.quality_)
+        report = export_onnx(onnx_file, Correction.from_cav(cav, reactive, threshold), probe, out, tensor, layer, fold, cav.quality_, held_out)
     else:
         from ..core.clarc import fit_cav
         from ..core.models import load_model
@@ -199,7 +224,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
             conservation = lrp.check(torch.from_numpy(probe))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
         cav = fit_cav(model, layer, artifact, clean, method, mode, paired)
-        report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold, cav.quality_)
+        report = export_torch(model, layer, Correction.from_cav(cav, reactive, threshold), probe, out, fold, cav.quality_, held_out)
     print_table(f"unhans export -> {report.path}", {
         "tensor": report.tensor, "folded": report.folded, "nodes": f"{report.nodes_before} -> {report.nodes_after}",
         "max |onnxruntime - torch|": report.max_abs_diff, "max |logit|": report.logit_scale,
@@ -210,6 +235,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
     })
     for warning in cav.quality_["warnings"]:
         warn(f"CAV: {warning}")
+    _print_cost(report.cost)
     if explain:  # after the prediction graph is written: an unexplainable model still gets that
         from ..core.layers import insert_after
         from .explain import explain_path, export_explain
@@ -218,6 +244,24 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, reactive, th
         explained = export_explain(insert_after(model, layer, correction.module()), explain_path(out), composite, layer,
                                    probe=probe, detector=correction)
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
+
+
+def _print_cost(cost) -> None:
+    """The cost overall and for the classes it hits hardest; a loud warning when a raised bound let it through."""
+    def figure(c):
+        return f"{c.before:.1%} -> {c.after:.1%} ({c.pt:+.1f} pt, {c.samples} images)"
+
+    worst = cost.worst_class
+    shown = sorted(cost.classes, key=lambda c: -c.pt)[:COST_CLASSES_SHOWN]
+    print_table(f"what the correction costs: {cost.metric} on {cost.source}", {
+        "overall": f"{figure(cost.overall)}; bound {cost.max_pt:g} pt",
+        "top-1 agreement with the uncorrected model": f"{cost.agreement:.1%}",
+        **{f"class {c.name}": figure(c) + ("" if c.samples >= MIN_CLASS_SAMPLES else "; too few images to judge") for c in shown},
+    })
+    if cost.overall.pt > MAX_COST_PT:
+        warn(f"the correction costs {cost.overall.pt:.1f} points of {cost.metric} (accepted with --max-cost {cost.max_pt:g})")
+    if worst is not None and worst.pt > MAX_CLASS_COST_PT:
+        warn(f"the correction costs class {worst.name} {worst.pt:.1f} points of {cost.metric} (accepted with --max-class-cost {cost.max_class_pt:g})")
 
 
 @click.command("inspect")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -28,6 +29,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.cav import CAV
+from ..core.cost import MIN_CLASS_SAMPLES, Cost, HeldOut
 from ..core.errors import InputError
 from ..core.layers import activations, get_layer, insert_after
 from .correction import Correction
@@ -57,6 +59,7 @@ class ExportReport:
     score_max_abs_diff: float | None
     seconds: float
     metadata: dict[str, str]
+    cost: Cost | None = None
 
 
 def correction_path(onnx_path: str | Path) -> Path:
@@ -145,11 +148,26 @@ def cav_metadata(quality: dict | None) -> dict[str, str]:
             "cav.warnings": " | ".join(quality["warnings"]) or "none"}
 
 
+def cost_metadata(cost: Cost | None) -> dict[str, str]:
+    """A correction's :class:`~unhans.core.cost.Cost` as metadata entries (``inspect`` shows them); per class as JSON
+    ``[[class, images, before, after], ...]``."""
+    if cost is None:
+        return {}
+    worst = cost.worst_class
+    return {"cost.data": cost.source, "cost.metric": cost.metric, "cost.samples": str(cost.overall.samples),
+            "cost.before": f"{cost.overall.before:.4f}", "cost.after": f"{cost.overall.after:.4f}", "cost.pt": f"{cost.overall.pt:.2f}",
+            "cost.agreement": f"{cost.agreement:.4f}",
+            "cost.worst_class": f"{worst.name}: {worst.pt:.2f} pt" if worst else f"none with {MIN_CLASS_SAMPLES} images",
+            "cost.bound_pt": f"{cost.max_pt:g}", "cost.class_bound_pt": f"{cost.max_class_pt:g}",
+            "cost.per_class": json.dumps([[c.name, c.samples, round(c.before, 4), round(c.after, 4)] for c in cost.classes])}
+
+
 def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np.ndarray, out: str | Path,
-                 fold: bool = True, cav_quality: dict | None = None) -> ExportReport:
+                 fold: bool = True, cav_quality: dict | None = None, held_out: HeldOut | None = None) -> ExportReport:
     """Export ``model`` with ``correction`` after module ``layer`` to ``out``, verified against PyTorch's P-ClArC.
 
     ``probe`` is a batch of real inputs (mix artifact and clean samples so a reactive gate is exercised both ways).
+    With ``held_out``, what the correction costs on it is measured and the graph refused when over the bounds.
     """
     started = time.perf_counter()
     get_layer(model, layer)
@@ -166,15 +184,16 @@ def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest(), **cav_metadata(cav_quality)}
-    return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started)
+    return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started, held_out)
 
 
 def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarray, out: str | Path,
-                tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None) -> ExportReport:
+                tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None,
+                held_out: HeldOut | None = None) -> ExportReport:
     """Correct an existing ONNX file after ``tensor`` (or module scope ``layer``), without its PyTorch source.
 
     The reference is the source graph itself, cut at the tensor: onnxruntime computes h, PyTorch's P-ClArC module
-    corrects it, onnxruntime runs the rest of the graph on the result.
+    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``: as for :func:`export_torch`.
     """
     started = time.perf_counter()
     source = load_onnx(source_path)
@@ -197,11 +216,11 @@ def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarr
 
     provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest(),
                   **cav_metadata(cav_quality)}
-    return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started)
+    return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started, held_out)
 
 
 def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correction, probe: np.ndarray, reference: Reference,
-          out: str | Path, fold: bool, provenance: dict, started: float) -> ExportReport:
+          out: str | Path, fold: bool, provenance: dict, started: float, held_out: HeldOut | None) -> ExportReport:
     out = Path(out)
     if out.is_dir():
         raise InputError(str(out), "is a folder", "pass the path of the .onnx file to write")
@@ -209,13 +228,18 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
     _check(corrected)
     probe = np.ascontiguousarray(probe, np.float32)
     diff, scale, score_diff = _verify(corrected, probe, reference, correction)
+    cost = None
+    if held_out is not None:  # judged on the graph that ships, before anything is written
+        logits = [run_batched(session(graph.SerializeToString(), cuda=False), held_out.images)[0] for graph in (plain, corrected)]
+        cost = held_out.cost(*logits)
+        cost.check()
     metadata = {
         "version": __version__,
         "correction.layer": layer, "correction.tensor": tensor, "correction.mode": correction.mode,
         "correction.reactive": str(correction.reactive).lower(), "correction.threshold": repr(float(correction.threshold)),
         "correction.detector": str(correction.has_detector).lower(),
         "cav.fingerprint": correction.fingerprint(),
-        **provenance,
+        **provenance, **cost_metadata(cost),
         "folded": str(folded).lower(),
         "nodes_added": str(len(corrected.graph.node) - len(plain.graph.node)),
         "verify.max_abs_diff": f"{diff:.3g}", "verify.logit_scale": f"{scale:.4g}", "verify.probe_rows": str(len(probe)),
@@ -233,7 +257,7 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
         spec_path.unlink(missing_ok=True)
         raise
     return ExportReport(out, spec_path, tensor, folded, len(plain.graph.node), len(corrected.graph.node), diff, scale,
-                        score_diff, time.perf_counter() - started, {META + k: v for k, v in metadata.items()})
+                        score_diff, time.perf_counter() - started, {META + k: v for k, v in metadata.items()}, cost)
 
 
 def _check(model: onnx.ModelProto) -> None:

@@ -47,6 +47,9 @@ def test_select_writes_the_artifact_sample_sets(audited):
     assert train.has_artifact[artifact].mean() > 0.95 and train.has_artifact[clean].mean() < 0.01
     with pytest.raises(InputError, match="cluster '7'"):
         select_samples(spec.out_dir, f"{train.target}:7")
+    # two clusters of one class together: every row of the class
+    both = ",".join(f"{train.target}:{c}" for c in sorted(set(ranked[0].labels.tolist())))
+    assert sorted(np.load(select_samples(spec.out_dir, both))["artifact"].tolist()) == members.tolist()
     ids_path = select_samples(spec.out_dir, ids=np.array([3, 1, 3]))
     assert np.load(ids_path)["artifact"].tolist() == [1, 3]
     mask = np.zeros(len(train), bool)
@@ -54,6 +57,29 @@ def test_select_writes_the_artifact_sample_sets(audited):
     assert np.load(select_samples(spec.out_dir, ids=mask))["artifact"].tolist() == [0, 5]
     with pytest.raises(InputError, match="one boolean per dataset row"):
         select_samples(spec.out_dir, ids=mask[:-1])
+
+
+def test_select_on_the_command_line_reuses_the_finished_audit_and_checks_first(audited, tmp_path):
+    """Picking a cluster from an audit OUT already holds takes no second audit (the report is not rewritten); a bad
+    cluster is refused at once, a malformed choice before any work."""
+    from click.testing import CliRunner
+
+    from unhans.cli import main
+
+    spec, ranked, train = audited
+    out = Path(spec.out_dir)
+    args = ["audit", "--model", spec.model_file, "--weights", spec.weights, "--data", spec.data, "--out", str(out)]
+    report = (out / "report.html").stat().st_mtime_ns
+    repeated = [arg for c in sorted(set(ranked[0].labels.tolist())) for arg in ("--select", f"{train.target}:{c}")]
+    picked = CliRunner().invoke(main, [*args, *repeated])
+    assert picked.exit_code == 0, picked.output
+    assert "reusing the finished audit" in picked.output and (out / "report.html").stat().st_mtime_ns == report
+    assert len(np.load(out / "samples.npz")["artifact"]) == ranked[0].n_samples
+    bad = CliRunner().invoke(main, [*args, "--select", f"{train.target}:7"])
+    assert bad.exit_code == 2 and "cluster '7'" in bad.output and (out / "report.html").stat().st_mtime_ns == report
+    fresh = tmp_path / "fresh"
+    malformed = CliRunner().invoke(main, [*args[:-1], str(fresh), "--select", "0"])
+    assert malformed.exit_code == 2 and "'0' is not CLASS:CLUSTER" in malformed.output and not fresh.exists()
 
 
 def test_report_renders_in_headless_chromium(audited, tmp_path):

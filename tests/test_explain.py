@@ -155,7 +155,9 @@ def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs
 
     run = runs["vgg"]
     out = tmp_path / "corrected.onnx"
-    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--mode", "channel", "--out", str(out), "--explain"]
+    # this 3-epoch toy model's correction reshuffles its classes (one loses 37 points): accepted, it is not what is tested here
+    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--mode", "channel", "--max-class-cost", "100",
+            "--out", str(out), "--explain"]
     result = CliRunner().invoke(main, [*args, "--composite", "epsilon_gamma_box"])
     assert result.exit_code == 0, result.output
     assert out.is_file() and explain_path(out) == tmp_path / "corrected.explain.onnx" and explain_path(out).is_file()

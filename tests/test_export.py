@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from unhans.core.clarc import fit_cav, pclarc
+from unhans.core.cost import MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from unhans.core.errors import InputError
 from unhans.core.layers import activations, insert_after
 from unhans.core.training import predict
@@ -218,12 +219,82 @@ def test_metadata_inspect_and_cli(runs, tmp_path):
     assert metadata["unhans.folded"] == "true" and metadata["unhans.correction.reactive"] == "false"
     assert metadata["unhans.source.kind"] == "pytorch state_dict"
     assert float(metadata["unhans.verify.max_abs_diff"]) <= 1e-4 * float(metadata["unhans.verify.logit_scale"])
+    # what the correction costs, measured on the run's clean test set, beside the CAV's quality
+    assert metadata["unhans.cost.data"] == "the run's clean test set" and metadata["unhans.cost.metric"] == "clean accuracy"
+    assert int(metadata["unhans.cost.samples"]) == len(run["test"]) and float(metadata["unhans.cost.pt"]) <= MAX_COST_PT
+    assert [c[0] for c in json.loads(metadata["unhans.cost.per_class"])] == run["test"].classes
     shown = runner.invoke(inspect_command, [str(out), "--json"])
     assert json.loads(shown.output)["unhans.version"] == metadata["unhans.version"]
     assert "artifact_score" in runner.invoke(inspect_command, [str(out)]).output
+    assert "unhans.cost.per_class" in runner.invoke(inspect_command, [str(out)]).output
     bad = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", "features.pool3", "--out", str(tmp_path / "bad.onnx")])
     assert isinstance(bad.exception, InputError) and "features.pool2" in str(bad.exception)
     assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.correction.npz").exists()
+
+
+def test_a_correction_fitted_on_the_wrong_cluster_is_refused(runs, tmp_path):
+    """A CAV fitted on clean images of the target class (the mistake of marking the clean half of a class) projects the
+    class out: refused in both routes, nothing written; a raised bound accepts it, loudly and on the record."""
+    from unhans.cli import main
+
+    run = runs["vgg"]
+    train = run["train"]
+    wrong = ~train.has_artifact & (train.labels == train.target)
+    samples = tmp_path / "wrong.npz"
+    np.savez(samples, artifact=wrong, clean=np.flatnonzero(~train.has_artifact & ~wrong))
+    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--samples", str(samples)]
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused.onnx")])
+    assert refused.exit_code == 2 and "--max-cost: the correction costs" in refused.output and "pass --max-cost" in refused.output
+    assert "on the run's clean test set" in refused.output and not list(tmp_path.glob("refused*"))
+    # per channel it costs less than a point overall, yet a third of the target class: refused for that class
+    refused = CliRunner().invoke(main, [*args, "--mode", "channel", "--out", str(tmp_path / "refused.onnx")])
+    assert refused.exit_code == 2 and f"--max-class-cost: the correction costs class {train.target} " in refused.output
+    assert not list(tmp_path.glob("refused*"))
+    accepted = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "accepted.onnx"), "--max-cost", "100", "--max-class-cost", "100"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "accepted with --max-cost 100" in accepted.output
+    metadata = onnx_export.read_metadata(tmp_path / "accepted.onnx")
+    assert float(metadata["unhans.cost.pt"]) > 5 and metadata["unhans.cost.bound_pt"] == "100"
+    assert metadata["unhans.cost.worst_class"].startswith(f"{train.target}: ")
+    # without a run, the cost is top-1 agreement with the uncorrected model on the clean images
+    np.save(tmp_path / "a.npy", train.images[wrong])
+    np.save(tmp_path / "c.npy", train.images[~train.has_artifact & ~wrong])
+    unlabelled = CliRunner().invoke(main, ["export", "--model", str(run["dir"] / "model.py"), "--weights", str(run["dir"] / "weights.pt"),
+                                           "--layer", LAYERS["vgg"], "--artifact-samples", str(tmp_path / "a.npy"),
+                                           "--clean-samples", str(tmp_path / "c.npy"), "--out", str(tmp_path / "u.onnx")])
+    assert unlabelled.exit_code == 2 and "top-1 agreement with the uncorrected model" in unlabelled.output
+    assert "change their top-1 class" in unlabelled.output and not (tmp_path / "u.onnx").exists()
+    # the ONNX-only route is judged the same way, on the graph it would write
+    cav = onnx_export.fit_cav_onnx(onnx_export.load_onnx(run["plain"]), train.images[wrong], train.images[~wrong], layer=LAYERS["vgg"])
+    held_out = HeldOut(run["test"].images, run["test"].labels, "the test set")
+    with pytest.raises(InputError, match="--max-cost: the correction costs"):
+        onnx_export.export_onnx(run["plain"], Correction.from_cav(cav), run["probe"], tmp_path / "o.onnx", layer=LAYERS["vgg"], held_out=held_out)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cost_is_judged_overall_and_per_class_from_counts():
+    """10 of 1,000 images is exactly 1 point (no float drift); a class that loses more than its bound is refused even
+    when the overall figure passes; a class with too few images is reported, not judged."""
+    labels = np.repeat(np.arange(10), 100)
+    before, images = np.eye(10)[labels], np.zeros((1000, 1, 2, 2))
+    after = before.copy()
+    after[:10] = np.eye(10)[1]  # 10 images of class 0 now predicted 1
+    cost = HeldOut(images, labels, "test", max_pt=1.0, max_class_pt=10.0).cost(before, after)
+    assert cost.overall.pt == 1.0 and cost.worst_class.name == "0" and cost.worst_class.pt == 10.0 and cost.agreement == 0.99
+    cost.check()
+    after[10] = np.eye(10)[1]  # one more
+    with pytest.raises(InputError, match=r"--max-cost: .*1\.1 points .*pass --max-cost 2 "):
+        HeldOut(images, labels, "test", max_pt=1.0, max_class_pt=10.0).cost(before, after).check()
+    with pytest.raises(InputError, match=r"--max-class-cost: .*class 0 11\.0 points.*pass --max-class-cost 11 "):
+        HeldOut(images, labels, "test", max_pt=2.0, max_class_pt=10.0).cost(before, after).check()
+    # without labels: agreement, per class of the uncorrected prediction
+    first = np.eye(3)[np.r_[np.zeros(MIN_CLASS_SAMPLES - 1, int), np.ones(100, int)]]
+    changed = first.copy()
+    changed[:2] = np.eye(3)[2]
+    cost = HeldOut(np.zeros((len(first), 1, 2, 2)), None, "photos", max_pt=2.0, max_class_pt=10.0).cost(first, changed)
+    assert not cost.labelled and cost.overall.before == 1.0 and cost.overall.correct_after == len(first) - 2
+    assert cost.classes[0].pt > 10.0 and cost.worst_class.name == "1"  # class 0 is reported, not judged
+    cost.check()
 
 
 @pytest.mark.integration

@@ -70,6 +70,7 @@ def _cli(*args):
     (["--target", "11", "--data", "digits"], "class '11' does not exist"),
     (["--data", "digits", "--artifact-option", "radius=2"], "has no option(s) ['radius']"),
     (["--data", "digits", "--position", "a,b"], "--position"),
+    (["--data", "digits", "--artifact", "frame", "--position", "top-left"], "--position: a frame runs along every edge"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     result = _cli("train", "--out", str(tmp_path / "run"), *args)
@@ -87,7 +88,8 @@ def test_cli_help_on_every_subcommand():
 
 def test_cli_train_then_aclarc(tmp_path):
     run, tuned = tmp_path / "run", tmp_path / "tuned"
-    assert _cli("train", "--out", str(run), "--data", "digits", "--epochs", "3", "--artifact-option", "size=3").returncode == 0
+    trained = _cli("train", "--out", str(run), "--data", "digits", "--epochs", "3", "--artifact-option", "size=3")
+    assert trained.returncode == 0 and "(epoch 3/3, loss" in trained.stderr  # no terminal: a plain line per epoch
     result = _cli("aclarc", "--run", str(run), "--out", str(tuned), "--epochs", "1")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tuned / "metrics.json").read_text())

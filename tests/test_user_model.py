@@ -81,6 +81,8 @@ def test_export_fits_the_paired_watermark_correction_and_reports_its_quality(use
     metadata = read_metadata(root / "lite0.onnx")
     assert metadata["unhans.cav.paired"] == "true" and float(metadata["unhans.cav.heldout_detection_acc"]) >= 0.9
     assert "samples for" in metadata["unhans.cav.warnings"]  # 20 photos for a 21,952-dimensional activation: said
+    # without labels, the cost is judged by agreement with the uncorrected model on the photos without the watermark
+    assert metadata["unhans.cost.data"].startswith("your photos") and float(metadata["unhans.cost.pt"]) <= 1.0
     assert "held-out detection accuracy" in user_model["exported"] and "conservation error" in user_model["exported"]
     assert "refuses relevance" in user_model["archived"]
     # the correction went after the keyword-called block, in both routes

@@ -80,6 +80,9 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
     from .core.artifacts import make_artifact
     from .core.training import TrainSpec, train_run
 
+    if artifact == "frame" and click.get_current_context().get_parameter_source("position") != click.core.ParameterSource.DEFAULT:
+        raise InputError("--position", "a frame runs along every edge of the image and has no position",
+                         "drop --position, or pick --artifact patch or text to place one")
     options = {"position": parse_position(position), **parse_options(artifact_options, "--artifact-option")}
     spec = TrainSpec(data=data, architecture=architecture, mode=mode, target=target, fraction=fraction,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
@@ -104,18 +107,20 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--scheduler", help="Address of a Dask scheduler to run relevance batches and SpRAy on (default: this process).")
 @click.option("--jobs", "n_jobs", type=int, default=1, show_default=True, help="Local joblib workers for SpRAy when no scheduler is given.")
 @click.option("--restart", is_flag=True, help="Discard stored relevance and compute everything again.")
-@click.option("--select", "select", metavar="CLASS:CLUSTER", help="Afterwards, write OUT/samples.npz with that cluster as the artifact set.")
+@click.option("--select", "select", metavar="CLASS:CLUSTER", multiple=True,
+              help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2); a finished audit of the same inputs in OUT is reused.")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
 def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
     Writes OUT/report.html (ranking, spectra, embeddings, prototype heatmaps), OUT/audit.json, OUT/virelay/ (a
     ViRelAy project: python -m virelay OUT/virelay/project.yaml) and OUT/relevance/ (one HDF5 file per batch), which
-    lets an interrupted audit resume.
+    lets an interrupted audit resume. With --select or --select-ids, an audit OUT already holds for the same model,
+    data and settings is reused (--restart computes it again).
     """
     import numpy as np
 
-    from .audit.run import AuditSpec, run_audit, select_samples
+    from .audit.run import AuditSpec, finished_audit, parse_selection, run_audit, select_samples
     from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     if run_dir:
@@ -125,25 +130,32 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     for flag, value in (("--model", model_file), ("--weights", weights), ("--data", data)):
         if not value:
             raise InputError(flag, "is missing", "pass it, or --run with a folder from 'unhans train'")
+    selection = ",".join(select) or None
+    if selection:
+        parse_selection(selection)  # a malformed choice stops here, before any work
+    ids = None
+    if select_ids:
+        ids = np.load(select_ids) if select_ids.endswith(".npy") else np.loadtxt(select_ids, dtype=np.int64, ndmin=1)
     spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, composite=composite,
                      batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs)
-    ranked = run_audit(spec, restart=restart)
+    finished = finished_audit(spec) if (selection or select_ids) and not restart else None
+    if finished is None:
+        run_audit(spec, restart=restart)
+        finished = json.loads((Path(out_dir) / "audit.json").read_text())
+    else:
+        console.print(f"reusing the finished audit in {out_dir} (same model, data and settings; --restart computes it again)")
     table = Table(title=f"unhans audit -> {Path(out_dir) / 'report.html'}")
     for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)"):
         table.add_column(column)
-    classes = json.loads((Path(out_dir) / "audit.json").read_text())["classes"]
-    for r, summary in zip(ranked, classes):
-        if r.spray is None:
-            table.add_row("-", summary["class"], str(r.n_samples), f"skipped: {r.skipped}", "", "", "")
+    for c in finished["classes"]:
+        if "skipped" in c:
+            table.add_row("-", c["class"], str(c["n"]), f"skipped: {c['skipped']}", "", "", "")
         else:
-            table.add_row(str(r.rank), summary["class"], str(r.n_samples), f"{r.suspicion:.3f}", f"{r.lambda2:.4f}", f"{r.fisher_tau:.2f}",
-                          f"{r.n_clusters} {np.bincount(r.labels).tolist()}")
+            table.add_row(str(c["rank"]), c["class"], str(c["n"]), f"{c['suspicion']:.3f}", f"{c['lambda2']:.4f}", f"{c['fisher_tau']:.2f}",
+                          f"{c['n_clusters']} {c['cluster_sizes']}")
     results.print(table)
-    if select or select_ids:
-        ids = None
-        if select_ids:
-            ids = np.load(select_ids) if select_ids.endswith(".npy") else np.loadtxt(select_ids, dtype=np.int64, ndmin=1)
-        console.print(f"artifact samples written to {select_samples(out_dir, select, ids)}")
+    if selection or select_ids:
+        console.print(f"artifact samples written to {select_samples(out_dir, selection, ids)}")
 
 
 @main.command()
