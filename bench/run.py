@@ -38,6 +38,8 @@ BENCHMARKS = {
     "imagenet": [],
     "serving": ["--run", str(RUNS / "vgg")],
     "monitor": ["--run", str(RUNS / "vgg")],
+    "kserve": ["--run", str(RUNS / "vgg")],
+    "reliability": ["--run", str(RUNS / "vgg")],
 }
 COMPARISON = re.compile(r"^\s*(<=|>=|<|>|==)?\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 

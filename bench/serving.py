@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from common import latency_ms, report, throughput
+from common import latency_ms, paired_loss_pct, report, throughput
 from PIL import Image
 
 from unhans.core.artifacts import Patch
@@ -152,18 +152,18 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
         figures.update({f"requests_per_s_{name}": statistics.median(r) for name, r in rates.items()})
         figures["predict_throughput_vs_stock_handler"] = figures["requests_per_s_ours"] / figures["requests_per_s_stock"]
         figures["explain_http_ceiling"] = throughput(server, "ours_all_cores", bodies) / figures["explanations_per_s_stock"]
-        lost, workers = [], {name: psutil.Process(server.workers(name)[0]["pid"]) for name in ("ours", "ours_sampled")}
+        workers = {name: psutil.Process(server.workers(name)[0]["pid"]) for name in ("ours", "ours_sampled")}
         worker_cpu = {name: -_cpu(process) for name, process in workers.items()}
         threads_before = {t.id: t.user_time + t.system_time for t in workers["ours_sampled"].threads()}
-        machine_cpu_ours, phase_started = 0.0, time.perf_counter()
-        for r in range(SAMPLING_ROUNDS):  # paired rounds, alternating which side goes first
-            pair = {}
-            for name in ("ours", "ours_sampled") if r % 2 else ("ours_sampled", "ours"):
-                machine = -_cpu()
-                pair[name] = throughput(server, name, bodies * 5)
-                if name == "ours":
-                    machine_cpu_ours += machine + _cpu()
-            lost.append(100 * (1 - pair["ours_sampled"] / pair["ours"]))
+        machine_cpu, phase_started = {}, time.perf_counter()
+
+        def sampling_round(name: str) -> float:
+            machine = _cpu()
+            rate = throughput(server, name, bodies * 5)
+            machine_cpu[name] = machine_cpu.get(name, 0.0) + _cpu() - machine
+            return rate
+
+        lost = paired_loss_pct(sampling_round, "ours", "ours_sampled", SAMPLING_ROUNDS)
         threads = sorted(t.user_time + t.system_time - threads_before.get(t.id, 0.0) for t in workers["ours_sampled"].threads())
         figures["sampling_background_core_share"] = sum(threads[:-1]) / (time.perf_counter() - phase_started)  # all but the request thread
         requests = SAMPLING_ROUNDS * len(bodies) * 5
@@ -171,7 +171,7 @@ def measure(run: Path, scratch: Path, requests: int) -> dict:
         extra = worker_cpu["ours_sampled"] - worker_cpu["ours"]  # CPU seconds sampling adds per request
         figures["sampling_cost_pct"] = statistics.median(lost)
         figures["sampling_cost_pct_rounds"] = [round(v, 2) for v in lost]
-        figures["sampling_cpu_cost_pct"] = 100 * extra / (machine_cpu_ours / requests + extra)
+        figures["sampling_cpu_cost_pct"] = 100 * extra / (machine_cpu["ours"] / requests + extra)
 
         bad = [json.dumps(np.full((1, 28, 28), np.nan).tolist()).encode(), b"\x89PNG truncated", b"{not json", b"\x93NUMPY bad"] * 5
         with ThreadPoolExecutor(CLIENTS) as pool:

@@ -32,9 +32,10 @@ from unhans.export.graph import SCORE_OUTPUT
 from unhans.export.onnx import META
 from unhans.export.runtime import session
 
-from .sink import Journal, Record, ShardReader, ShardWriter, orphaned_journals, read_journal, seal_stale
+from .sink import Journal, Record, ShardReader, ShardWriter, claim_journal, orphaned_journals, read_journal, seal_stale
 
 logger = logging.getLogger(__name__)
+RECOVER_EVERY_S = 10.0  # how often a sampler looks for journals of dead writers on its host
 THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
 # DEFAULT_CPU_BUDGET, the share of one core a worker's sampler may use: on a saturated 2-core machine
 # (bench/serving.py) the sampled worker spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the
@@ -163,8 +164,11 @@ class Sampler:
             self._counts[key] += n
 
     def _drain(self) -> None:
-        self._recover()
+        recover_due = 0.0
         while True:
+            if time.monotonic() >= recover_due:  # a writer on this host may die at any time, not only before we start
+                self._recover()
+                recover_due = time.monotonic() + RECOVER_EVERY_S
             items = []
             try:
                 items.append(self._queue.get(timeout=0.5))
@@ -190,7 +194,10 @@ class Sampler:
         if self.journal is None:
             return
         url, model, version = self.writer.url, self.model, self.version
-        for writer_id, paths in orphaned_journals(url, model, version).items():
+        for writer_id, found in orphaned_journals(url, model, version).items():
+            paths = [claimed for path in found if (claimed := claim_journal(path, self.writer.writer_id))]
+            if not paths:
+                continue
             try:
                 seal_stale(url, model, float("inf"))  # their open shards are final: closed at once, for the monitor too
                 recorded = {(r.request_id, r.timestamp) for _, r in ShardReader(url, model, version, writer_id=writer_id).read()}

@@ -116,8 +116,11 @@ def _array(value, pre: InputContract, where: str) -> np.ndarray:
     if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):  # KServe v1's binary form
         return _image(_base64(value["b64"], where), pre, where)
     try:
+        x = np.asarray(value)  # its own dtype first: float32 would turn the string "0" into a number
+        if x.dtype.kind not in "iuf":
+            raise TypeError(x.dtype)
         with np.errstate(over="ignore", invalid="ignore"):  # too large for float32 becomes Inf, refused below
-            x = np.asarray(value, dtype=np.float32)
+            x = x.astype(np.float32)
     except (TypeError, ValueError, OverflowError, RecursionError):
         raise RequestError(where, "is not a numeric array (nested lists of one shape, numbers in [0, 1])") from None
     if x.ndim == 2 and pre.channels == 1:

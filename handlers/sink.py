@@ -580,7 +580,11 @@ def writer_alive(writer_id: str) -> bool | None:
         return False
     except PermissionError:  # someone else's process, alive
         return True
-    return True
+    try:  # a killed worker stays a zombie until its parent (TorchServe's frontend) reaps it: dead all the same
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def seal_stale(url: str, model: str, older_than_s: float, *, now: float | None = None) -> list[str]:
@@ -670,6 +674,17 @@ def orphaned_journals(url: str, model: str, version: str) -> dict[str, list[str]
         if match and writer_alive(match["writer"]) is False:
             found.setdefault(match["writer"], []).append((int(match["gen"]), info["name"]))
     return {writer: [path for _, path in sorted(paths)] for writer, paths in found.items()}
+
+
+def claim_journal(path: str, claimant: str) -> str | None:
+    """Take a dead writer's journal file for ``claimant`` (an atomic rename, so two live workers never both record it);
+    the claimed path, or None when another took it first."""
+    claimed = f"{path}.{claimant}"
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    return claimed
 
 
 def read_journal(path: str) -> list[Record]:

@@ -459,3 +459,34 @@ def test_a_server_that_dies_at_start_is_reported_at_once_with_its_reason(served_
             with torchserve(root / "store", "vgg", tmp_path, extra_config=f"grpc_inference_port={busy.getsockname()[1]}", ready_timeout=120):
                 pass
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.integration
+def test_http_fuzz_against_a_real_torchserve(served_archive, backdoored_vgg, torchserve, tmp_path):
+    """Every kind of hostile request (unhans.hostile), both endpoints and both KServe protocols, concurrently with valid
+    ones: each hostile one gets a JSON 4xx, each valid one its 200, and the worker never dies."""
+    from unhans.hostile import KINDS, MAY_SUCCEED, hostile_requests, path
+
+    root, corrected = served_archive
+    images = backdoored_vgg["test"].images[:1]
+    labels = corrected(torch.from_numpy(images)).argmax(1).tolist()
+    hostile = list(hostile_requests(InputContract(1, 28, 28), 3 * len(KINDS) - 2, seed=3))
+    with torchserve(root / "store", "vgg", tmp_path, keep_alive=True) as server:
+        pid = server.workers()[0]["pid"]
+
+        jobs = [job for k, request in enumerate(hostile) for job in ([request, None] if k % 3 == 2 else [request])]  # None: valid
+
+        def send(job):
+            if job is None:
+                return "valid", *server.post("/predictions/vgg", _npy(images[0]), "application/octet-stream")
+            return job.kind, *server.post(path(job.endpoint, "vgg"), job.body, job.content_type, job.headers)
+
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(send, jobs))
+        assert server.workers()[0]["pid"] == pid and server.workers()[0]["status"] == "READY"
+    assert {kind for kind, *_ in replies} >= set(KINDS)
+    for kind, status, answer in replies:
+        if kind == "valid":
+            assert status == 200 and answer["label"] == labels[0], answer
+        elif kind not in MAY_SUCCEED:  # valid requests at a limit may be answered
+            assert 400 <= status < 500 and isinstance(answer, dict) and answer["error"]["problem"], (kind, status, answer)

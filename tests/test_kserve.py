@@ -154,3 +154,28 @@ def test_concurrent_requests_and_errors(kserve_server, backdoored_vgg):
             assert status == 200 and answer == labels[k % 8], (k, status, answer)
     exposed = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
     assert 'unhans_rejected_requests_total{model_name="vgg",reason="instances"} 24.0' in exposed
+
+
+@pytest.mark.integration
+def test_grpc_v2(kserve_server, backdoored_vgg):
+    """The Open Inference Protocol over gRPC, through KServe's own client: predictions and relevance tensors."""
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    server, corrected = kserve_server
+    images = backdoored_vgg["test"].images[:3]
+
+    async def infer(explain: bool):
+        client = InferenceGRPCClient(server.grpc_address)
+        tensor = InferInput("x", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        try:
+            return await client.infer(InferRequest("vgg", [tensor], parameters={"explain": explain} if explain else None))
+        finally:
+            await client.close()
+
+    plain, explained = asyncio.run(infer(False)), asyncio.run(infer(True))
+    outputs = {o.name: o.as_numpy() for o in plain.outputs}
+    assert outputs["label"].tolist() == corrected(torch.from_numpy(images)).argmax(1).tolist()
+    assert {o.name: o.as_numpy() for o in explained.outputs}["relevance"].shape == (3, 28, 28)
