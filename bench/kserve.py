@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import report, throughput
+from common import report, throughput, vgg_archives
 
 from unhans.handlers.requests import decode_relevance
 from unhans.kserve_server import LocalKServe
@@ -41,28 +41,6 @@ from unhans.torchserve import LocalTorchServe
 TARGETS = {"v2_concurrent_errors": "0", "v1_explain_concurrent_errors": "0", "predict_throughput_vs_torchserve": ">= 1.0",
            "explain_throughput_vs_torchserve": ">= 1.0", "relevance_max_rel_l2_vs_torchserve": "<= 1e-6", "sampling_cost_pct": "<= 3"}
 CLIENTS, CONCURRENT = 16, 200
-
-
-def vgg_archives(run: Path, scratch: Path, store: Path) -> np.ndarray:
-    """``ours`` and ``ours_sampled`` (10%) for the MNIST VGG with its explain graph; returns test images."""
-    from unhans.core.artifacts import Patch
-    from unhans.core.clarc import fit_cav
-    from unhans.core.layers import insert_after
-    from unhans.core.training import TrainSpec, load_run, train_run
-    from unhans.export.archive import build_archive
-    from unhans.export.correction import Correction
-    from unhans.export.explain import explain_path, export_explain
-    from unhans.export.onnx import export_torch
-
-    if not (run / "weights.pt").exists():
-        train_run(TrainSpec(), Patch(), run)
-    model, train, test, *_ = load_run(run)
-    correction = Correction.from_cav(fit_cav(model, "features.pool2", train.images[train.has_artifact], train.images[~train.has_artifact]))
-    graph = export_torch(model, "features.pool2", correction, train.images[:64], scratch / "vgg.onnx").path
-    export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), probe=train.images[:64], detector=correction)
-    build_archive(graph, run, "vgg", store, batch_size=8, max_batch_delay_ms=5)
-    build_archive(graph, run, "vgg_sampled", store, batch_size=8, max_batch_delay_ms=5, sample_fraction=0.1, sink=str(scratch / "sink"))
-    return test.images
 
 
 def lite0_archives(scratch: Path, store: Path) -> list[bytes]:
@@ -174,7 +152,8 @@ def main() -> None:
         scratch = Path(scratch_dir)
         store = scratch / "store"
         store.mkdir()
-        images = vgg_archives(args.run or scratch / "vgg", scratch, store)[:64]
+        images = vgg_archives(args.run or scratch / "vgg", scratch, store, {
+            "vgg": {}, "vgg_sampled": {"sample_fraction": 0.1, "sink": str(scratch / "sink")}})[:64]
         archives = {"vgg": ([x.tolist() for x in images], images)}
         if not args.quick:
             photos = lite0_archives(scratch, store)
