@@ -151,15 +151,25 @@ def _v2_body(request: InferRequest) -> dict:
     body = {"id": request.id, "inputs": [{"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": t.as_numpy()}
                                          for t in request.inputs]}
     if request.parameters:
-        body["parameters"] = {k: v for k, v in dict(request.parameters).items() if k not in ("binary_data_output",)}
+        body["parameters"] = {k: _parameter(v) for k, v in dict(request.parameters).items() if k not in ("binary_data_output",)}
     if request.request_outputs:
         body["outputs"] = [{"name": o.name} for o in request.request_outputs]
     return body
 
 
+def _parameter(value):
+    """A request parameter's value: gRPC sends InferParameter messages (bool_param, int64_param, ...), REST plain JSON."""
+    which = getattr(value, "WhichOneof", None)
+    return getattr(value, which("parameter_choice")) if which else value
+
+
 def _infer_response(answer: dict, request: InferRequest) -> InferResponse:
-    outputs = [InferOutput(o["name"], o["shape"], o["datatype"], np.asarray(o["data"], V2_DATATYPES[o["datatype"]]).reshape(o["shape"]))
-               for o in answer["outputs"]]
+    outputs = []
+    for o in answer["outputs"]:
+        output = InferOutput(o["name"], o["shape"], o["datatype"])
+        # gRPC carries raw bytes; REST a JSON list, which kserve packs as binary when the client asked for it
+        output.set_data_from_numpy(np.asarray(o["data"], V2_DATATYPES[o["datatype"]]).reshape(o["shape"]), binary_data=request.from_grpc)
+        outputs.append(output)
     return InferResponse(answer["id"], answer["model_name"], outputs, model_version=answer["model_version"],
                          from_grpc=request.from_grpc, use_binary_outputs=request.use_binary_outputs)
 
