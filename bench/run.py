@@ -49,6 +49,7 @@ def targets_of(name: str) -> dict:
     sys.path.insert(0, str(HERE))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
     spec.loader.exec_module(module)
     return dict(getattr(module, "TARGETS", {}))
 
