@@ -490,3 +490,29 @@ def test_http_fuzz_against_a_real_torchserve(served_archive, backdoored_vgg, tor
             assert status == 200 and answer["label"] == labels[0], answer
         elif kind not in MAY_SUCCEED:  # valid requests at a limit may be answered
             assert 400 <= status < 500 and isinstance(answer, dict) and answer["error"]["problem"], (kind, status, answer)
+
+
+@pytest.fixture(scope="module")
+def service(served_archive):
+    """The serving core on the served archive, in-process (what both adapters run)."""
+    from unhans.core.serving import unpacked
+    from unhans.handlers.service import Service
+
+    root, _ = served_archive
+    with unpacked(root / "store" / "vgg.mar") as folder:
+        yield Service(folder)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=512) | JSON_VALUES | st.builds(lambda o: {"instances": [ZEROS], **o}, OPTION_VALUES),
+                       min_size=1, max_size=6), explain=st.booleans())
+def test_any_batch_is_answered_row_by_row(service, bodies, explain):
+    """The handler in-process: a batch of arbitrary rows, one valid among them, gets one JSON answer per row, the
+    valid one its prediction, and nothing raises."""
+    from unhans.handlers.service import Row
+
+    rows = [Row(body, f"r{k}", explain=explain) for k, body in enumerate(bodies)] + [Row(_npy(np.zeros((1, 28, 28))), "valid")]
+    answers = service.answer(rows)
+    assert len(answers) == len(rows) and all(json.dumps(a.body) for a in answers)
+    assert all(a.status == 200 or 400 <= a.status < 500 for a in answers), [a.body for a in answers if a.status >= 500]
+    assert answers[-1].status == 200 and "label" in answers[-1].body
