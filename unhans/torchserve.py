@@ -33,28 +33,43 @@ class LocalTorchServe(LocalServer):
                  keep_alive: bool = False):
         self.names = [names] if isinstance(names, str) else list(names)
         self.name, self.work, self.ready_timeout = self.names[0], Path(work).resolve(), ready_timeout  # TorchServe wants absolute paths
+        self.extra_config = extra_config
+        self._configure()
+        self.bin = Path(sys.executable).parent
+        # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
+        self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
+        self.store = Path(store).resolve()
+        self.key = self.management_key = None
+        super().__init__(keep_alive)
+
+    def _configure(self) -> None:
+        """Write config.properties on free loopback ports (all of them, gRPC too: another server may hold the defaults)."""
         config = TORCHSERVE_CONFIG.read_text()
         self.ports = {}
         for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
             self.ports[key] = free_port()
             config = config.replace(f"{key}=http://127.0.0.1:{default}", f"{key}=http://127.0.0.1:{self.ports[key]}")
-        for key, default in (("grpc_inference_port", 7070), ("grpc_management_port", 7071)):  # another server may hold them
+        for key, default in (("grpc_inference_port", 7070), ("grpc_management_port", 7071)):
             self.ports[key] = free_port()
             config = config.replace(f"{key}={default}", f"{key}={self.ports[key]}")
         assert "disable_token_authorization=false" in config
         limits = "".join(f"{key}={value}\n" for key, value in torchserve_limits().items())  # the contract's defaults
-        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={free_port()}\n{limits}{extra_config}\n")
-        self.bin = Path(sys.executable).parent
-        # TMPDIR holds TorchServe's pid file, TEMP its worker sockets: both private, so parallel servers don't collide
-        self.env = {**os.environ, "TMPDIR": str(self.work), "TEMP": str(self.work), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}"}
-        self.store = Path(store).resolve()
+        (self.work / "config.properties").write_text(config + f"\ninitial_worker_port={free_port()}\n{limits}{self.extra_config}\n")
         self.url = f"http://127.0.0.1:{self.ports['inference_address']}"
         self.management_url = f"http://127.0.0.1:{self.ports['management_address']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics_address']}/metrics"
-        self.key = self.management_key = None
-        super().__init__(keep_alive)
 
     def __enter__(self):
+        try:
+            return self._start()
+        except RuntimeError as error:
+            if "Address already in use" not in str(error):
+                raise
+        # a port picked free was taken before TorchServe bound it (another server starting on the host): once more
+        self._configure()
+        return self._start()
+
+    def _start(self):
         command = [str(self.bin / "torchserve"), "--start", "--ncs", "--model-store", str(self.store), "--ts-config",
                    str(self.work / "config.properties"), "--models", *(f"{n}={n}.mar" for n in self.names)]
         # the Java server inherits stdout: a file, not a pipe, or waiting for the launcher never ends
