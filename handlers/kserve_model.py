@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Histogram
 
-from unhans.core.serving import METRICS, unpacked
+from unhans.core.serving import METRICS, manifest, unpacked
 from unhans.handlers.requests import V2_DATATYPES
 from unhans.handlers.service import Answer, Row, Service
 
@@ -129,8 +129,6 @@ class UnhansModel(kserve.Model):
 
 
 def _archive_name(folder) -> str:
-    from unhans.core.serving import manifest
-
     return manifest(folder)["modelName"]
 
 
