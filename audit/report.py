@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
-from .clusters import artifact_cluster  # noqa: E402
+from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, REGION_MASS, artifact_cluster, verdict  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
 CLUSTER_COLOURS = plt.get_cmap("tab10")
@@ -40,6 +40,16 @@ def prototypes(embedding: np.ndarray, labels: np.ndarray, cluster: int, count: i
     centre = embedding[members].mean(axis=0)
     order = np.argsort(np.linalg.norm(embedding[members] - centre, axis=1))
     return members[order[:count]]
+
+
+def transplant_picture(image: np.ndarray, turned: bool, scale: int = 4) -> Image.Image:
+    """An image (C, H, W) in [0, 1] after a transplant, framed red when its prediction turned into the class."""
+    pixels = np.clip(image if image.shape[0] == 3 else np.repeat(image.mean(axis=0, keepdims=True), 3, axis=0), 0, 1)
+    picture = Image.fromarray((pixels.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    framed = Image.new("RGB", (picture.width + 6, picture.height + 6), (214, 39, 40) if turned else (200, 200, 200))
+    framed.paste(picture, (3, 3))
+    return framed
 
 
 def save_strip(path: Path, pictures: list[Image.Image]) -> None:
@@ -79,8 +89,9 @@ def embedding_plot(path: Path, embedding: np.ndarray, labels: np.ndarray, title:
 
 
 def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[str], images: np.ndarray, relevance: np.ndarray,
-                 notes: list[str] = ()) -> Path:
-    """Write ``report.html`` and ``report/*.png`` for the ``ranked`` :class:`~unhans.core.spray.ClassResult` list."""
+                 evidence: dict, notes: list[str] = ()) -> Path:
+    """Write ``report.html`` and ``report/*.png`` for the ``ranked`` :class:`~unhans.core.spray.ClassResult` list, with
+    each class's :class:`~unhans.audit.clusters.ClusterEvidence` list in ``evidence`` (by class index)."""
     out = Path(out_dir)
     assets = out / "report"
     assets.mkdir(parents=True, exist_ok=True)
@@ -88,21 +99,24 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
     for finding in ranked:
         name = html.escape(classes[finding.class_index])
         if finding.spray is None:
-            rows.append(f"<tr class='skipped'><td>–</td><td>{name}</td><td>{finding.n_samples}</td><td colspan='6'>skipped: {html.escape(finding.skipped)}</td></tr>")
+            rows.append(f"<tr class='skipped'><td>–</td><td>{name}</td><td>{finding.n_samples}</td><td colspan='7'>skipped: {html.escape(finding.skipped)}</td></tr>")
             continue
         spray = finding.spray
         sizes = np.bincount(spray.labels_).tolist()
+        found = evidence[finding.class_index]
+        suspect = artifact_cluster(found)
+        said = verdict(found)
         rows.append(
             f"<tr><td>{finding.rank}</td><td><a href='#class-{finding.class_index}'>{name}</a></td><td>{finding.n_samples}</td>"
             f"<td>{finding.suspicion:.3f}</td><td>{spray.lambda2_:.4f}</td><td>{spray.fisher_tau_:.2f}</td>"
-            f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td></tr>"
+            f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td>"
+            f"<td>{'none found' if suspect is None else f'cluster {suspect} ({found[suspect].transplant_rate:.0%})'}</td></tr>"
         )
         stem = f"class-{finding.class_index}"
         spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
         embedding = spray.embedding_2d_ if spray.embedding_2d_ is not None else spray.eigenvectors_[:, 1:3]
         embedding_plot(assets / f"{stem}-embedding.png", embedding, spray.labels_,
                         "t-SNE of the spectral embedding" if spray.embedding_2d_ is not None else "eigenvectors 2 and 3")
-        suspect, concentrations = artifact_cluster(finding, relevance)
         clusters = []
         for cluster in range(spray.n_clusters_):
             chosen = finding.indices[prototypes(spray.eigenvectors_[:, : spray.n_clusters_], spray.labels_, cluster)]
@@ -110,15 +124,23 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             mean_map = relevance[members].mean(axis=0)
             pictures = [heatmap_overlay(images[members].mean(axis=0), mean_map)] + [heatmap_overlay(images[i], relevance[i]) for i in chosen]
             save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
+            tested = found[cluster]
+            if tested.examples is not None and len(tested.examples):
+                save_strip(assets / f"{stem}-cluster-{cluster}-transplants.png", [transplant_picture(x, turned) for x, turned in zip(tested.examples, tested.examples_turned)])
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
-                f"<figcaption>cluster {cluster}: {len(members)} samples, {concentrations[cluster]:.0%} of the mean relevance on 2% of the pixels"
-                f"{' <b>(most concentrated: the likely artifact)</b>' if cluster == suspect else ''}"
+                f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "
+                f"(regions of {found[cluster].region_share:.0%} of the pixels, {found[cluster].donors} donors)"
+                f"{' <b>(the artifact)</b>' if cluster == suspect else ''}"
                 f" — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
+                + (f"<figure><img src='report/{stem}-cluster-{cluster}-transplants.png' alt='transplants of cluster {cluster}'>"
+                   f"<figcaption>images of other classes with a member's most relevant pixels pasted in: red border = now predicted {name}"
+                   "</figcaption></figure>" if tested.examples is not None and len(tested.examples) else "")
             )
         sections.append(
             f"<section id='{stem}'><h2>#{finding.rank} class {name}</h2>"
-            f"<p>{finding.n_samples} samples, {spray.n_clusters_} clusters, λ₂ = {spray.lambda2_:.4f}, τ = {spray.fisher_tau_:.2f}</p>"
+            f"<p>{finding.n_samples} samples, {spray.n_clusters_} clusters, λ₂ = {spray.lambda2_:.4f}, τ = {spray.fisher_tau_:.2f}. "
+            f"<b>{html.escape(said)}</b>.</p>"
             f"<div class='plots'><img src='report/{stem}-spectrum.png' alt='eigenvalue spectrum'>"
             f"<img src='report/{stem}-embedding.png' alt='embedding'></div>{''.join(clusters)}</section>"
         )
@@ -136,11 +158,14 @@ figcaption {{ font-size: 0.85em; color: #555; }} section {{ border-top: 2px soli
 <p>Classes ranked by Clever-Hans suspicion: a class whose explanations fall apart into well-separated groups
 (small λ₂, large Fisher separability τ) may be solved with more than one strategy, one of them spurious.
 Look at the prototype heatmaps of each cluster: a cluster whose relevance sits on something other than the object is
-the artifact.</p>
+the artifact. The audit tests each cluster: it pastes each sampled member's most relevant pixels (those holding
+{REGION_MASS:.0%} of its positive relevance) into images of other classes, and marks a cluster as the artifact when at
+least {ARTIFACT_BAR:.0%} of them then turn into the class (its transplant rate), {ARTIFACT_MARGIN:.0%} more than the rest of
+the class. Classes with a marked cluster rank first, then classes whose every cluster can be pasted (hijackable).</p>
 <ul>{note_items}</ul>
 <h2>Ranking</h2>
 <table id="ranking"><thead><tr><th>rank</th><th>class</th><th>samples</th><th>suspicion</th><th>λ₂</th><th>τ</th>
-<th>eigengap</th><th>clusters</th><th>cluster sizes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<th>eigengap</th><th>clusters</th><th>cluster sizes</th><th>artifact (transplant rate)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 {''.join(sections)}
 </body></html>
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -73,3 +74,41 @@ class RelevanceStore:
                 for name in f:
                     parts.setdefault(name, []).append(f[name][:])
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def open_store(path: str | Path) -> "StoredRelevance":
+    """A finished store, for reading only (e.g. by ``unhans audit --select`` after the audit)."""
+    return StoredRelevance(path)
+
+
+class StoredRelevance:
+    """Read access to a complete :class:`RelevanceStore` without knowing its fingerprint: rows batch by batch, so a
+    large audit is never loaded whole."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = self.path / "meta.json"
+        if not meta.is_file():
+            raise InputError(str(self.path), "holds no stored relevance (meta.json)", "run 'unhans audit' into its folder first")
+        stored = json.loads(meta.read_text())
+        self.n, self.batch_size = int(stored["n"]), int(stored["batch_size"])
+        self.fingerprint = {k: v for k, v in stored.items() if k not in ("n", "batch_size")}
+        self.num_batches = -(-self.n // self.batch_size)
+        missing = [b for b in range(self.num_batches) if not self._file(b).exists()]
+        if missing:
+            raise InputError(str(self.path), f"still has {len(missing)} of {self.num_batches} batches to compute", "let 'unhans audit' finish first")
+
+    def _file(self, batch: int) -> Path:
+        return self.path / f"batch-{batch:05d}.h5"
+
+    def rows(self, name: str, rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(row numbers, array[name] of those rows)`` for the wanted rows, one batch file at a time, in row order."""
+        rows = np.unique(np.asarray(rows, np.int64))
+        if rows.size and (rows[0] < 0 or rows[-1] >= self.n):
+            raise IndexError(f"rows outside 0..{self.n - 1}")
+        for batch in np.unique(rows // self.batch_size):
+            wanted = rows[rows // self.batch_size == batch]
+            with h5py.File(self._file(int(batch)), "r") as f:
+                if name not in f:
+                    raise KeyError(f"{self._file(int(batch))} has no array {name!r} (it has {sorted(f)})")
+                yield wanted, f[name][(wanted - batch * self.batch_size).tolist()]

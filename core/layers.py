@@ -66,3 +66,30 @@ def insert_after(model: nn.Module, name: str, correction: nn.Module) -> nn.Modul
     parent = corrected.get_submodule(parent_name) if parent_name else corrected
     setattr(parent, child, Corrected(getattr(parent, child), correction))
     return corrected.eval()
+
+
+@torch.no_grad()
+def last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
+    """The module that finishes last in ``model``'s forward with a (N, C, H, W) output (H·W > 1) and is called once: the end
+    of the feature extractor (VGG's ``features``, ResNet's ``layer4``), where SpRAy on relevance pooled over positions
+    finds artifacts wherever they sit."""
+    finished: list[tuple[str, int]] = []
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                finished.append(name)
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        model.eval()(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    once = [name for name in finished if calls[name] == 1]
+    if not once:
+        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", "audit with --layer input")
+    return once[-1]

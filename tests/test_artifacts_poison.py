@@ -102,3 +102,30 @@ def test_scenario_round_trip(tmp_path, digits):
                  (poisoned.masks, train_b.masks), (poisoned.original_labels, train_b.original_labels),
                  (test.labels, test_b.labels), (attack.images, attack_b.images), (attack.masks, attack_b.masks)]:
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_cut_region_pasted_as_a_watermark_reproduces_the_artifact(tmp_path, channels):
+    """The audit's artifact region (audit/region.py: members' median under a mask, an RGBA PNG + position) pasted by
+    Watermark writes the artifact's pixels exactly where it was, in grey and colour images alike."""
+    from unhans.audit.region import cut_region, region_mask
+    from unhans.core.artifacts import Watermark
+
+    rng = np.random.default_rng(0)
+    patch = Patch(size=4, position=(17, 3), color=(0.2, 0.6, 1.0)[:channels] if channels == 3 else 0.6)
+    members, masks = patch.apply(rng.integers(0, 256, (9, channels, 28, 28)).astype(np.float32) / 255)
+    region = cut_region(members, masks[0])
+    assert region.position == (17, 3) and region.box[2:] == (4, 4)
+    png = region.save(tmp_path / "region.png")
+    clean = rng.integers(0, 256, (5, channels, 28, 28)).astype(np.float32) / 255
+    pasted, pasted_masks = Watermark(path=str(png), position=region.position).apply(clean)
+    expected, _ = patch.apply(clean)
+    assert np.array_equal(pasted_masks, np.broadcast_to(masks[0], pasted_masks.shape))
+    assert np.abs(pasted - expected).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG
+    # the rule's thresholds: a blurred blob's edges are kept, a weak bump elsewhere is not
+    contrast = np.zeros((28, 28))
+    contrast[10:15, 10:15] = 1.0
+    contrast[[10, 10, 14, 14], [10, 14, 10, 14]] = 0.3  # corners blurred below half of the peak
+    contrast[2, 2] = 0.4  # above a quarter, but never reaching half: noise
+    found = region_mask(contrast)
+    assert found[10:15, 10:15].all() and found.sum() == 25

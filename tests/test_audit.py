@@ -34,6 +34,11 @@ def test_audit_flags_the_poisoned_class_and_its_artifact_cluster(audited):
     summary = json.loads((Path(spec.out_dir) / "audit.json").read_text())
     assert summary["classes"][0]["class_index"] == train.target and summary["classes"][0]["rank"] == 1
     assert len(summary["classes"]) == 10
+    # the intervention marks the tagged cluster, and no cluster of a clean class
+    marked = summary["classes"][0]["artifact_cluster"]
+    assert train.has_artifact[members][labels == marked].mean() > 0.95
+    assert summary["classes"][0]["cluster_evidence"][marked]["transplant_rate"] > 0.9
+    assert all(c["artifact_cluster"] is None for c in summary["classes"][1:])
 
 
 def test_select_writes_the_artifact_sample_sets(audited):
@@ -77,6 +82,9 @@ def test_select_on_the_command_line_reuses_the_finished_audit_and_checks_first(a
     assert len(np.load(out / "samples.npz")["artifact"]) == ranked[0].n_samples
     bad = CliRunner().invoke(main, [*args, "--select", f"{train.target}:7"])
     assert bad.exit_code == 2 and "cluster '7'" in bad.output and (out / "report.html").stat().st_mtime_ns == report
+    auto = CliRunner().invoke(main, [*args, "--select", "auto"])
+    assert auto.exit_code == 0 and f"--select {train.target}:{json.loads((out / 'audit.json').read_text())['classes'][0]['artifact_cluster']}" in auto.output
+    assert train.has_artifact[np.load(out / "samples.npz")["artifact"]].mean() > 0.95
     fresh = tmp_path / "fresh"
     malformed = CliRunner().invoke(main, [*args[:-1], str(fresh), "--select", "0"])
     assert malformed.exit_code == 2 and "'0' is not CLASS:CLUSTER" in malformed.output and not fresh.exists()
@@ -133,6 +141,23 @@ def digits_run(tmp_path_factory):
 def _spec(run, out, **extra):
     return AuditSpec(model_file=str(run / "model.py"), weights=str(run / "weights.pt"), data=str(run / "dataset.npz"),
                      out_dir=str(out), embedding_2d=None, **extra)
+
+
+def test_an_audit_of_a_clean_model_finds_no_artifact_and_says_so(tmp_path):
+    """No cluster is marked when nothing is spurious, and --select auto refuses instead of picking one."""
+    from click.testing import CliRunner
+
+    from unhans.cli import main
+
+    run = tmp_path / "clean"
+    train_run(TrainSpec(data="digits", epochs=4, fraction=0.0), Patch(size=3), run, show_progress=False)
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(main, ["audit", "--run", str(run), "--out", str(out), "--select", "auto"])
+    assert result.exit_code == 2 and "found no artifact" in result.output, result.output
+    audit = json.loads((out / "audit.json").read_text())
+    assert all(c.get("artifact_cluster") is None for c in audit["classes"])
+    assert "no artifact found" in (out / "report.html").read_text()
+    assert not (out / "samples.npz").exists()
 
 
 def test_killed_audit_resumes_without_redoing_work(digits_run, tmp_path):
@@ -203,3 +228,55 @@ def test_audit_on_a_local_dask_cluster(digits_run, tmp_path):
     assert all(np.array_equal(a.labels, b.labels) for a, b in zip(remote, local))
     with pytest.raises(InputError, match="cannot reach the Dask scheduler"):
         run_audit(_spec(digits_run, tmp_path / "none", scheduler="tcp://127.0.0.1:9"))
+
+
+def test_select_writes_the_artifact_region_that_sets_the_backdoor_off_and_fits_the_paired_correction(audited, backdoored_vgg, tmp_path):
+    """--select CLASS:CLUSTER also cuts the cluster's artifact region (RGBA PNG + position) and prints the export command
+    that pastes it into clean images: the region pasted into other classes' images turns them to the target class, a
+    region of the same shape elsewhere in the same images does not, and the correction fitted from it stops the backdoor."""
+    import shlex
+
+    import torch
+    from click.testing import CliRunner
+
+    from unhans.audit.region import cut_region
+    from unhans.cli import main
+    from unhans.core.artifacts import Watermark
+    from unhans.export.runtime import session
+
+    spec, ranked, train = audited
+    model, test, attack = backdoored_vgg["model"], backdoored_vgg["test"], backdoored_vgg["attack"]
+    members = np.flatnonzero(train.labels == train.target)
+    tagged = int(np.bincount(ranked[0].labels, weights=train.has_artifact[members]).argmax())
+    out = Path(spec.out_dir)
+    picked = CliRunner().invoke(main, ["audit", "--model", spec.model_file, "--weights", spec.weights, "--data", spec.data,
+                                       "--out", str(out), "--select", f"{train.target}:{tagged}"])
+    assert picked.exit_code == 0, picked.output
+    assert str(out / "artifact-region.png") in picked.output.replace("\n", "")
+    info = json.loads((out / "artifact-region.json").read_text())
+    row, col = info["position"]
+    alpha = np.asarray(Image.open(out / "artifact-region.png"))[..., 3] > 0
+    mask = np.zeros(train.image_shape[1:], bool)
+    mask[row:row + alpha.shape[0], col:col + alpha.shape[1]] = alpha
+    trigger = backdoored_vgg["artifact"].stamp(train.image_shape)[0] > 0
+    assert (mask & trigger).sum() == trigger.sum() and mask.sum() <= 2 * trigger.sum()  # the whole trigger, little else
+
+    others = test.images[test.labels != train.target]
+
+    def to_target(png, position) -> float:
+        pasted, _ = Watermark(path=str(png), position=tuple(position)).apply(others)
+        with torch.no_grad():
+            return float((model(torch.from_numpy(pasted)).argmax(1).numpy() == train.target).mean())
+
+    assert to_target(out / "artifact-region.png", (row, col)) > 0.9
+    height, width = alpha.shape  # the same shape cut from the same members' images, at the centre
+    elsewhere = np.roll(mask, ((train.image_shape[1] - height) // 2 - row, (train.image_shape[2] - width) // 2 - col), axis=(0, 1))
+    control = cut_region(train.images[members[ranked[0].labels == tagged]], elsewhere)
+    assert to_target(control.save(tmp_path / "elsewhere.png"), control.position) < 0.1
+
+    command = next(line for line in picked.output.splitlines() if line.strip().startswith("unhans export"))
+    args = [a.replace("LAYER", "features.pool2").replace("corrected.onnx", str(tmp_path / "region.onnx")) for a in shlex.split(command)[1:]]
+    exported = CliRunner().invoke(main, args)
+    assert exported.exit_code == 0, exported.output
+    logits = session(str(tmp_path / "region.onnx"), cuda=False).run(["logits"], {"input": attack.images})[0]
+    assert backdoored_vgg["metrics"]["attack_success"] > 0.9 and (logits.argmax(1) == train.target).mean() <= 0.05

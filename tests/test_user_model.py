@@ -1,6 +1,7 @@
 """A user's own 224-px model, patched and served without a training run: EfficientNet-Lite0 with its real ImageNet
 weights, real photos, a watermark image with alpha, through `unhans export` and `unhans archive` into a real
-TorchServe answering JPEG bodies (the PyTorch model-file route with its twin, and the bare-ONNX route without one)."""
+TorchServe answering JPEG bodies (the PyTorch model-file route with its twin, and the bare-ONNX route without a twin
+and with one)."""
 
 import io
 import json
@@ -73,6 +74,9 @@ def user_model(tmp_path_factory):
     run("export", "--onnx", root / "plain.onnx", "--layer", LAYER, *paste, *CONTRACT, "--out", root / "bare.onnx")
     archived = run("archive", "--onnx", root / "bare.onnx", "--classes", root / "classes.txt", *CONTRACT, "--name", "bare",
                    "--model-store", root / "store")
+    # the same bare graph with a PyTorch twin (the model file and weights, corrected with the graph's own spec)
+    run("archive", "--onnx", root / "bare.onnx", "--model", model_file, "--weights", weights, "--classes", root / "classes.txt",
+        *CONTRACT, "--name", "baretwin", "--model-store", root / "store")
     return {"root": root, "model": model, "exported": exported, "archived": archived}
 
 
@@ -107,7 +111,12 @@ def test_served_on_jpeg_bodies_with_relevance(user_model, torchserve, tmp_path):
     expected = session(str(root / "lite0.onnx"), cuda=False).run(["logits"], {"input": x})[0]
     with LRP(corrected) as lrp:
         explanation = lrp(torch.from_numpy(x))
-    with torchserve(root / "store", ["lite0", "bare"], tmp_path) as server:
+    bare_correction, bare_layer = load_correction(root / "bare.correction.npz")  # fitted in onnxruntime, not lite0's
+    bare_expected = session(str(root / "bare.onnx"), cuda=False).run(["logits"], {"input": x})[0]
+    with LRP(insert_after(model, bare_layer, bare_correction.module())) as lrp:
+        bare_explanation = lrp(torch.from_numpy(x))
+    # three 224-px models (two with a twin to load and check) start in minutes on a shared two-core machine
+    with torchserve(root / "store", ["lite0", "bare", "baretwin"], tmp_path, ready_timeout=420) as server:
         status, answer = server.post("/predictions/lite0", clean, "image/jpeg")
         assert status == 200, answer
         assert answer["label"] == int(expected.argmax()) and answer["class"] == f"imagenet-{int(expected.argmax())}"
@@ -125,3 +134,15 @@ def test_served_on_jpeg_bodies_with_relevance(user_model, torchserve, tmp_path):
         status, refused = server.post("/explanations/bare", clean, "image/jpeg")
         assert status == 422 and refused["error"]["field"] == "explain", refused
         assert json.loads(json.dumps(refused))["error"]["problem"].startswith("this archive serves no relevance")
+        # the bare graph with its twin: the graph's predictions, the twin's relevance
+        status, twin = server.post("/predictions/baretwin", clean, "image/jpeg")
+        assert status == 200, twin
+        assert twin["label"] == int(bare_expected.argmax()) and twin["class"] == f"imagenet-{int(bare_expected.argmax())}"
+        status, twin_marked = server.post("/predictions/baretwin", marked, "image/jpeg")
+        assert status == 200 and twin_marked["artifact_score"] > twin["artifact_score"]
+        status, twin_explained = server.post("/explanations/baretwin", clean, "image/jpeg")
+        assert status == 200, twin_explained
+        relevance = decode_relevance(twin_explained["relevance"])
+        reference = bare_explanation.relevance[0].sum(0)
+        assert relevance.shape == (224, 224)
+        assert np.linalg.norm(relevance - reference) <= 1e-2 * np.linalg.norm(reference)

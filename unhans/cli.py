@@ -98,7 +98,8 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--data", help="Labelled data: an image folder (one sub-folder per class), an .npz file, 'mnist' or 'digits'.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run folder from 'unhans train': sets --model, --weights and --data.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Audit folder (resumed if it exists).")
-@click.option("--layer", default="input", show_default=True, help="Where to analyse relevance: 'input' or a layer name.")
+@click.option("--layer", default="auto", show_default=True,
+              help="Where SpRAy analyses relevance: 'auto' (the end of the feature extractor, summed over positions), 'input' (the maps) or a layer name.")
 @click.option("--composite", default="epsilon_plus_flat", show_default=True, help="epsilon_plus_flat or epsilon_gamma_box.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
               help="Images per relevance batch; an interrupted audit loses at most one batch.")
@@ -108,7 +109,8 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--jobs", "n_jobs", type=int, default=1, show_default=True, help="Local joblib workers for SpRAy when no scheduler is given.")
 @click.option("--restart", is_flag=True, help="Discard stored relevance and compute everything again.")
 @click.option("--select", "select", metavar="CLASS:CLUSTER", multiple=True,
-              help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2); a finished audit of the same inputs in OUT is reused.")
+              help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2; 'auto': the cluster the "
+                   "audit marked, in the highest-ranked class); a finished audit of the same inputs in OUT is reused.")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
 def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
@@ -120,7 +122,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     """
     import numpy as np
 
-    from .audit.run import AuditSpec, finished_audit, parse_selection, run_audit, select_samples
+    from .audit.run import AUTO, AuditSpec, finished_audit, marked_selection, parse_selection, run_audit, select_samples
     from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     if run_dir:
@@ -131,7 +133,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
         if not value:
             raise InputError(flag, "is missing", "pass it, or --run with a folder from 'unhans train'")
     selection = ",".join(select) or None
-    if selection:
+    if selection and selection != AUTO:
         parse_selection(selection)  # a malformed choice stops here, before any work
     ids = None
     if select_ids:
@@ -145,15 +147,20 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     else:
         console.print(f"reusing the finished audit in {out_dir} (same model, data and settings; --restart computes it again)")
     table = Table(title=f"unhans audit -> {Path(out_dir) / 'report.html'}")
-    for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)"):
+    for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)", "artifact (transplant rate)"):
         table.add_column(column)
     for c in finished["classes"]:
         if "skipped" in c:
-            table.add_row("-", c["class"], str(c["n"]), f"skipped: {c['skipped']}", "", "", "")
+            table.add_row("-", c["class"], str(c["n"]), f"skipped: {c['skipped']}", "", "", "", "")
         else:
+            marked = c["artifact_cluster"]
             table.add_row(str(c["rank"]), c["class"], str(c["n"]), f"{c['suspicion']:.3f}", f"{c['lambda2']:.4f}", f"{c['fisher_tau']:.2f}",
-                          f"{c['n_clusters']} {c['cluster_sizes']}")
+                          f"{c['n_clusters']} {c['cluster_sizes']}",
+                          "none found" if marked is None else f"cluster {marked} ({c['cluster_evidence'][marked]['transplant_rate']:.0%})")
     results.print(table)
+    if selection == AUTO:
+        selection = marked_selection(finished)
+        console.print(f"the audit's own choice: --select {selection}")
     if selection or select_ids:
         console.print(f"artifact samples written to {select_samples(out_dir, selection, ids)}")
 

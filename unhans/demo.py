@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audit.run import AuditSpec, run_audit, select_samples
+from .audit.run import AuditSpec, marked_selection, run_audit, select_samples
 from .core.artifacts import Patch, TextTag
 from .core.clarc import fit_cav, pclarc
 from .core.data import ImageDataset
@@ -179,11 +179,14 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
 
     _step(2, f"auditing the {len(train)} training images the team had: LRP, SpRAy per class -> {out / 'audit' / 'report.html'}")
     run_audit(AuditSpec(model_file=str(run / MODEL_FILE), weights=str(run / WEIGHTS_FILE), data=str(run / DATASET_FILE), out_dir=str(out / "audit")))
-    flagged = json.loads((out / "audit" / "audit.json").read_text())["classes"][0]
-    with np.load(select_samples(out / "audit", f"{flagged['class_index']}:{flagged['artifact_cluster']}")) as chosen:
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    selection = marked_selection(audit)
+    flagged = next(c for c in audit["classes"] if f"{c['class_index']}:{c['artifact_cluster']}" == selection)
+    with np.load(select_samples(out / "audit", selection)) as chosen:
         artifact_rows, clean_rows = chosen["artifact"], chosen["clean"]
-    console.print(f"   class {flagged['class']} ranks first; its cluster {flagged['artifact_cluster']} ({len(artifact_rows)} images) "
-                  "concentrates its relevance: taken as the artifact")
+    rate = flagged["cluster_evidence"][flagged["artifact_cluster"]]["transplant_rate"]
+    console.print(f"   class {flagged['class']} ranks first; its cluster {flagged['artifact_cluster']} ({len(artifact_rows)} images) is marked "
+                  f"as the artifact: its most relevant pixels turn {rate:.0%} of other classes' images into class {flagged['class']}")
 
     _step(3, f"fitting the artifact's CAV at {LAYER}, baking P-ClArC into ONNX with its explain graph, archiving -> {model_store}")
     cav = fit_cav(model, LAYER, train.images[artifact_rows], train.images[clean_rows])

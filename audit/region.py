@@ -1,0 +1,236 @@
+"""The artifact region of an audit's cluster: where its members' relevance points, cut out as an RGBA image.
+
+``unhans export --artifact-image REGION.png --position ROW,COL`` pastes such an image into clean images, which gives
+the *paired* contrast set (the same images with and without the artifact) that fits a reliable CAV.
+
+The rule, and why:
+
+1. Each member's input relevance is taken as |R| summed over channels and scaled to sum 1, so every image counts
+   the same however confident the model is (LRP conserves the logit, which differs from image to image).
+2. The cluster's mean map minus the mean map of the *rest of its class* (the clusters not selected), clipped at 0:
+   the object itself is relevant in every cluster of the class, the artifact only in the artifact cluster, so the
+   contrast keeps the artifact and drops the object. (With no rest of the class, the rest of the dataset.)
+3. Hysteresis thresholds on the contrast, relative to its peak (so free of the relevance's scale): the connected
+   pieces of the pixels at or above a quarter of the peak that reach half of the peak somewhere, with their holes
+   filled. Half of the peak picks the artifact out of the noise; a quarter brings back its edges, because LRP's flat
+   rule at the input spreads each first-layer neuron's relevance over its receptive field, so the map is a blurred
+   copy of the artifact whose edge and corner pixels sit at a third to a half of the peak (a 5-px checker patch on
+   MNIST: corners at 0.33 of the peak, the pixels just outside at 0.17-0.28; a half-maximum cut, even grown by a pixel, lost
+   two corners). Every piece that reaches half of the peak is kept: an artifact in parts (a text) is not cut to one.
+4. Its pixels are the per-pixel median of the members: an artifact that sits at the same place in every member is
+   reproduced exactly, while the images behind it, which differ, do not survive a median.
+
+The region is stored cropped to its bounding box, alpha = the mask, and its position is the box's top-left corner.
+It suits artifacts at a fixed place (a watermark, a logo, a tag in a corner). An artifact at a different place in
+every image leaves no peak to cut; the region then covers much of the image or little of the members' relevance, and
+:attr:`Region.warnings` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+SEED = 0.5  # share of the contrast's peak a piece must reach somewhere
+EDGE = 0.25  # share of the contrast's peak a pixel of the piece needs
+MAX_AREA = 0.25  # a region over this share of the image is no localised artifact: warned
+MIN_SHARE = 0.2  # a region holding less of the members' relevance than this explains little of it: warned
+INPUT = "input"  # the store's array of input relevance (audit.run.INPUT)
+CLEAN_IMAGES = 256  # clean images written beside the region for `unhans export --images` (512 paired samples)
+
+
+@dataclass
+class Region:
+    """An artifact region: ``mask`` (H, W) in image coordinates and ``pixels`` (C, H, W), both of the whole image."""
+
+    mask: np.ndarray
+    pixels: np.ndarray
+    members: int = 0
+    share: float = float("nan")  # of the members' relevance inside the mask
+    rest_share: float = float("nan")  # of the rest's relevance inside the mask
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(row, col, height, width) of the mask's bounding box."""
+        rows, cols = np.nonzero(self.mask)
+        return int(rows.min()), int(cols.min()), int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.box[:2]
+
+    def rgba(self) -> np.ndarray:
+        """The region cropped to its box as (h, w, 4) uint8: colour (grey repeated for one channel), alpha = mask."""
+        row, col, h, w = self.box
+        colour = self.pixels[:, row:row + h, col:col + w]
+        colour = np.repeat(colour, 3, axis=0) if colour.shape[0] == 1 else colour[:3]
+        alpha = self.mask[None, row:row + h, col:col + w].astype(np.float32)
+        return np.round(np.clip(np.concatenate([colour, alpha]), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+    def save(self, path: str | Path) -> Path:
+        from PIL import Image
+
+        Image.fromarray(self.rgba(), "RGBA").save(path)
+        return Path(path)
+
+    def describe(self) -> dict:
+        row, col, h, w = self.box
+        return {"position": [row, col], "size": [h, w], "pixels": int(self.mask.sum()), "members": self.members,
+                "members_relevance_share": self.share,
+                "rest_relevance_share": None if np.isnan(self.rest_share) else self.rest_share, "warnings": self.warnings,
+                "rule": f"contrast of normalised |relevance| (cluster minus rest of its class): connected pieces >= {EDGE} x "
+                        f"peak that reach {SEED} x peak, holes filled; pixels: the members' per-pixel median"}
+
+
+def mean_map(store, rows) -> tuple[np.ndarray | None, int]:
+    """Mean over ``rows`` of each row's |input relevance| summed over channels and scaled to sum 1; and how many rows
+    counted (a row with no relevance at all is skipped)."""
+    total, counted = None, 0
+    for _, relevance in store.rows(INPUT, rows):
+        maps = np.abs(relevance.astype(np.float64)).sum(1)
+        mass = maps.sum((1, 2))
+        maps = maps[mass > 0] / mass[mass > 0, None, None]
+        total = maps.sum(0) if total is None else total + maps.sum(0)
+        counted += len(maps)
+    return (None, 0) if counted == 0 else (total / counted, counted)
+
+
+def region_mask(contrast: np.ndarray) -> np.ndarray:
+    """Step 3 of the rule on a contrast map (H, W): the pieces >= EDGE x peak that reach SEED x peak, holes filled."""
+    contrast = np.clip(contrast, 0, None)
+    peak = contrast.max()
+    if peak <= 0:
+        return np.zeros(contrast.shape, bool)
+    pieces, _ = ndimage.label(contrast >= EDGE * peak, structure=np.ones((3, 3)))
+    seeded = np.unique(pieces[contrast >= SEED * peak])
+    return ndimage.binary_fill_holes(np.isin(pieces, seeded[seeded > 0]))
+
+
+def cut_region(images: np.ndarray, mask: np.ndarray) -> Region:
+    """The members' per-pixel median under ``mask`` (the rest of the image is left 0): step 4 of the rule."""
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    pixels = np.zeros(images.shape[1:], np.float32)
+    pixels[:, r0:r1, c0:c1] = np.median(images[:, :, r0:r1, c0:c1], axis=0)
+    return Region(np.asarray(mask, bool), pixels, members=len(images))
+
+
+def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarray) -> Region | None:
+    """The artifact region of the dataset rows ``members`` (one or more clusters), against the rest of their classes;
+    ``store`` is the audit's :class:`~unhans.audit.store.StoredRelevance`, ``images``/``labels`` the audited dataset.
+    None when the members carry no relevance the rest lacks."""
+    members = np.unique(members)
+    chosen = np.zeros(len(labels), bool)
+    chosen[members] = True
+    rest = np.flatnonzero(np.isin(labels, np.unique(labels[members])) & ~chosen)
+    if rest.size == 0:
+        rest = np.flatnonzero(~chosen)
+    cluster_map, counted = mean_map(store, members)
+    rest_map, _ = mean_map(store, rest) if rest.size else (None, 0)
+    if cluster_map is None:
+        return None
+    contrast = cluster_map if rest_map is None else cluster_map - rest_map
+    mask = region_mask(contrast)
+    if not mask.any():
+        return None
+    region = cut_region(images[members], mask)
+    region.members = counted
+    region.share = float(cluster_map[mask].sum())
+    region.rest_share = float(rest_map[mask].sum()) if rest_map is not None else float("nan")
+    area = mask.mean()
+    if area > MAX_AREA:
+        region.warnings.append(f"the region covers {area:.0%} of the image: the cluster's relevance has no localised peak "
+                               "(an artifact at a different place in every image?); a paired set from it may not isolate the artifact")
+    if region.share < MIN_SHARE:
+        region.warnings.append(f"the region holds only {region.share:.0%} of the cluster's relevance")
+    return region
+
+
+def clean_rows(labels: np.ndarray, members: np.ndarray, limit: int = CLEAN_IMAGES) -> np.ndarray:
+    """Up to ``limit`` rows spread evenly over the dataset, from classes the members are not in (else any row not a
+    member): the clean images to paste the region into."""
+    chosen = np.zeros(len(labels), bool)
+    chosen[members] = True
+    pool = np.flatnonzero(~np.isin(labels, np.unique(labels[members])))
+    if pool.size == 0:
+        pool = np.flatnonzero(~chosen)
+    return pool[np.unique(np.linspace(0, pool.size - 1, min(limit, pool.size)).round().astype(int))] if pool.size else pool
+
+
+def write_region(out: str | Path, region: Region, images: np.ndarray, clean: np.ndarray, selection: dict) -> dict[str, Path]:
+    """OUT/artifact-region.png (RGBA), OUT/artifact-region.json (position, figures, rule) and OUT/region-clean/
+    (PNG images without the artifact, for ``unhans export --images``); returns the three paths."""
+    from PIL import Image
+
+    out = Path(out)
+    png = region.save(out / "artifact-region.png")
+    folder = out / "region-clean"
+    if folder.is_dir():
+        for old in folder.glob("*.png"):
+            old.unlink()
+    folder.mkdir(exist_ok=True)
+    for row in clean:
+        pixels = np.round(np.clip(images[row], 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels[:3].transpose(1, 2, 0)).save(folder / f"row-{row:06d}.png")
+    info = out / "artifact-region.json"
+    info.write_text(json.dumps({**region.describe(), **selection, "image": png.name, "clean_images": folder.name}, indent=1))
+    return {"image": png, "info": info, "clean": folder}
+
+
+def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selection: str | None, console) -> dict[str, Path] | None:
+    """For ``unhans audit --select``: the selected rows' artifact region written beside OUT/samples.npz (see
+    :func:`write_region`), and the ``unhans export`` command that fits the paired CAV from it printed on ``console``.
+    Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
+    import hashlib
+
+    from unhans.core.data import load_dataset
+    from unhans.core.errors import InputError
+    from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+
+    from .store import StoredRelevance
+
+    out, spec = Path(out), audit.get("spec", {})
+    try:
+        dataset = load_dataset(spec["data"], skip_unreadable=True)
+        store = StoredRelevance(out / "relevance")
+    except (KeyError, InputError) as error:
+        console.print(f"[yellow]no artifact region written[/]: {error}")
+        return None
+    # the audit's own fingerprint of its data (audit.run._fingerprint): the rows must still be the audited images
+    data_hash = hashlib.sha256(dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest()
+    if data_hash != audit.get("inputs", {}).get("data") or store.n != len(dataset):
+        console.print(f"[yellow]no artifact region written[/]: {spec['data']} changed since the audit; run it again with --restart")
+        return None
+    region = find_region(store, dataset.images, dataset.labels, rows)
+    if region is None:
+        console.print("[yellow]no artifact region written[/]: the selected rows carry no relevance the rest of their class lacks")
+        return None
+    clean = clean_rows(dataset.labels, rows)
+    written = write_region(out, region, dataset.images, clean, {"selection": selection or f"{len(np.unique(rows))} rows by id"})
+    for warning in region.warnings:
+        console.print(f"[yellow]artifact region: {warning}[/]")
+    row, col, h, w = region.box
+    channels, height, width = dataset.image_shape
+    model_dir = Path(spec.get("model_file", "")).parent
+    if all((model_dir / name).is_file() for name in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE)) and Path(spec.get("weights", "")).parent == model_dir:
+        model = f"--run {shlex.quote(str(model_dir))}"  # a run's model: export measures the cost on the run's clean test set
+    else:
+        model = f"--model {shlex.quote(str(spec.get('model_file')))} --weights {shlex.quote(str(spec.get('weights')))}"
+    # the layer the audit analysed (its latent layer by default) is a good first place for the correction
+    analysed = audit.get("analysed_layer", spec.get("layer"))
+    layer = shlex.quote(analysed) if analysed and analysed not in (INPUT, "auto") else "LAYER"
+    console.print(f"artifact region ({h}x{w} px at {row},{col}; {region.share:.0%} of the cluster's relevance, "
+                  f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
+                  f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
+    console.print("fit the paired correction with" + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
+                  else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":\n"
+                  f"  unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
+                  f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
+                  f"--channels {channels} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
+    return written

@@ -1,0 +1,59 @@
+"""Issue 18's scenario grid in small form: one cell of bench/quality.py, run through the real CLI as a user would.
+
+The grid itself (24 cells, about 30-45 minutes on 2 cores) is ``python bench/quality.py``; here the corner patch
+backdoor at 5%, trained briefly, must come out right end to end: audit, the audit's own choice of cluster
+(``--select auto``), export, and the corrected ONNX graph scored with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _quality():
+    """bench/quality.py as a module (it imports bench/common.py as ``common``, as when run from bench/)."""
+    if "bench_quality" in sys.modules:
+        return sys.modules["bench_quality"]
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up while it is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_is_the_issues_24_cells():
+    quality = _quality()
+    cells = quality.grid()
+    assert len(cells) == len({c.name for c in cells}) == 24
+    by_name = {c.name: c for c in cells}
+    assert by_name["patch_backdoor_05"].fraction == 0.05
+    assert by_name["text_cooccurrence_02"].fraction == pytest.approx(0.18)  # as many poisoned rows as backdoor at 2%
+    assert [c.name for c in quality.grid(["frame_backdoor_02"], seeds=[0, 1])] == ["frame_backdoor_02", "frame_backdoor_02_s1"]
+    assert {c.name for c in quality.grid(quick=True)} == set(quality.QUICK_CELLS)
+
+
+@pytest.mark.integration
+def test_corner_patch_backdoor_survives_the_whole_pipeline(tmp_path):
+    quality = _quality()
+    cell = quality.Cell("patch", "backdoor", 0.05)
+    result = quality.run_cell(cell, tmp_path / cell.name, epochs=3)
+
+    assert result["attack_success_before"] >= 0.9, result  # the model learned the artifact, else nothing below means anything
+    assert result["rank"] == 1, result
+    assert result["artifact_found"] and result["chosen_class"] == 0, result
+    assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
+    assert not result["export_refused"], result
+    assert result["attack_success_cut"] >= 0.9, result
+    assert result["clean_drop_pt"] <= 1.0, result
+    assert result["meets_all_targets"]
+
+    summary = quality.summarise({cell.name: result})
+    assert summary["scenarios"] == summary["scenarios_meeting_all_targets"] == 1
+    assert summary["worst_rank"] == 1 and summary["scenarios_failed"] == 0
