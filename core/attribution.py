@@ -32,6 +32,9 @@ from .canonize import Activate, Canonization, Pool, Reduction, canonize
 from .errors import InputError
 from .layers import Corrected, get_layer
 
+logger = logging.getLogger(__name__)
+
+
 class ZPlusOrEpsilon(BasicHook):
     """The z+ rule where some input contributes positively to an output, the epsilon rule where none does.
 

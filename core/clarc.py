@@ -1,8 +1,9 @@
 """Class Artifact Compensation: remove an artifact's influence post hoc (P-ClArC) or by fine-tuning (A-ClArC).
 
-P-ClArC inserts h' = h − v vᵀ(h − z) after a named layer (‖v‖ = 1, z the clean mean): the artifact's component is
-replaced by the clean reference and nothing else changes; the map is affine and rank-1. The *reactive* variant
-applies it only to samples whose detector score exceeds a threshold, sparing clean inputs.
+P-ClArC inserts h' = h − V Vᵀ(h − z) after a named layer (V's k columns orthonormal, z the clean mean): the
+artifact's components are replaced by the clean reference and nothing else changes; the map is affine and rank-k
+(k = 1 is the single CAV direction v). The *reactive* variant applies it only to samples whose detector score
+exceeds a threshold, sparing clean inputs.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from .layers import activations, insert_after
 
 
 class PClArC(nn.Module):
-    """The projection h' = h − g(h) · v vᵀ(h − z), with g ≡ 1, or the detector's gate when reactive.
+    """The projection h' = h − g(h) · V Vᵀ(h − z), with g ≡ 1, or the detector's gate when reactive.
 
-    ``mode='flat'`` projects the flattened activation (v has C·H·W entries); ``mode='channel'`` projects the channel
-    vector at every position (v has C entries, z may vary by position). The reactive gate fires where
-    ``w·f(h) + b > threshold`` with f the CAV's features (flattened, or the spatial mean per channel).
+    ``direction`` holds V's columns as rows, (k, D), or one direction (D,). ``mode='flat'`` projects the flattened
+    activation (D = C·H·W); ``mode='channel'`` projects the channel vector at every position (D = C, z may vary by
+    position). The reactive gate fires where ``w·f(h) + b > threshold`` with f the CAV's features (flattened, or the
+    spatial mean per channel).
     """
 
     def __init__(self, direction, clean_mean, mode: str = "flat", detector_weight=None, detector_bias: float = 0.0,
                  threshold: float = 0.0):
         super().__init__()
         self.mode = mode
-        self.register_buffer("direction", torch.tensor(np.array(direction), dtype=torch.float32))
+        direction = np.array(direction, dtype=np.float32)
+        self.register_buffer("direction", torch.from_numpy(direction if direction.ndim == 2 else direction.reshape(1, -1)))
         self.register_buffer("clean_mean", torch.tensor(np.array(clean_mean), dtype=torch.float32))
         self.reactive = detector_weight is not None
         if self.reactive:
@@ -42,7 +45,7 @@ class PClArC(nn.Module):
     @classmethod
     def from_cav(cls, cav: CAV, reactive: bool = False, threshold: float = 0.0) -> "PClArC":
         detector = dict(detector_weight=cav.detector_weight_, detector_bias=cav.detector_bias_, threshold=threshold) if reactive else {}
-        return cls(cav.direction_, cav.clean_mean_, cav.mode, **detector)
+        return cls(cav.directions_, cav.clean_mean_, cav.mode, **detector)
 
     def _check(self, h: torch.Tensor) -> None:
         expected = self.clean_mean.shape
@@ -59,21 +62,22 @@ class PClArC(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         self._check(h)
         centred = h - self.clean_mean
-        if self.mode == "channel":
-            v = self.direction.view(1, -1, *([1] * (h.dim() - 2)))
-            shift = v * (centred * v).sum(dim=1, keepdim=True)
+        v = self.direction
+        if self.mode == "channel":  # the channel vector at every position, by broadcasting (what the LRP exporter traces)
+            v = v.view(1, *v.shape, *([1] * (h.dim() - 2)))  # (1, k, C, 1, ...)
+            shift = (v * (centred.unsqueeze(1) * v).sum(dim=2, keepdim=True)).sum(dim=1)
         else:
-            v = self.direction
-            shift = ((centred.flatten(1) @ v)[:, None] * v).view_as(h)
+            shift = ((centred.flatten(1) @ v.T) @ v).view_as(h)
         return h - self.gate(h).view(-1, *([1] * (h.dim() - 1))) * shift
 
 
 def fit_cav(model: nn.Module, layer: str, artifact_images: np.ndarray, clean_images: np.ndarray,
-            method: str = "pattern", mode: str = "flat", paired: bool = False) -> CAV:
-    """Fit a CAV on ``layer``'s activations. ``paired``: the two image sets are the same images with/without the artifact."""
+            method: str = "pattern", mode: str = "flat", paired: bool = False, n_directions: int | str = 1) -> CAV:
+    """Fit a CAV on ``layer``'s activations. ``paired``: the two image sets are the same images with/without the
+    artifact (needed for ``n_directions`` other than 1)."""
     h_artifact = activations(model, artifact_images, layer)
     h_clean = activations(model, clean_images, layer)
-    cav = CAV(method=method, mode=mode)
+    cav = CAV(method=method, mode=mode, n_directions=n_directions)
     return cav.fit_paired(h_artifact, h_clean) if paired else cav.fit(h_artifact, h_clean)
 
 

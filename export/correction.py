@@ -1,4 +1,4 @@
-"""The correction to bake into a graph: P-ClArC's direction v, clean reference z, mode and optional detector.
+"""The correction to bake into a graph: P-ClArC's directions V (k of them), clean reference z, mode and optional detector.
 
 Plain arrays, so the same object drives the ONNX surgery, the PyTorch reference it is verified against
 (:class:`unhans.core.clarc.PClArC`) and the spec file that ships beside the graph in a TorchServe archive.
@@ -19,12 +19,13 @@ from ..core.errors import InputError
 
 @dataclass(frozen=True, eq=False)
 class Correction:
-    """h' = h − g·v vᵀ(h − z) after one layer; g = 1, or the detector's gate (score > threshold) when reactive.
+    """h' = h − g·V Vᵀ(h − z) after one layer; g = 1, or the detector's gate (score > threshold) when reactive.
 
-    ``direction`` is the unit v: (D,) on the flattened activation in ``flat`` mode, (C,) per position in
-    ``channel`` mode. ``clean_mean`` is z, shaped like one sample's activation. ``detector_weight`` /
-    ``detector_bias`` score f(h) (flattened, or averaged per channel); a graph built with a detector reports that
-    score as its ``artifact_score`` output, and gates the projection with it when ``reactive``.
+    ``direction`` holds V's orthonormal columns as rows, (k, D) (a single unit v (D,) is taken as k = 1): D entries
+    on the flattened activation in ``flat`` mode, C per position in ``channel`` mode. ``clean_mean`` is z, shaped
+    like one sample's activation. ``detector_weight`` / ``detector_bias`` score f(h) (flattened, or averaged per
+    channel); a graph built with a detector reports that score as its ``artifact_score`` output, and gates the
+    projection with it when ``reactive``.
     """
 
     direction: np.ndarray
@@ -37,7 +38,8 @@ class Correction:
 
     def __post_init__(self):
         # own copies: the correction must not change when the caller's arrays do
-        v = np.array(self.direction, np.float32).ravel()
+        v = np.array(self.direction, np.float32)
+        v = v if v.ndim == 2 else v.reshape(1, -1)  # one direction, however shaped, is k = 1
         object.__setattr__(self, "direction", v)
         object.__setattr__(self, "clean_mean", np.array(self.clean_mean, np.float32))
         if self.detector_weight is not None:
@@ -46,18 +48,26 @@ class Correction:
             raise InputError("mode", f"{self.mode!r} is unknown", f"use one of {CAV_MODES}")
         if not (np.isfinite(v).all() and np.isfinite(self.clean_mean).all()):
             raise InputError("correction", "v or z holds NaN or Inf", "refit the CAV on finite activations")
-        if abs(float(np.linalg.norm(v.astype(np.float64))) - 1.0) > 1e-4:
-            raise InputError("correction", f"v has norm {np.linalg.norm(v):.4g}, P-ClArC needs a unit vector", "divide v by its norm")
+        gram = v.astype(np.float64) @ v.T.astype(np.float64)
+        if len(v) > v.shape[1] or np.abs(gram - np.eye(len(v))).max() > 1e-4:
+            what = f"v has norm {np.linalg.norm(v):.4g}, P-ClArC needs a unit vector" if len(v) == 1 else \
+                f"the {len(v)} directions are not orthonormal (|VᵀV − I| up to {np.abs(gram - np.eye(len(v))).max():.3g})"
+            raise InputError("correction", what, "divide v by its norm" if len(v) == 1 else "orthonormalise them (np.linalg.qr)")
         if self.reactive and self.detector_weight is None:
             raise InputError("reactive", "a reactive correction needs a detector", "pass the CAV's detector weight and bias")
-        if self.detector_weight is not None and self.detector_weight.shape != v.shape:
-            raise InputError("correction", f"detector has {self.detector_weight.size} weights but v has {v.size}", "take both from one CAV")
+        if self.detector_weight is not None and self.detector_weight.shape != v.shape[1:]:
+            raise InputError("correction", f"detector has {self.detector_weight.size} weights but v has {v.shape[1]}", "take both from one CAV")
 
     @classmethod
     def from_cav(cls, cav: CAV, reactive: bool = False, threshold: float = 0.0, detector: bool = True) -> "Correction":
         """The correction of a fitted CAV; ``detector=False`` drops the score output (only possible when not reactive)."""
         weight = cav.detector_weight_ if detector or reactive else None
-        return cls(cav.direction_, cav.clean_mean_, cav.mode, weight, cav.detector_bias_, threshold, reactive)
+        return cls(cav.directions_, cav.clean_mean_, cav.mode, weight, cav.detector_bias_, threshold, reactive)
+
+    @property
+    def directions(self) -> int:
+        """k, the rank of the projection."""
+        return len(self.direction)
 
     @property
     def has_detector(self) -> bool:
@@ -66,7 +76,7 @@ class Correction:
     def check_shape(self, shape: tuple[int, ...], where: str) -> None:
         """Refuse a correction that does not fit activations of ``shape`` (one sample, no batch axis)."""
         shape = tuple(int(s) for s in shape)
-        size = self.direction.size
+        size = self.direction.shape[1]
         expected = int(np.prod(shape)) if self.mode == "flat" else (shape[0] if len(shape) >= 2 else None)
         if expected is None:
             raise InputError("mode", f"'channel' needs activations (C, H, W) at {where}, it has shape {shape}", "use mode 'flat'")
@@ -87,7 +97,7 @@ class Correction:
         return features(h, self.mode) @ self.detector_weight + self.detector_bias
 
     def fingerprint(self) -> str:
-        """The same hash as :meth:`CAV.fingerprint` for the same v, z and detector, so files can be matched to CAVs."""
+        """The same hash as :meth:`CAV.fingerprint` for the same V, z and detector, so files can be matched to CAVs."""
         return fingerprint(self.direction, self.clean_mean, self.detector_weight if self.has_detector else np.zeros(0), self.detector_bias)
 
     def save(self, target, layer: str) -> None:
@@ -95,7 +105,7 @@ class Correction:
 
         ``target``: a path or a binary file object.
         """
-        header = {"layer": layer, "mode": self.mode, "reactive": self.reactive, "threshold": self.threshold,
+        header = {"layer": layer, "mode": self.mode, "directions": self.directions, "reactive": self.reactive, "threshold": self.threshold,
                   "detector_bias": self.detector_bias, "fingerprint": self.fingerprint()}
         arrays = {"direction": self.direction, "clean_mean": self.clean_mean}
         if self.has_detector:

@@ -2,12 +2,12 @@
 
 Folding (no new node): when the corrected tensor reaches a Gemm (or MatMul + bias Add) only through
 Flatten/Reshape, or in ``channel`` mode through global average pooling, the affine map h' = (I − P) h + P z is
-absorbed into that op: W' = W − W P, c' = c + W P z. P is v vᵀ on the flattened vector (flat), v vᵀ at every
-position (channel, then flattened), or v vᵀ on the pooled channel vector with z averaged over positions
+absorbed into that op: W' = W − W P, c' = c + W P z. P is V Vᵀ on the flattened vector (flat), V Vᵀ at every
+position (channel, then flattened), or V Vᵀ on the pooled channel vector with z averaged over positions
 (averaging commutes with a per-position map). Where the tensor is read by anything else, or through anything
 else (flat mode into a global average pool mixes what the projection keeps apart), and for every reactive
 correction (its per-sample gate is not affine), the correction is inserted as 1-4 nodes (:func:`_project`); a
-dense D×D matrix is never built (NOTES.md §3: +500-700 %).
+dense D×D matrix is never built (NOTES.md §3: +500-700 %): V (k×D) is carried as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .correction import Correction
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 SCORE_OUTPUT = "artifact_score"
 PREFIX = "unhans.pclarc"
-DENSE_CHANNELS_MAX = 256  # C×C 1×1 Conv + Add (2 nodes) up to here, 3 rank-1 nodes beyond (C² MACs per position)
+DENSE_CHANNELS_MAX = 256  # C×C 1×1 Conv + Add (2 nodes) up to here, 3 rank-k nodes beyond (C² MACs per position)
 
 
 def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
@@ -163,33 +163,36 @@ class _Builder:
             self._flat = self.op("Flatten", [self.x], "flat", axis=1)
         return self._flat
 
-    def row_dot(self, weight: np.ndarray, bias: float, stem: str) -> str:
-        """w·f + b for every sample as a (1, N) row: Gemm with the constant as A is onnxruntime's fast dot product
-        (about half the time of f·wᵀ at batch 1 and 32)."""
-        return self.op("Gemm", [self.const(f"{stem}_row", weight.reshape(1, -1)), self.flat(), self.const(f"{stem}_bias", [bias])], stem, transB=1)
+    def row_dot(self, weight: np.ndarray, bias, stem: str) -> str:
+        """W·f + b for every sample as (k, N) rows (one row for a vector w): Gemm with the constant as A is
+        onnxruntime's fast dot product (about half the time of f·wᵀ at batch 1 and 32)."""
+        rows = np.reshape(weight, (-1, np.shape(weight)[-1]))
+        bias = np.reshape(bias, -1) if len(rows) == 1 else np.reshape(bias, (-1, 1))  # one row: bias shaped [1], as before
+        return self.op("Gemm", [self.const(f"{stem}_row", rows), self.flat(), self.const(f"{stem}_bias", bias)], stem, transB=1)
 
 
 def _project(correction: Correction, b: _Builder) -> str:
-    """Insert h' = h − v vᵀ(h − z) in the cheapest exact form measured (bench/export.py; never a dense D×D matrix).
+    """Insert h' = h − V Vᵀ(h − z) in the cheapest exact form measured (bench/export.py; never a dense D×D matrix).
 
-    flat: s = vᵀh − vᵀz as one Gemm, then h − s vᵀ as one Gemm reading h as its C input: 2 nodes, plus the Flatten
-    and Reshape (views) around them for (N, C, H, W) tensors. channel: one 1×1 Conv with weights I − v vᵀ plus an
-    Add of v·vᵀz_p, which varies by position p (folded into the Conv's bias when it does not); past
-    ``DENSE_CHANNELS_MAX`` channels the C×C Conv costs more than 3 rank-1 nodes and those are used instead.
+    V is k×D (rows orthonormal). flat: s = Vh − Vz as one Gemm (k rows), then h − sᵀV as one Gemm reading h as its C
+    input: 2 nodes, plus the Flatten and Reshape (views) around them for (N, C, H, W) tensors. channel: one 1×1 Conv
+    with weights I − VᵀV plus an Add of VᵀV z_p, which varies by position p (folded into the Conv's bias when it does
+    not); past ``DENSE_CHANNELS_MAX`` channels the C×C Conv costs more than 3 rank-k nodes (two k-channel 1×1 Convs and
+    a Sum) and those are used instead.
     """
     v, z, shape = correction.direction.astype(np.float64), correction.clean_mean.astype(np.float64), b.shape
     if correction.mode == "flat":
-        s = b.row_dot(v, -float(v @ z.ravel()), "dot_v")
-        corrected = b.op("Gemm", [s, b.const("minus_v", -v[None]), b.flat()], "corrected", transA=1)
+        s = b.row_dot(v, -(v @ z.ravel()), "dot_v")
+        corrected = b.op("Gemm", [s, b.const("minus_v", -v), b.flat()], "corrected", transA=1)
         return corrected if len(shape) == 1 else b.op("Reshape", [corrected, b.const("shape", [-1, *shape], np.int64)], "unflat")
-    channels, spatial = len(v), (1,) * (len(shape) - 1)
-    restore = v.reshape(channels, *spatial) * np.tensordot(v, z, axes=(0, 0))[None]  # v·vᵀz_p, shaped like z
+    k, channels, spatial = len(v), v.shape[1], (1,) * (len(shape) - 1)
+    restore = np.tensordot(v.T @ v, z, axes=(1, 0))  # VᵀV z_p, shaped like z
     varies = not np.all(restore == restore.reshape(channels, -1)[:, :1].reshape(channels, *spatial))
     if channels > DENSE_CHANNELS_MAX:
-        dot = b.op("Conv", [b.x, b.const("v_kernel", v.reshape(1, channels, *spatial))], "dot_v")
-        shift = b.op("Mul", [dot, b.const("minus_v", -v.reshape(1, channels, *spatial))], "shift")
+        dot = b.op("Conv", [b.x, b.const("v_kernel", v.reshape(k, channels, *spatial))], "dot_v")
+        shift = b.op("Conv", [dot, b.const("minus_v", -v.T.reshape(channels, k, *spatial))], "shift")
         return b.op("Sum", [b.x, shift, b.const("restore", restore[None])], "corrected")
-    weight = b.const("projection", (np.eye(channels) - np.outer(v, v)).reshape(channels, channels, *spatial))
+    weight = b.const("projection", (np.eye(channels) - v.T @ v).reshape(channels, channels, *spatial))
     if not varies:
         return b.op("Conv", [b.x, weight, b.const("projection_bias", restore.reshape(channels, -1)[:, 0])], "corrected")
     return b.op("Add", [b.op("Conv", [b.x, weight], "projected"), b.const("restore", restore[None])], "corrected")
@@ -274,12 +277,12 @@ def _fold(model: onnx.ModelProto, x: str, correction: Correction, shape: tuple[i
 
     v, z = correction.direction.astype(np.float64), correction.clean_mean.astype(np.float64)
     if pooled:
-        z = z.reshape(len(v), -1).mean(1)
-    if correction.mode == "channel" and not pooled:  # v vᵀ at every position, C-major flattening
-        w3 = w.reshape(len(w), len(v), -1)
-        wp = np.einsum("op,c->ocp", np.einsum("ocp,c->op", w3, v), v).reshape(w.shape)
+        z = z.reshape(v.shape[1], -1).mean(1)
+    if correction.mode == "channel" and not pooled:  # V Vᵀ at every position, C-major flattening
+        w3 = w.reshape(len(w), v.shape[1], -1)
+        wp = np.einsum("okp,kc->ocp", np.einsum("ocp,kc->okp", w3, v), v).reshape(w.shape)
     else:
-        wp = np.outer(w @ v, v)
+        wp = (w @ v.T) @ v
     alpha, beta = (_attribute(node, "alpha", 1.0), _attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else (1.0, 1.0)
     new_w = w - wp
     new_bias = beta * np.broadcast_to(bias.ravel(), (w.shape[0],)) + alpha * (wp @ z.ravel())

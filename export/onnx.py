@@ -130,12 +130,13 @@ def onnx_activations(model: onnx.ModelProto, tensor: str, images: np.ndarray) ->
 
 
 def fit_cav_onnx(model: onnx.ModelProto, artifact_images: np.ndarray, clean_images: np.ndarray, tensor: str | None = None,
-                 layer: str | None = None, method: str = "pattern", mode: str = "flat", paired: bool = False) -> CAV:
+                 layer: str | None = None, method: str = "pattern", mode: str = "flat", paired: bool = False,
+                 n_directions: int | str = 1) -> CAV:
     """A CAV fitted on onnxruntime's activations of ``tensor`` (or of module scope ``layer``): no PyTorch source needed.
-    ``paired``: the two image sets are the same images with and without the artifact."""
+    ``paired``: the two image sets are the same images with and without the artifact (needed for ``n_directions`` > 1)."""
     name = resolve(model, tensor, layer)
     h_artifact, h_clean = onnx_activations(model, name, artifact_images), onnx_activations(model, name, clean_images)
-    cav = CAV(method=method, mode=mode)
+    cav = CAV(method=method, mode=mode, n_directions=n_directions)
     return cav.fit_paired(h_artifact, h_clean) if paired else cav.fit(h_artifact, h_clean)
 
 
@@ -143,8 +144,13 @@ def cav_metadata(quality: dict | None) -> dict[str, str]:
     """A CAV's :attr:`~unhans.core.cav.CAV.quality_` as metadata entries (``inspect`` shows them)."""
     if not quality:
         return {}
+    subspace = {"cav.directions": str(quality.get("directions", 1))}
+    if quality.get("paired") and "energy_share" in quality:  # what the k directions hold of the paired differences
+        subspace["cav.energy_share"] = f"{quality['energy_share']:.3g}"
+    if "heldout_energy_share" in quality:
+        subspace["cav.heldout_energy_share"] = f"{quality['heldout_energy_share']:.3g}"
     return {"cav.heldout_detection_acc": f"{quality['heldout_detection_acc']:.3g}", "cav.samples": str(quality["samples"]),
-            "cav.dims": str(quality["dims"]), "cav.paired": str(quality["paired"]).lower(),
+            "cav.dims": str(quality["dims"]), "cav.paired": str(quality["paired"]).lower(), **subspace,
             "cav.warnings": " | ".join(quality["warnings"]) or "none"}
 
 
@@ -236,6 +242,7 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
     metadata = {
         "version": __version__,
         "correction.layer": layer, "correction.tensor": tensor, "correction.mode": correction.mode,
+        "correction.directions": str(correction.directions),
         "correction.reactive": str(correction.reactive).lower(), "correction.threshold": repr(float(correction.threshold)),
         "correction.detector": str(correction.has_detector).lower(),
         "cav.fingerprint": correction.fingerprint(),

@@ -162,6 +162,23 @@ def test_reactive_gate_lives_in_the_graph(runs, tmp_path):
     assert np.allclose(scores, cav.decision_function(activations(run["model"], images, LAYERS["vgg"])), atol=1e-3)
 
 
+def test_export_falls_back_to_the_reactive_gate_where_the_plain_projection_costs_too_much(runs, tmp_path):
+    """By default a plain projection over the cost bound is replaced by the reactive one, judged on the same test set."""
+    from unhans.cli import main
+
+    run = runs["vgg"]
+    train = run["train"]
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, artifact=train.has_artifact, clean=~train.has_artifact)
+    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--samples", str(samples), "--max-cost", "0", "--max-class-cost", "0"]
+    plain = CliRunner().invoke(main, [*args, "--plain", "--out", str(tmp_path / "plain.onnx")])
+    assert plain.exit_code == 2 and "--max-" in plain.output and not (tmp_path / "plain.onnx").exists()  # a plain projection moves some clean image
+    fallback = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "gated.onnx")])
+    assert fallback.exit_code == 0 and "the plain projection is refused" in fallback.output, fallback.output
+    metadata = onnx_export.read_metadata(tmp_path / "gated.onnx")
+    assert metadata["unhans.correction.reactive"] == "true" and float(metadata["unhans.cost.pt"]) <= 0
+
+
 def test_refuses_mismatch_and_bad_input_leaving_no_file(runs, tmp_path, monkeypatch):
     run = runs["vgg"]
     out = tmp_path / "out" / "x.onnx"
@@ -243,14 +260,18 @@ def test_a_correction_fitted_on_the_wrong_cluster_is_refused(runs, tmp_path):
     samples = tmp_path / "wrong.npz"
     np.savez(samples, artifact=wrong, clean=np.flatnonzero(~train.has_artifact & ~wrong))
     args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--samples", str(samples)]
-    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused.onnx")])
+    refused = CliRunner().invoke(main, [*args, "--plain", "--out", str(tmp_path / "refused.onnx")])
     assert refused.exit_code == 2 and "--max-cost: the correction costs" in refused.output and "pass --max-cost" in refused.output
     assert "on the run's clean test set" in refused.output and not list(tmp_path.glob("refused*"))
+    # by default the reactive gate is tried next: it flags the clean target class it was fitted on, and is refused too
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused.onnx")])
+    assert refused.exit_code == 2 and "the plain projection is refused" in refused.output, refused.output
+    assert "the correction costs" in refused.output and not list(tmp_path.glob("refused*"))
     # per channel it costs less than a point overall, yet a third of the target class: refused for that class
-    refused = CliRunner().invoke(main, [*args, "--mode", "channel", "--out", str(tmp_path / "refused.onnx")])
+    refused = CliRunner().invoke(main, [*args, "--plain", "--mode", "channel", "--out", str(tmp_path / "refused.onnx")])
     assert refused.exit_code == 2 and f"--max-class-cost: the correction costs class {train.target} " in refused.output
     assert not list(tmp_path.glob("refused*"))
-    accepted = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "accepted.onnx"), "--max-cost", "100", "--max-class-cost", "100"])
+    accepted = CliRunner().invoke(main, [*args, "--plain", "--out", str(tmp_path / "accepted.onnx"), "--max-cost", "100", "--max-class-cost", "100"])
     assert accepted.exit_code == 0, accepted.output
     assert "accepted with --max-cost 100" in accepted.output
     metadata = onnx_export.read_metadata(tmp_path / "accepted.onnx")
@@ -354,3 +375,33 @@ def test_onnx_route_resolves_symbolic_shapes_and_names_the_fix_for_missing_scope
     (tmp_path / "plain.onnx").write_bytes(graph.SerializeToString())
     with pytest.raises(InputError, match=r"records no module names.*dynamo=True.*--tensor NAME"):
         onnx_export.fit_cav_onnx(onnx.load(str(tmp_path / "plain.onnx")), marked, clean, layer="0")
+
+
+def test_rank_k_correction_through_the_onnx_route_and_the_cli(runs, tmp_path):
+    """A rank-3 correction fitted on onnxruntime's activations of a foreign graph, folded and inserted, equals PyTorch's
+    P-ClArC; the CLI refuses several directions without pairs, and a bad count, writing nothing."""
+    from unhans.core.artifacts import Patch
+
+    run = runs["vgg"]
+    clean = run["train"].images[~run["train"].has_artifact][:200]
+    with_artifact, _ = Patch(size=3).apply(clean)
+    cav = onnx_export.fit_cav_onnx(onnx.load(str(run["plain"])), with_artifact, clean, layer=LAYERS["vgg"], paired=True, n_directions=3)
+    assert cav.directions_.shape[0] == 3 and cav.quality_["directions"] == 3 and "heldout_energy_share" in cav.quality_
+    correction = Correction.from_cav(cav)
+    images = np.concatenate([run["test"].images[:200], run["attack"].images[:200]])
+    expected = _torch_logits(pclarc(run["model"], LAYERS["vgg"], cav), images)
+    for fold in (True, False):
+        out = tmp_path / f"k{fold}.onnx"
+        report = onnx_export.export_onnx(run["plain"], correction, run["probe"], out, layer=LAYERS["vgg"], fold=fold)
+        assert report.folded == fold
+        assert np.abs(_logits(out, images) - expected).max() <= 1e-4 * np.abs(expected).max()
+        metadata = onnx_export.read_metadata(out)
+        assert metadata["unhans.correction.directions"] == "3" and metadata["unhans.cav.fingerprint"] == cav.fingerprint()
+    assert not np.allclose(expected, _torch_logits(pclarc(run["model"], LAYERS["vgg"], fit_cav(
+        run["model"], LAYERS["vgg"], with_artifact, clean, paired=True)), images), atol=1e-4 * np.abs(expected).max())  # k matters
+    runner = CliRunner()
+    for directions, message in (("2", "need paired samples"), ("two", "not a number of directions")):
+        result = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--directions", directions,
+                                                "--out", str(tmp_path / "cli.onnx")])
+        assert isinstance(result.exception, InputError) and message in str(result.exception), result.output
+        assert not (tmp_path / "cli.onnx").exists()
