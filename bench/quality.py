@@ -119,11 +119,13 @@ class Cell:
         """``--fraction``: the rate itself for backdoor; for co-occurrence as many poisoned rows, all in the target class."""
         return self.rate if self.mode == "backdoor" else round(9 * self.rate, 4)
 
+    def epochs(self, epochs: int) -> int:
+        """The training epochs of this cell for the grid's ``epochs``."""
+        return epochs + COOCCURRENCE_EXTRA_EPOCHS if self.mode == "cooccurrence" else epochs
+
     def train_args(self, out: Path, epochs: int) -> list[str]:
-        if self.mode == "cooccurrence":
-            epochs += COOCCURRENCE_EXTRA_EPOCHS
         return ["train", "--out", str(out), "--data", "mnist", "--poison", self.mode, *ARTIFACTS[self.artifact],
-                "--fraction", str(self.fraction), "--epochs", str(epochs), "--seed", str(self.seed)]
+                "--fraction", str(self.fraction), "--epochs", str(self.epochs(epochs)), "--seed", str(self.seed)]
 
 
 def grid(patterns: list[str] | None = None, seeds: list[int] | None = None, quick: bool = False) -> list[Cell]:
@@ -332,7 +334,7 @@ def print_grid(results: dict[str, dict]) -> None:
 def run_grid(cells: list[Cell], root: Path, epochs: int, workers: int = 2, export_args: list[str] = ()) -> dict[str, dict]:
     """Every cell in its own folder under ``root``, ``workers`` at a time; a cell that crashes is recorded, not raised."""
     def one(cell: Cell) -> tuple[str, dict]:
-        say(f"{cell.name}: start (--fraction {cell.fraction}, {epochs} epochs, seed {cell.seed})")
+        say(f"{cell.name}: start (--fraction {cell.fraction}, {cell.epochs(epochs)} epochs, seed {cell.seed})")
         try:
             return cell.name, run_cell(cell, root / cell.name, epochs, export_args)
         except Exception as error:  # noqa: BLE001: one broken cell must not take the grid down
