@@ -12,7 +12,7 @@ clusters 0.01-0.10. A fixed share of pixels instead of a share of relevance fail
 pixels): an artifact's size is unknown, its share of the relevance is not. Per donor the rate separates poisoned
 from clean 7s with an AUC of 0.9998.
 
-A cluster is marked only when its rate reaches ``ARTIFACT_BAR`` and beats the rest of its class by ``ARTIFACT_MARGIN``;
+A cluster is marked only when its rate reaches ``ARTIFACT_BAR`` and the marked ones beat the rest of their class by ``ARTIFACT_MARGIN``;
 a class without one has no artifact found, and the audit says so rather than marking a cluster anyway. At low
 resolution the test cannot tell: on 8x8 digits half an object's relevance covers a quarter of the image and clean
 clusters reached 0.5-0.72, so regions larger than ``MAX_REGION_SHARE`` of the image mark nothing (MNIST's 2-px frame,
@@ -35,7 +35,7 @@ REGION_MASS = 0.5  # a donor's region holds this share of its positive relevance
 DONORS_PER_CLUSTER = 48  # sampled members per cluster whose regions are transplanted
 RECIPIENTS_PER_DONOR = 4  # images of other classes each region is pasted into
 ARTIFACT_BAR = 0.5  # a cluster whose regions turn at least this share of recipients is marked as an artifact ...
-ARTIFACT_MARGIN = 0.25  # ... when it also beats the rest of its class by this much (else the whole class is hijackable)
+ARTIFACT_MARGIN = 0.25  # ... when such clusters beat the rest of their class by this much (else the class is hijackable)
 MAX_REGION_SHARE = 0.2  # ... and its regions cover at most this share of the image (more is the object itself)
 BATCH = 256
 EXAMPLES = 6  # transplanted images per cluster shown in the report
@@ -130,45 +130,56 @@ class Intervention:
         return evidence
 
 
-def _contrast(evidence: list[ClusterEvidence], best: ClusterEvidence) -> float:
-    """The best cluster's rate over the size-weighted rate of the rest of its class."""
-    rest = [e for e in evidence if e is not best]
-    weight = sum(e.size for e in rest)
-    return best.transplant_rate - (sum(e.transplant_rate * e.size for e in rest) / weight if weight else 0.0)
+def _rate(evidence: list[ClusterEvidence]) -> float:
+    """The size-weighted transplant rate of some clusters."""
+    weight = sum(e.size for e in evidence)
+    return sum(e.transplant_rate * e.size for e in evidence) / weight if weight else 0.0
 
 
-def artifact_cluster(evidence: list[ClusterEvidence], bar: float = ARTIFACT_BAR, margin: float = ARTIFACT_MARGIN) -> int | None:
-    """The cluster with the highest transplant rate when it reaches ``bar`` and beats the rest by ``margin``; else None."""
-    if not evidence:
-        return None
-    best = max(evidence, key=lambda e: e.transplant_rate)
-    decisive = best.transplant_rate >= bar and _contrast(evidence, best) >= margin and best.region_share <= MAX_REGION_SHARE
-    return best.cluster if decisive else None
+def _carrying(evidence: list[ClusterEvidence]) -> list[ClusterEvidence]:
+    """The clusters whose small regions carry the class into other images."""
+    return [e for e in evidence if e.transplant_rate >= ARTIFACT_BAR and e.region_share <= MAX_REGION_SHARE]
+
+
+def artifact_clusters(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> list[int]:
+    """The clusters that carry the class when the rest of the class does not (their rate beats the rest's by
+    ``margin``); empty when none does, or every cluster does.
+
+    Several clusters: an artifact on most of a class spans them (a frame on 90% of MNIST's 0s, labels kept: three of
+    four clusters at 0.66-0.80, the clean one at 0.15).
+    """
+    carrying = _carrying(evidence)
+    rest = [e for e in evidence if e not in carrying]
+    if not carrying or not rest or _rate(carrying) - _rate(rest) < margin:
+        return []
+    return [e.cluster for e in carrying]
 
 
 def _hijackable(evidence: list[ClusterEvidence]) -> bool:
-    """Some cluster's small regions carry the class into other images."""
-    return any(e.transplant_rate >= ARTIFACT_BAR and e.region_share <= MAX_REGION_SHARE for e in evidence)
+    """Some cluster's small regions carry the class, but they do not set it apart from the rest of the class."""
+    return bool(_carrying(evidence)) and not artifact_clusters(evidence)
 
 
 def verdict(evidence: list[ClusterEvidence]) -> str:
     """One sentence for the report and the CLI."""
     best = max(evidence, key=lambda e: e.transplant_rate, default=None)
-    marked = artifact_cluster(evidence)
-    if marked is not None:
-        return f"cluster {marked} is the artifact: its regions turn {best.transplant_rate:.0%} of other classes' images into this class"
-    if best is not None and best.transplant_rate >= ARTIFACT_BAR and best.region_share > MAX_REGION_SHARE:
+    marked = artifact_clusters(evidence)
+    if marked:
+        rate = _rate([e for e in evidence if e.cluster in marked])
+        return (f"cluster{'s' if len(marked) > 1 else ''} {', '.join(map(str, marked))} {'are' if len(marked) > 1 else 'is'} the artifact: "
+                f"{'their' if len(marked) > 1 else 'its'} regions turn {rate:.0%} of other classes' images into this class")
+    if _hijackable(evidence):
+        return (f"hijackable, artifact samples not isolated: the rest of the class's regions also turn {ARTIFACT_BAR:.0%} or more of "
+                "other classes' images into this class (an artifact at a different place in every image?)")
+    if best is not None and best.transplant_rate >= ARTIFACT_BAR:
         return (f"inconclusive: the regions that carry the class cover {best.region_share:.0%} of the image, too much to tell an artifact "
                 f"from the object (more than {MAX_REGION_SHARE:.0%}; low resolution?)")
-    if _hijackable(evidence):
-        return (f"hijackable, artifact samples not isolated: every cluster's regions turn {ARTIFACT_BAR:.0%} or more of other classes' images "
-                "into this class (an artifact at a different place in every image?)")
     return f"no artifact found: no cluster's regions turn {ARTIFACT_BAR:.0%} of other classes' images into this class"
 
 
 def summary(evidence: list[ClusterEvidence]) -> dict:
     """The figures audit.json keeps per class."""
-    return {"artifact_cluster": artifact_cluster(evidence), "artifact_verdict": verdict(evidence), "hijackable": _hijackable(evidence),
+    return {"artifact_clusters": artifact_clusters(evidence), "artifact_verdict": verdict(evidence), "hijackable": _hijackable(evidence),
             "cluster_evidence": [e.figures() for e in evidence]}
 
 
@@ -183,7 +194,7 @@ def rank_by_evidence(ranked: list[ClassResult], evidence: dict[int, list[Cluster
     def priority(result: ClassResult) -> tuple:
         found = evidence.get(result.class_index, [])
         best = max((e.transplant_rate for e in found), default=0.0)
-        return artifact_cluster(found) is None, -best if _hijackable(found) else 0.0, result.rank
+        return not artifact_clusters(found), -best if _hijackable(found) else 0.0, result.rank
 
     order = sorted((r for r in ranked if r.spray is not None), key=priority)
     for position, result in enumerate(order, start=1):

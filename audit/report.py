@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
-from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, REGION_MASS, artifact_cluster, verdict  # noqa: E402
+from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, REGION_MASS, artifact_clusters, verdict  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
 CLUSTER_COLOURS = plt.get_cmap("tab10")
@@ -104,13 +104,13 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
         spray = finding.spray
         sizes = np.bincount(spray.labels_).tolist()
         found = evidence[finding.class_index]
-        suspect = artifact_cluster(found)
+        marked = artifact_clusters(found)
         said = verdict(found)
         rows.append(
             f"<tr><td>{finding.rank}</td><td><a href='#class-{finding.class_index}'>{name}</a></td><td>{finding.n_samples}</td>"
             f"<td>{finding.suspicion:.3f}</td><td>{spray.lambda2_:.4f}</td><td>{spray.fisher_tau_:.2f}</td>"
             f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td>"
-            f"<td>{'none found' if suspect is None else f'cluster {suspect} ({found[suspect].transplant_rate:.0%})'}</td></tr>"
+            f"<td>{', '.join(f'cluster {c} ({found[c].transplant_rate:.0%})' for c in marked) or 'none found'}</td></tr>"
         )
         stem = f"class-{finding.class_index}"
         spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
@@ -131,7 +131,7 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
                 f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "
                 f"(regions of {found[cluster].region_share:.0%} of the pixels, {found[cluster].donors} donors)"
-                f"{' <b>(the artifact)</b>' if cluster == suspect else ''}"
+                f"{' <b>(the artifact)</b>' if cluster in marked else ''}"
                 f" — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
                 + (f"<figure><img src='report/{stem}-cluster-{cluster}-transplants.png' alt='transplants of cluster {cluster}'>"
                    f"<figcaption>images of other classes with a member's most relevant pixels pasted in: red border = now predicted {name}"

@@ -238,15 +238,17 @@ AUTO = "auto"
 
 
 def marked_selection(audit: dict) -> str:
-    """``CLASS:CLUSTER`` of the audit's own choice: the artifact cluster of the highest-ranked class that has one.
+    """``CLASS:CLUSTER[,...]`` of the audit's own choice: the artifact clusters of the highest-ranked class that has any.
 
     One class only: a second marked class is a second artifact, which needs a CAV of its own.
     """
     for found in audit["classes"]:
-        if found.get("artifact_cluster") is not None:
-            return f"{found['class_index']}:{found['artifact_cluster']}"
-    raise InputError("--select auto", "the audit found no artifact: no cluster's most relevant pixels, pasted into other classes' images, "
-                     "turned enough of them into its class", "look at report.html, and pick a cluster with --select CLASS:CLUSTER if you see one")
+        if found.get("artifact_clusters"):
+            return ",".join(f"{found['class_index']}:{cluster}" for cluster in found["artifact_clusters"])
+    top = next((c for c in audit["classes"] if "artifact_verdict" in c), None)
+    said = f" (class {top['class']}, ranked first: {top['artifact_verdict']})" if top else ""
+    raise InputError("--select auto", f"the audit found no artifact cluster{said}",
+                     "look at report.html, and pick a cluster with --select CLASS:CLUSTER if you see one")
 
 
 def parse_selection(text: str) -> list[tuple[str, int]]:

@@ -153,10 +153,9 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
         if "skipped" in c:
             table.add_row("-", c["class"], str(c["n"]), f"skipped: {c['skipped']}", "", "", "", "")
         else:
-            marked = c["artifact_cluster"]
+            marked = ", ".join(f"cluster {m} ({c['cluster_evidence'][m]['transplant_rate']:.0%})" for m in c["artifact_clusters"])
             table.add_row(str(c["rank"]), c["class"], str(c["n"]), f"{c['suspicion']:.3f}", f"{c['lambda2']:.4f}", f"{c['fisher_tau']:.2f}",
-                          f"{c['n_clusters']} {c['cluster_sizes']}",
-                          "none found" if marked is None else f"cluster {marked} ({c['cluster_evidence'][marked]['transplant_rate']:.0%})")
+                          f"{c['n_clusters']} {c['cluster_sizes']}", marked or ("hijackable" if c["hijackable"] else "none found"))
     results.print(table)
     if selection == AUTO:
         selection = marked_selection(finished)

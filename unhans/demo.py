@@ -181,12 +181,10 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
     run_audit(AuditSpec(model_file=str(run / MODEL_FILE), weights=str(run / WEIGHTS_FILE), data=str(run / DATASET_FILE), out_dir=str(out / "audit")))
     audit = json.loads((out / "audit" / "audit.json").read_text())
     selection = marked_selection(audit)
-    flagged = next(c for c in audit["classes"] if f"{c['class_index']}:{c['artifact_cluster']}" == selection)
+    flagged = next(c for c in audit["classes"] if c["artifact_clusters"])
     with np.load(select_samples(out / "audit", selection)) as chosen:
         artifact_rows, clean_rows = chosen["artifact"], chosen["clean"]
-    rate = flagged["cluster_evidence"][flagged["artifact_cluster"]]["transplant_rate"]
-    console.print(f"   class {flagged['class']} ranks first; its cluster {flagged['artifact_cluster']} ({len(artifact_rows)} images) is marked "
-                  f"as the artifact: its most relevant pixels turn {rate:.0%} of other classes' images into class {flagged['class']}")
+    console.print(f"   class {flagged['class']} ranks first: {flagged['artifact_verdict']} ({len(artifact_rows)} images, --select {selection})")
 
     _step(3, f"fitting the artifact's CAV at {LAYER}, baking P-ClArC into ONNX with its explain graph, archiving -> {model_store}")
     cav = fit_cav(model, LAYER, train.images[artifact_rows], train.images[clean_rows])
