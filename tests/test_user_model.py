@@ -81,7 +81,7 @@ def user_model(tmp_path_factory):
 
 
 def test_export_fits_the_paired_watermark_correction_and_reports_its_quality(user_model):
-    root, model = user_model["root"], user_model["model"]
+    root = user_model["root"]
     metadata = read_metadata(root / "lite0.onnx")
     assert metadata["unhans.cav.paired"] == "true" and float(metadata["unhans.cav.heldout_detection_acc"]) >= 0.9
     assert "samples for" in metadata["unhans.cav.warnings"]  # 20 photos for a 21,952-dimensional activation: said
