@@ -16,7 +16,7 @@ A cluster is marked only when its rate reaches ``ARTIFACT_BAR`` and the marked o
 a class without one has no artifact found, and the audit says so rather than marking a cluster anyway. At low
 resolution the test cannot tell: on 8x8 digits half an object's relevance covers a quarter of the image and clean
 clusters reached 0.5-0.72, so regions larger than ``MAX_REGION_SHARE`` of the image mark nothing (MNIST's 2-px frame,
-the largest artifact measured, is 0.13; clean MNIST digits 0.06-0.10). A class whose clusters all clear the bar is *hijackable* (its evidence can be
+the largest artifact measured, is 0.13; clean MNIST digits 0.06-0.10). A class whose carrying clusters do not stand out from the rest is *hijackable* (its evidence can be
 pasted) but its artifact samples are not one cluster: on MNIST a "©" at random positions made clean 0s' ring
 fragments as sufficient (0.72-0.90) as the tags themselves.
 """
@@ -26,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from unhans.core.spray import ClassResult
+from unhans.core.training import predict
 
 REGION_MASS = 0.5  # a donor's region holds this share of its positive relevance
 DONORS_PER_CLUSTER = 48  # sampled members per cluster whose regions are transplanted
@@ -37,7 +37,6 @@ RECIPIENTS_PER_DONOR = 4  # images of other classes each region is pasted into
 ARTIFACT_BAR = 0.5  # a cluster whose regions turn at least this share of recipients is marked as an artifact ...
 ARTIFACT_MARGIN = 0.25  # ... when such clusters beat the rest of their class by this much (else the class is hijackable)
 MAX_REGION_SHARE = 0.2  # ... and its regions cover at most this share of the image (more is the object itself)
-BATCH = 256
 EXAMPLES = 6  # transplanted images per cluster shown in the report
 
 
@@ -81,11 +80,6 @@ class ClusterEvidence:
                 "region_share": self.region_share}
 
 
-def _predict(model: nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(images[i:i + BATCH])).argmax(1).numpy() for i in range(0, len(images), BATCH)])
-
-
 class Intervention:
     """The transplant test of a model on a labelled image set with its input relevance (N, C, H, W).
 
@@ -95,7 +89,7 @@ class Intervention:
     def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, relevance: np.ndarray, seed: int = 0):
         self.model = model.eval()
         self.images, self.labels, self.relevance = images, np.asarray(labels), relevance
-        self.predictions = _predict(self.model, images)
+        self.predictions = predict(self.model, images)
         self.seed = seed
 
     def rates(self, donors: np.ndarray, target: int, recipients: int = RECIPIENTS_PER_DONOR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -113,7 +107,7 @@ class Intervention:
             pasted.append(chosen)
             shares.append(mask.mean())
         pasted = np.concatenate(pasted)
-        turned = _predict(self.model, pasted) == target
+        turned = predict(self.model, pasted) == target
         return turned.reshape(len(donors), recipients).mean(axis=1), np.asarray(shares), pasted, turned
 
     def of_class(self, result: ClassResult, donors_per_cluster: int = DONORS_PER_CLUSTER) -> list[ClusterEvidence]:

@@ -161,7 +161,8 @@ Look at the prototype heatmaps of each cluster: a cluster whose relevance sits o
 the artifact. The audit tests each cluster: it pastes each sampled member's most relevant pixels (those holding
 {REGION_MASS:.0%} of its positive relevance) into images of other classes, and marks a cluster as the artifact when at
 least {ARTIFACT_BAR:.0%} of them then turn into the class (its transplant rate), {ARTIFACT_MARGIN:.0%} more than the rest of
-the class. Classes with a marked cluster rank first, then classes whose every cluster can be pasted (hijackable).</p>
+the class. Classes with a marked cluster rank first, then classes whose carrying clusters do not stand out from the rest
+(hijackable).</p>
 <ul>{note_items}</ul>
 <h2>Ranking</h2>
 <table id="ranking"><thead><tr><th>rank</th><th>class</th><th>samples</th><th>suspicion</th><th>λ₂</th><th>τ</th>
