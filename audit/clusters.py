@@ -165,7 +165,7 @@ def verdict(evidence: list[ClusterEvidence]) -> str:
     if _hijackable(evidence):
         return (f"hijackable, artifact samples not isolated: the rest of the class's regions also turn {ARTIFACT_BAR:.0%} or more of "
                 "other classes' images into this class (an artifact at a different place in every image?)")
-    if best is not None and best.transplant_rate >= ARTIFACT_BAR:
+    if best is not None and best.region_share > MAX_REGION_SHARE:
         return (f"inconclusive: the regions that carry the class cover {best.region_share:.0%} of the image, too much to tell an artifact "
                 f"from the object (more than {MAX_REGION_SHARE:.0%}; low resolution?)")
     return f"no artifact found: no cluster's regions turn {ARTIFACT_BAR:.0%} of other classes' images into this class"
