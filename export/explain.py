@@ -255,7 +255,7 @@ class _Simplifier:
         if node in self.zero:
             self.nonneg.add(node)
         elif (t in (aten.relu.default, aten.relu_.default, aten.ones_like.default)
-              or (t in (aten.clamp.default, aten.hardtanh.default) and len(args) > 1 and args[1] is not None and args[1] >= 0)
+              or (t in (aten.clamp.default, aten.hardtanh.default, aten.hardtanh_.default, aten.clamp_.default) and len(args) > 1 and args[1] is not None and args[1] >= 0)
               or (t is aten.full.default and args[1] >= 0)):
             self.nonneg.add(node)
         elif t in _SIGN_KEEPING or t in (operator.getitem, aten.max_pool2d_with_indices.default) or _zero_padding(node):

@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from zennit.rules import Epsilon
 
+from unhans.core import attribution
 from unhans.core import canonize as canonize_module
 from unhans.core.attribution import LRP
 from unhans.core.errors import InputError
@@ -213,3 +215,19 @@ def test_a_correction_goes_after_a_block_called_with_keyword_arguments(models):
         explanation = lrp(torch.from_numpy(x))
     assert np.allclose(explanation.logits, corrected_logits, atol=1e-4) and lrp.conservation.rel_err <= 1e-9
     assert explanation.layer_relevance[layer].shape == h.shape
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_the_rectified_epsilon_rule_gives_zennits_epsilon_relevance(models, name, monkeypatch):
+    """Expansion convolutions (signed input, ReLU6 output) take RectifiedEpsilon; zennit's Epsilon in its place must
+    give the same relevance, since the relevance reaching a zeroed output is exactly 0."""
+    model = _model(models, name)
+    x = torch.from_numpy(photos(3, SIZE.get(name, 32)))
+    with LRP(model) as lrp:
+        rectified = lrp(x).relevance
+        report = lrp.canonization
+    assert len(set(report.signed_input) - set(report.unrectified)) >= 8
+    monkeypatch.setattr(attribution, "RectifiedEpsilon", lambda epsilon: Epsilon(epsilon=epsilon))
+    with LRP(model) as lrp:
+        signed = lrp(x).relevance
+    assert np.abs(rectified - signed).max() <= 1e-6 * np.abs(signed).max()
