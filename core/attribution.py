@@ -45,13 +45,15 @@ class ZPlusOrEpsilon(BasicHook):
     """
 
     def __init__(self, stabilizer=1e-6, epsilon=1e-6, zero_params=None):
-        plus, fallback = Stabilizer.ensure(stabilizer), Stabilizer.ensure(epsilon)
+        plus = Stabilizer.ensure(stabilizer)
 
         def gradient_mapper(out_grad, outputs):
             positive = outputs[0] + outputs[1]
             found = (positive > 0).to(out_grad.dtype)
             share = out_grad / plus(positive) * found
-            return [share, share, out_grad / fallback(outputs[2]) * (1 - found)]
+            # the epsilon rule's z + ε·sign(z) as min(z, 0) - ε: an output without positive contributions has z ≤ 0,
+            # and at z = 0 every contribution x·w is 0, so the sign of ε changes nothing (one pass less, no sign test)
+            return [share, share, out_grad / (outputs[2].clamp(max=0) - epsilon) * (1 - found)]
 
         super().__init__(
             input_modifiers=[lambda x: x.clamp(min=0), lambda x: x.clamp(max=0), lambda x: x],
@@ -86,15 +88,17 @@ class RectifiedEpsilon(BasicHook):
 class _SignAwareRules:
     """Composite mixin, the two exceptions to the composite's convolution rule (z+ or gamma), by what canonization
     found: a layer whose input can be negative (behind SiLU, Hardswish, a linear bottleneck) takes the epsilon rule
-    (:class:`RectifiedEpsilon` where its output reaches only rectifiers),
+    (:class:`RectifiedEpsilon` where its output reaches only rectifiers, as a sum does whose output is rectified),
     as deep Taylor decomposition prescribes z+ only for non-negative inputs (it also halves that layer's cost: z+ of
     a signed input needs two convolutions each way); a z+ layer whose output flows on unrectified takes
     :class:`ZPlusOrEpsilon`. The first layer keeps the composite's own rule (flat, or the box rule)."""
 
-    def __init__(self, *args, signed_input=(), unrectified=(), epsilon=1e-6, stabilizer=1e-6, **kwargs):
+    def __init__(self, *args, signed_input=(), unrectified=(), rectified_sums=(), epsilon=1e-6, stabilizer=1e-6, **kwargs):
         self.signed_input, self.unrectified = frozenset(signed_input), frozenset(unrectified)
+        self.rectified_sums = frozenset(rectified_sums)
         self.signed_rule = Epsilon(epsilon=epsilon)
         self.rectified_signed_rule = RectifiedEpsilon(epsilon=epsilon)
+        self.rectified_sum_rule = RectifiedEpsilon(epsilon=stabilizer)  # zennit's Norm is Epsilon on a layer without parameters
         self.fallback = ZPlusOrEpsilon(stabilizer=stabilizer, epsilon=epsilon)
         super().__init__(*args, epsilon=epsilon, stabilizer=stabilizer, **kwargs)
 
@@ -102,6 +106,8 @@ class _SignAwareRules:
         hook = super().mapping(ctx, name, module)
         if isinstance(hook, (ZPlus, Gamma)) and name in self.signed_input:
             return self.signed_rule if name in self.unrectified else self.rectified_signed_rule
+        if isinstance(hook, Norm) and isinstance(module, Sum) and name in self.rectified_sums:
+            return self.rectified_sum_rule
         return self.fallback if isinstance(hook, ZPlus) and name in self.unrectified else hook
 
 
@@ -141,7 +147,8 @@ def make_composite(name: str, low: float = 0.0, high: float = 1.0, epsilon: floa
     ``canonization`` found with signed inputs or unrectified outputs get the rules of :class:`_SignAwareRules`."""
     key = _composite_key(name)
     layer_map = [(types, rule(stabilizer)) for types, rule in CANONICAL_RULES]
-    found = {"signed_input": canonization.signed_input, "unrectified": canonization.unrectified} if canonization else {}
+    found = ({"signed_input": canonization.signed_input, "unrectified": canonization.unrectified,
+              "rectified_sums": canonization.rectified_sums} if canonization else {})
     if key == "epsilon_plus_flat":
         return _EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, layer_map=layer_map, **found)
     return _EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma, stabilizer=stabilizer, layer_map=layer_map, **found)

@@ -181,6 +181,7 @@ class Canonization:
     copies: list[str] = field(default_factory=list)  # layers called more than once, one copy per further call
     unrectified: list[str] = field(default_factory=list)  # convolutions whose output reaches a layer other than a ReLU
     signed_input: list[str] = field(default_factory=list)  # convolutions whose input can be negative
+    rectified_sums: list[str] = field(default_factory=list)  # sums whose output reaches only rectifiers
 
     def summary(self) -> str:
         return (f"{len(self.merged_batchnorms)} BatchNorm merged, {len(self.unmerged_batchnorms)} passed, "
@@ -259,11 +260,14 @@ class _Rewriter:
 
     def _find_unrectified(self) -> None:
         """Convolutions whose output flows on without a ReLU (the z+ rule alone would drop relevance there), and
-        convolutions whose input can be negative (z+ is the rule for non-negative inputs: these take epsilon)."""
+        convolutions whose input can be negative (z+ is the rule for non-negative inputs: these take epsilon), and
+        sums whose output is rectified (:class:`unhans.core.attribution.RectifiedEpsilon` serves them)."""
         nonneg: set[fx.Node] = set()
         for node in self.graph.nodes:
             module = self.modules.get(node.target) if node.op == "call_module" else None
             inputs = [a for a in node.all_input_nodes if a.op != "get_attr" and a not in self.sizes]
+            if isinstance(module, Sum) and all(self._rectifies(user) for user in node.users):
+                self.report.rectified_sums.append(node.target)
             if isinstance(module, Convolution):
                 if not all(self._rectifies(user) for user in node.users):
                     self.report.unrectified.append(node.target)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from zennit.rules import Epsilon
+from zennit.core import BasicHook, Stabilizer
+from zennit.rules import ClampMod, Epsilon, NoMod, zero_bias
 
 from unhans.core import attribution
 from unhans.core import canonize as canonize_module
@@ -217,17 +218,39 @@ def test_a_correction_goes_after_a_block_called_with_keyword_arguments(models):
     assert explanation.layer_relevance[layer].shape == h.shape
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
-def test_the_rectified_epsilon_rule_gives_zennits_epsilon_relevance(models, name, monkeypatch):
-    """Expansion convolutions (signed input, ReLU6 output) take RectifiedEpsilon; zennit's Epsilon in its place must
-    give the same relevance, since the relevance reaching a zeroed output is exactly 0."""
+class _SignedZPlusOrEpsilon(BasicHook):
+    """ZPlusOrEpsilon with zennit's own signed stabiliser in its epsilon branch: the reference for the cheaper one."""
+
+    def __init__(self, stabilizer=1e-6, epsilon=1e-6):
+        plus, signed = Stabilizer.ensure(stabilizer), Stabilizer.ensure(epsilon)
+
+        def gradient_mapper(out_grad, outputs):
+            positive = outputs[0] + outputs[1]
+            found = (positive > 0).to(out_grad.dtype)
+            share = out_grad / plus(positive) * found
+            return [share, share, out_grad / signed(outputs[2]) * (1 - found)]
+        super().__init__(
+            input_modifiers=[lambda x: x.clamp(min=0), lambda x: x.clamp(max=0), lambda x: x],
+            param_modifiers=[ClampMod(min=0.0), ClampMod(max=0.0, zero_params=zero_bias()), NoMod()],
+            output_modifiers=[lambda output: output] * 3, gradient_mapper=gradient_mapper,
+            reducer=lambda inputs, gradients: sum(x * g for x, g in zip(inputs, gradients)))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "resnet18"])
+def test_the_cheaper_denominators_give_zennits_relevance(models, name, monkeypatch):
+    """Expansion convolutions (signed input, ReLU6 output) and residual sums before a ReLU take RectifiedEpsilon, and
+    unrectified z+ layers ZPlusOrEpsilon, whose denominators skip zennit's sign test. zennit's Epsilon (Norm, on a
+    sum) and its signed stabiliser in their place must give the same relevance: the relevance reaching a zeroed output
+    is exactly 0, and an output without positive contributions is never positive."""
     model = _model(models, name)
     x = torch.from_numpy(photos(3, SIZE.get(name, 32)))
     with LRP(model) as lrp:
-        rectified = lrp(x).relevance
+        cheaper = lrp(x).relevance
         report = lrp.canonization
-    assert len(set(report.signed_input) - set(report.unrectified)) >= 8
+    assert len(set(report.signed_input) - set(report.unrectified)) + len(report.rectified_sums) >= 8
+    assert len(report.unrectified) >= 8
     monkeypatch.setattr(attribution, "RectifiedEpsilon", lambda epsilon: Epsilon(epsilon=epsilon))
+    monkeypatch.setattr(attribution, "ZPlusOrEpsilon", _SignedZPlusOrEpsilon)
     with LRP(model) as lrp:
         signed = lrp(x).relevance
-    assert np.abs(rectified - signed).max() <= 1e-6 * np.abs(signed).max()
+    assert np.abs(cheaper - signed).max() <= 1e-6 * np.abs(signed).max()
