@@ -293,7 +293,24 @@ class _Simplifier:
                 return total  # the two-term sums zennit's residual canonizer forms, without the stack
         if t is aten.select.int and args[0].target is aten.mul.Tensor:
             return self._select_product(node)
+        if t is aten.constant_pad_nd.default and args[0].target is aten.convolution.default:
+            return self._crop_into_convolution(node)
         return None
+
+    def _crop_into_convolution(self, node):
+        """A symmetric crop (a padding by negative amounts: the backward of "same"-padding wrappers) of a stride-1
+        convolution's output as that convolution with less padding: the same sums, without a pass that onnxruntime
+        runs outside its blocked layout."""
+        conv, pads = node.args[0], node.args[1]
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = conv.args
+        if (len(pads) != 4 or pads[0] != pads[1] or pads[2] != pads[3] or pads[0] > 0 or pads[2] > 0 or transposed
+                or list(stride) != [1, 1] or list(dilation) != [1, 1] or len(conv.users) != 1):
+            return None
+        cropped = [padding[0] + pads[2], padding[1] + pads[0]]
+        if min(cropped) < 0:
+            return None
+        with self.graph.inserting_before(node):
+            return self._new(aten.convolution.default, x, weight, bias, stride, cropped, dilation, transposed, output_padding, groups)
 
     def _stabilizer(self, node, a, b):
         """zennit's ``a + eps * (sign(a) + (a == 0))`` as ``a + eps`` for a ≥ 0, else ``a + where(a < 0, -eps, eps)``."""

@@ -267,8 +267,9 @@ def test_a_correction_fitted_on_the_wrong_cluster_is_refused(runs, tmp_path):
     refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused.onnx")])
     assert refused.exit_code == 2 and "the plain projection is refused" in refused.output, refused.output
     assert "the correction costs" in refused.output and not list(tmp_path.glob("refused*"))
-    # per channel it costs less than a point overall, yet a third of the target class: refused for that class
-    refused = CliRunner().invoke(main, [*args, "--plain", "--mode", "channel", "--out", str(tmp_path / "refused.onnx")])
+    # per channel it costs 1-2 points overall (by machine: the overall bound is lifted here), yet a third of the
+    # target class: refused for that class
+    refused = CliRunner().invoke(main, [*args, "--plain", "--mode", "channel", "--max-cost", "100", "--out", str(tmp_path / "refused.onnx")])
     assert refused.exit_code == 2 and f"--max-class-cost: the correction costs class {train.target} " in refused.output
     assert not list(tmp_path.glob("refused*"))
     accepted = CliRunner().invoke(main, [*args, "--plain", "--out", str(tmp_path / "accepted.onnx"), "--max-cost", "100", "--max-class-cost", "100"])
