@@ -189,17 +189,18 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
     import hashlib
 
-    from unhans.core.data import load_dataset
     from unhans.core.errors import InputError
     from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
+    from .run import AuditSpec
     from .store import StoredRelevance
 
     out, spec = Path(out), audit.get("spec", {})
     try:
-        dataset = load_dataset(spec["data"], skip_unreadable=True)
+        audited = AuditSpec(**spec)
+        dataset = audited.dataset()
         store = StoredRelevance(out / "relevance")
-    except (KeyError, InputError) as error:
+    except (KeyError, TypeError, InputError) as error:
         console.print(f"[yellow]no artifact region written[/]: {error}")
         return None
     # the audit's own fingerprint of its data (audit.run._fingerprint): the rows must still be the audited images
@@ -207,16 +208,19 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     if data_hash != audit.get("inputs", {}).get("data") or store.n != len(dataset):
         console.print(f"[yellow]no artifact region written[/]: {spec['data']} changed since the audit; run it again with --restart")
         return None
-    region = find_region(store, dataset.images, dataset.labels, rows)
+    pixels = audited.pictures(dataset.images)  # the region and the clean images are pictures: export reads them as photos
+    region = find_region(store, pixels, dataset.labels, rows)
     if region is None:
         console.print("[yellow]no artifact region written[/]: the selected rows carry no relevance the rest of their class lacks")
         return None
     clean = clean_rows(dataset.labels, rows)
-    written = write_region(out, region, dataset.images, clean, {"selection": selection or f"{len(np.unique(rows))} rows by id"})
+    written = write_region(out, region, pixels, clean, {"selection": selection or f"{len(np.unique(rows))} rows by id"})
     for warning in region.warnings:
         console.print(f"[yellow]artifact region: {warning}[/]")
     row, col, h, w = region.box
     channels, height, width = dataset.image_shape
+    contract = audited.input_contract()  # the clean images are already the model's size: no --resize again
+    normalisation = "" if contract is None else f" --mean {','.join(map(str, contract.mean))} --std {','.join(map(str, contract.std))}"
     model_dir = Path(spec.get("model_file", "")).parent
     if all((model_dir / name).is_file() for name in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE)) and Path(spec.get("weights", "")).parent == model_dir:
         model = f"--run {shlex.quote(str(model_dir))}"  # a run's model: export measures the cost on the run's clean test set
@@ -232,5 +236,5 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
                   else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":\n"
                   f"  unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
                   f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
-                  f"--channels {channels} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
+                  f"--channels {channels}{normalisation} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
     return written

@@ -89,9 +89,10 @@ def embedding_plot(path: Path, embedding: np.ndarray, labels: np.ndarray, title:
 
 
 def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[str], images: np.ndarray, relevance: np.ndarray,
-                 evidence: dict, notes: list[str] = ()) -> Path:
+                 evidence: dict, notes: list[str] = (), pictures=lambda x: x) -> Path:
     """Write ``report.html`` and ``report/*.png`` for the ``ranked`` :class:`~unhans.core.spray.ClassResult` list, with
-    each class's :class:`~unhans.audit.clusters.ClusterEvidence` list in ``evidence`` (by class index)."""
+    each class's :class:`~unhans.audit.clusters.ClusterEvidence` list in ``evidence`` (by class index). ``images``
+    are the model's inputs; ``pictures`` turns them into the [0, 1] pixels drawn (undoing a normalisation)."""
     out = Path(out_dir)
     assets = out / "report"
     assets.mkdir(parents=True, exist_ok=True)
@@ -122,11 +123,13 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             chosen = finding.indices[prototypes(spray.eigenvectors_[:, : spray.n_clusters_], spray.labels_, cluster)]
             members = finding.indices[spray.labels_ == cluster]
             mean_map = relevance[members].mean(axis=0)
-            pictures = [heatmap_overlay(images[members].mean(axis=0), mean_map)] + [heatmap_overlay(images[i], relevance[i]) for i in chosen]
-            save_strip(assets / f"{stem}-cluster-{cluster}.png", pictures)
+            strip = [heatmap_overlay(pictures(images[members].mean(axis=0)), mean_map)]
+            strip += [heatmap_overlay(pictures(images[i]), relevance[i]) for i in chosen]
+            save_strip(assets / f"{stem}-cluster-{cluster}.png", strip)
             tested = found[cluster]
             if tested.examples is not None and len(tested.examples):
-                save_strip(assets / f"{stem}-cluster-{cluster}-transplants.png", [transplant_picture(x, turned) for x, turned in zip(tested.examples, tested.examples_turned)])
+                save_strip(assets / f"{stem}-cluster-{cluster}-transplants.png",
+                           [transplant_picture(pictures(x), turned) for x, turned in zip(tested.examples, tested.examples_turned)])
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
                 f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "

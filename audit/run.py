@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from unhans.core.attribution import LRP
-from unhans.core.data import load_dataset
+from unhans.core.contract import InputContract
+from unhans.core.data import ImageDataset, load_dataset
 from unhans.core.errors import InputError
 from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
@@ -55,6 +56,19 @@ class AuditSpec:
     embedding_2d: str = "tsne"
     scheduler: str | None = None
     n_jobs: int = 1
+    contract: dict | None = None  # InputContract.to_dict() for an image folder of photos (resize, crop, mean, std)
+
+    def input_contract(self) -> InputContract | None:
+        return InputContract(**self.contract) if self.contract else None
+
+    def dataset(self) -> ImageDataset:
+        """The audited data as the model takes it (through the input contract, when there is one)."""
+        return load_dataset(self.data, skip_unreadable=True, contract=self.input_contract())
+
+    def pictures(self, images: np.ndarray) -> np.ndarray:
+        """Model inputs as [0, 1] pixels, for what people look at (report, ViRelAy, the artifact region)."""
+        contract = self.input_contract()
+        return images if contract is None else np.clip(contract.denormalise(images), 0, 1)
 
 
 _LRP_CACHE: dict[str, LRP] = {}
@@ -103,7 +117,7 @@ def finished_audit(spec: AuditSpec) -> dict | None:
     if not path.is_file():
         return None
     audit = json.loads(path.read_text())
-    if audit.get("inputs") != _inputs(spec, load_dataset(spec.data, skip_unreadable=True)):
+    if audit.get("inputs") != _inputs(spec, spec.dataset()):
         return None
     return audit
 
@@ -114,7 +128,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = load_model(spec.model_file, spec.weights)
-    dataset = load_dataset(spec.data, skip_unreadable=True)
+    dataset = spec.dataset()
     if dataset.skipped:
         console.print(f"[yellow]skipped {len(dataset.skipped)} unusable images[/] (listed in {out / 'skipped.txt'})")
         (out / "skipped.txt").write_text("\n".join(dataset.skipped) + "\n")
@@ -161,8 +175,8 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
              f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}",
              f"{computed_here:.0%} of relevance batches computed in this run (the rest resumed from {store_path.name}/); {seconds:.1f} s"]
     notes += [f"class {dataset.classes[r.class_index]}: {r.skipped}" for r in ranked if r.skipped]
-    write_report(out, "unhans audit", ranked, dataset.classes, dataset.images, relevance, evidence, notes)
-    write_virelay_project(out / "virelay", "unhans audit", Path(spec.model_file).name, dataset.images, dataset.labels,
+    write_report(out, "unhans audit", ranked, dataset.classes, dataset.images, relevance, evidence, notes, pictures=spec.pictures)
+    write_virelay_project(out / "virelay", "unhans audit", Path(spec.model_file).name, spec.pictures(dataset.images), dataset.labels,
                           dataset.classes, relevance, arrays["logits"], spec.composite, [
                               {"class_index": r.class_index, "index": r.indices, "labels": r.labels, "eigenvalues": r.eigenvalues,
                                "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])

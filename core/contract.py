@@ -60,6 +60,12 @@ class InputContract:
         std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
         return ((x - mean) / std).astype(np.float32)
 
+    def denormalise(self, x: np.ndarray) -> np.ndarray:
+        """Model inputs back to [0, 1] pixels (for pictures of what the model saw): x · std + mean per channel."""
+        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        return (x * std + mean).astype(np.float32)
+
     def pixels(self, picture) -> np.ndarray:
         """A PIL image as (C, H, W) pixels in [0, 1]: converted to the contract's channels, resized (and cropped)."""
         from PIL import Image

@@ -19,7 +19,8 @@ BUILTIN_DATASETS = ("mnist", "digits")
 
 @dataclass
 class ImageDataset:
-    """Images (N, C, H, W) float32 in [0, 1], integer labels (N,), class names, and where it came from."""
+    """Images (N, C, H, W) float32 as the model takes them (pixels in [0, 1], or normalised by an input contract),
+    integer labels (N,), class names, and where it came from."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -139,10 +140,12 @@ def load_npz(path: str | Path) -> ImageDataset:
     return ImageDataset(images, labels, classes, source=str(path))
 
 
-def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageDataset:
+def load_image_folder(path: str | Path, skip_unreadable: bool = False, contract=None) -> ImageDataset:
     """An image folder with one sub-folder per class (sorted names give the class indices).
 
-    Images keep their size (all must share one) and become grey-scale if every image is grey, else RGB.
+    Without a ``contract``, images keep their size (all must share one) and become grey-scale if every image is
+    grey, else RGB. With one (:class:`unhans.core.contract.InputContract`), every image of any size is brought to the
+    model's input as the handler brings a served one: converted, resized and cropped, normalised.
     With ``skip_unreadable`` a file that cannot be decoded or has another size is recorded in ``skipped``
     instead of stopping the load.
     """
@@ -167,6 +170,11 @@ def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageD
                 skipped.append(f"{file}: unreadable")
     if not pictures:
         raise InputError(str(path), "holds no images", f"add images with one of the suffixes {IMAGE_SUFFIXES}")
+    if contract is not None:
+        images = contract.normalise(np.stack([contract.pixels(picture) for picture in pictures]))
+        dataset = ImageDataset(images, np.asarray(labels), [d.name for d in class_dirs], source=str(path))
+        dataset.skipped = skipped
+        return dataset
     sizes = [p.size for p in pictures]
     common = max(set(sizes), key=sizes.count)
     keep = [i for i, s in enumerate(sizes) if s == common]
@@ -189,8 +197,12 @@ def load_image_folder(path: str | Path, skip_unreadable: bool = False) -> ImageD
     return dataset
 
 
-def load_dataset(spec: str | Path, skip_unreadable: bool = False) -> ImageDataset:
-    """Load by name (``mnist``, ``digits``) or path (an ``.npz`` file or an image folder)."""
+def load_dataset(spec: str | Path, skip_unreadable: bool = False, contract=None) -> ImageDataset:
+    """Load by name (``mnist``, ``digits``) or path (an ``.npz`` file or an image folder); an input ``contract``
+    applies to an image folder (see :func:`load_image_folder`), whose images it brings to the model's input."""
+    if contract is not None and not Path(spec).is_dir():
+        raise InputError("--size", f"(the input contract) applies to image folders, and {spec} is not one",
+                         "store the arrays already as the model's inputs, or pass an image folder (one sub-folder per class)")
     if str(spec) == "mnist":
         return load_mnist5k()
     if str(spec) == "digits":
@@ -199,7 +211,7 @@ def load_dataset(spec: str | Path, skip_unreadable: bool = False) -> ImageDatase
     if not path.exists():
         raise InputError(str(spec), "does not exist", f"pass one of {BUILTIN_DATASETS}, an .npz file or an image folder")
     if path.is_dir():
-        return load_image_folder(path, skip_unreadable=skip_unreadable)
+        return load_image_folder(path, skip_unreadable=skip_unreadable, contract=contract)
     if path.suffix == ".npz":
         return load_npz(path)
     raise InputError(str(spec), "is neither an .npz file nor a folder", "pass an .npz file or an image folder with one sub-folder per class")

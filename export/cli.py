@@ -24,9 +24,9 @@ COST_CLASSES_SHOWN = 10  # classes listed in the cost table, the most costly fir
 
 
 def contract_options(command):
-    """The input contract's options (:class:`unhans.core.contract.InputContract`), shared by export and archive."""
+    """The input contract's options (:class:`unhans.core.contract.InputContract`), shared by audit, export and archive."""
     for option in reversed([
-        click.option("--size", help="Model input H,W (or one number for a square), e.g. 224; default: the graph's or run's."),
+        click.option("--size", help="Model input H,W (or one number for a square), e.g. 224; default: the graph's, run's or images' own."),
         click.option("--channels", type=click.IntRange(1), default=3, show_default=True, help="Input channels (with --size)."),
         click.option("--resize", type=click.IntRange(0), default=0, show_default=True,
                      help="Scale an image's shorter side to this, then centre-crop to --size (ImageNet: 256); 0 scales straight to --size."),
@@ -37,7 +37,7 @@ def contract_options(command):
     return command
 
 
-def _contract(size, channels, resize, mean, std):
+def contract_from_options(size, channels, resize, mean, std):
     """The contract the options declare, or None when --size is not given (the graph's or run's shape is used)."""
     from ..core.contract import InputContract
 
@@ -205,7 +205,7 @@ def export_command(run_dir, layer, onnx_file, tensor, mode, method, n_directions
                          "--tensor only with --onnx", "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
     if explain and onnx_file is not None:
         raise InputError("--explain", "needs the PyTorch model", "pass --model/--weights (or --run) and --layer instead of --onnx")
-    contract = _contract(size, channels, resize, mean, std)
+    contract = contract_from_options(size, channels, resize, mean, std)
     if n_directions != "auto":
         if not n_directions.isdigit() or int(n_directions) < 1:
             raise InputError("--directions", f"{n_directions!r} is not a number of directions", "pass an integer >= 1 or auto")
@@ -375,7 +375,7 @@ def archive_command(onnx_file, run_dir, model_file, weights, classes, size, chan
     path = build_archive(onnx_file, run_dir, name, model_store, force=force, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
                          workers=workers, topk=topk, threads=threads, sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
                          sample_cpu_budget=sample_cpu_budget, model_file=model_file, weights=weights, classes=classes,
-                         contract=_contract(size, channels, resize, mean, std))
+                         contract=contract_from_options(size, channels, resize, mean, std))
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

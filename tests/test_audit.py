@@ -281,3 +281,41 @@ def test_select_writes_the_artifact_region_that_sets_the_backdoor_off_and_fits_t
     assert exported.exit_code == 0, exported.output
     logits = session(str(tmp_path / "region.onnx"), cuda=False).run(["logits"], {"input": attack.images})[0]
     assert backdoored_vgg["metrics"]["attack_success"] > 0.9 and (logits.argmax(1) == train.target).mean() <= 0.05
+
+
+def test_photos_of_any_size_are_audited_through_the_input_contract(digits_run, tmp_path):
+    """--size/--resize/--mean/--std bring an image folder to the model's input as the served handler does: photos of
+    several sizes are resized, cropped and normalised for the model, and the pictures people look at are pixels."""
+    import h5py
+    import torch
+    from click.testing import CliRunner
+
+    from unhans.cli import main
+    from unhans.core.contract import InputContract
+    from unhans.core.models import load_model
+
+    folder, rng = tmp_path / "photos", np.random.default_rng(0)
+    for c in range(10):
+        (folder / str(c)).mkdir(parents=True)
+        for i in range(8):
+            side = (14 + 3 * i, 12 + 2 * c)
+            Image.fromarray(rng.integers(0, 256, side, dtype=np.uint8)).save(folder / str(c) / f"{i}.png")
+    out = tmp_path / "audit"
+    options = ["--size", "8", "--channels", "1", "--resize", "10", "--mean", "0.5", "--std", "0.25"]
+    result = CliRunner().invoke(main, ["audit", "--model", str(digits_run / "model.py"), "--weights", str(digits_run / "weights.pt"),
+                                       "--data", str(folder), "--out", str(out), "--neighbors", "5", *options])
+    assert result.exit_code == 0, result.output
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["skipped_images"] == 0 and audit["spec"]["contract"]["resize"] == 10
+    contract = InputContract(**audit["spec"]["contract"])
+    with Image.open(folder / "0" / "0.png") as first:
+        pixels = contract.pixels(first)
+    with h5py.File(out / "virelay" / "attribution.h5") as f, h5py.File(out / "virelay" / "dataset.h5") as d:
+        logits, shown = f["prediction"][0], d["data"][0]
+    model = load_model(str(digits_run / "model.py"), str(digits_run / "weights.pt"))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(contract.normalise(pixels[None]))).numpy()[0]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)  # the model saw the normalised crop
+    np.testing.assert_allclose(shown, pixels, atol=1e-6)  # people see its pixels
+    refused = CliRunner().invoke(main, ["audit", "--run", str(digits_run), "--out", str(tmp_path / "b"), *options])
+    assert refused.exit_code == 2 and "applies to image folders" in refused.output and not (tmp_path / "b" / "audit.json").exists()

@@ -16,7 +16,7 @@ from rich.table import Table
 from . import __version__
 from .core.errors import InputError
 from .options import parse_options, parse_position
-from .export.cli import archive_command, export_command, inspect_command
+from .export.cli import archive_command, contract_from_options, contract_options, export_command, inspect_command
 from .deploy import kserve_manifest_command
 from .monitor.cli import monitor_group
 from .output import console, print_table, results
@@ -112,13 +112,16 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
               help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2; 'auto': the cluster the "
                    "audit marked, in the highest-ranked class); a finished audit of the same inputs in OUT is reused.")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
-def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids):
+@contract_options
+def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids,
+          size, channels, resize, mean, std):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
     Writes OUT/report.html (ranking, spectra, embeddings, prototype heatmaps), OUT/audit.json, OUT/virelay/ (a
     ViRelAy project: python -m virelay OUT/virelay/project.yaml) and OUT/relevance/ (one HDF5 file per batch), which
     lets an interrupted audit resume. With --select or --select-ids, an audit OUT already holds for the same model,
-    data and settings is reused (--restart computes it again).
+    data and settings is reused (--restart computes it again). --size/--resize/--mean/--std bring photos of any size
+    in an image folder to the model's input, as the served handler does.
     """
     import numpy as np
 
@@ -138,8 +141,10 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     ids = None
     if select_ids:
         ids = np.load(select_ids) if select_ids.endswith(".npy") else np.loadtxt(select_ids, dtype=np.int64, ndmin=1)
+    contract = contract_from_options(size, channels, resize, mean, std)
     spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, composite=composite,
-                     batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs)
+                     batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs,
+                     contract=contract.to_dict() if contract else None)
     finished = finished_audit(spec) if (selection or select_ids) and not restart else None
     if finished is None:
         run_audit(spec, restart=restart)
