@@ -24,7 +24,7 @@ from rich.progress import Progress
 
 from unhans.core.attribution import LRP
 from unhans.core.contract import InputContract
-from unhans.core.data import ImageDataset, load_dataset
+from unhans.core.data import ImageDataset, load_dataset, read_class_names
 from unhans.core.errors import InputError
 from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
@@ -57,13 +57,17 @@ class AuditSpec:
     scheduler: str | None = None
     n_jobs: int = 1
     contract: dict | None = None  # InputContract.to_dict() for an image folder of photos (resize, crop, mean, std)
+    classes: str | None = None  # the model's class names (a file): the data's classes are matched to them by name
 
     def input_contract(self) -> InputContract | None:
         return InputContract(**self.contract) if self.contract else None
 
     def dataset(self) -> ImageDataset:
-        """The audited data as the model takes it (through the input contract, when there is one)."""
-        return load_dataset(self.data, skip_unreadable=True, contract=self.input_contract())
+        """The audited data as the model takes it (through the input contract, when there is one), labelled by the
+        model's class names when they are given."""
+        dataset = load_dataset(self.data, skip_unreadable=True, contract=self.input_contract())
+        # their count is checked against the model's outputs by run_audit
+        return dataset if self.classes is None else dataset.onto(read_class_names(self.classes))
 
     def pictures(self, images: np.ndarray) -> np.ndarray:
         """Model inputs as [0, 1] pixels, for what people look at (report, ViRelAy, the artifact region)."""
@@ -136,7 +140,8 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
         outputs = model(torch.from_numpy(dataset.images[:2]))
     if outputs.shape[1] != dataset.num_classes:
         raise InputError(spec.data, f"has {dataset.num_classes} classes but the model predicts {outputs.shape[1]}",
-                         "audit the model on the data it was trained for (same classes, same order)")
+                         "audit the model on the data it was trained for (same classes, same order), or pass --classes "
+                         "with its class names to audit some of its classes")
     layer = _analysed_layer(spec.layer, model, torch.from_numpy(dataset.images[:2]))
     with LRP(model, spec.composite) as lrp:  # a model whose LRP is not conservative is refused here, before any work
         conservation = lrp.check(torch.from_numpy(dataset.images[:8]))
@@ -163,8 +168,10 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
         arrays = store.read()
         relevance, analysed = arrays[INPUT], arrays[ANALYSED]
 
-        console.print(f"SpRAy on {dataset.num_classes} classes")
-        ranked = rank_classes(analysed, dataset.labels, classes=range(dataset.num_classes), n_jobs=parallel_args["n_jobs"],
+        # the data's own classes, empty ones too; of the model's named classes, those the data holds
+        audited = range(dataset.num_classes) if spec.classes is None else np.unique(dataset.labels)
+        console.print(f"SpRAy on {len(audited)} classes")
+        ranked = rank_classes(analysed, dataset.labels, classes=audited, n_jobs=parallel_args["n_jobs"],
                               n_neighbors=spec.n_neighbors, pooling=spec.pooling, embedding_2d=spec.embedding_2d)
     evidence = _intervene(model, dataset, relevance, ranked)
     ranked = rank_by_evidence(ranked, evidence)

@@ -6,6 +6,7 @@ so models, attribution and artifacts never need to know where the data came from
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,24 @@ class ImageDataset:
     def subset(self, index: np.ndarray) -> "ImageDataset":
         """The samples at ``index`` (an integer or boolean array), same classes."""
         return ImageDataset(self.images[index], self.labels[index], list(self.classes), self.source)
+
+    def onto(self, names: list[str]) -> "ImageDataset":
+        """The same samples labelled by the model's classes ``names``: each class of this dataset (a folder's
+        sub-folder) is matched by name, or by index where it is a number, so a subset of a model's classes (a few of
+        ImageNet's 1,000) can be audited; a class that matches none is named."""
+        lookup = {name: i for i, name in enumerate(names)}
+        mapped, unmatched = [], []
+        for name in self.classes:
+            index = lookup.get(name, int(name) if name.isdigit() and int(name) < len(names) else None)
+            mapped.append(index)
+            if index is None:
+                unmatched.append(name)
+        if unmatched:
+            raise InputError(self.source or "data", f"has classes the model's {len(names)} class names do not hold: {', '.join(unmatched[:10])}",
+                             "name each sub-folder after one of the model's classes (as in --classes), or by its index")
+        dataset = ImageDataset(self.images, np.asarray(mapped, np.int64)[self.labels], list(names), self.source)
+        dataset.skipped = self.skipped
+        return dataset
 
     def class_index(self, name_or_index: str | int, argument: str = "target") -> int:
         """Resolve a class given by name or index, with an error that lists the valid classes."""
@@ -195,6 +214,23 @@ def load_image_folder(path: str | Path, skip_unreadable: bool = False, contract=
     dataset = ImageDataset(images, np.asarray(labels)[keep], [d.name for d in class_dirs], source=str(path))
     dataset.skipped = skipped
     return dataset
+
+
+def read_class_names(classes: str | Path | None, count: int | None = None) -> list[str]:
+    """Class names from a text file (one a line) or an index_to_name.json; numbered when none is given. ``count``:
+    the model's outputs, which the names must match (unchecked when None)."""
+    if classes is None:
+        return [str(i) for i in range(count)]
+    path = Path(classes)
+    try:
+        text = path.read_text()
+        names = ([v if isinstance(v, str) else v[-1] for _, v in sorted(json.loads(text).items(), key=lambda kv: int(kv[0]))]
+                 if path.suffix == ".json" else [line.strip() for line in text.splitlines() if line.strip()])
+    except (OSError, ValueError, TypeError, IndexError) as error:
+        raise InputError("--classes", f"cannot read {path} ({error})", "pass a text file with one class name a line, or index_to_name.json") from None
+    if count is not None and len(names) != count:
+        raise InputError("--classes", f"{path} names {len(names)} classes, the model predicts {count}", "give one name per output")
+    return names
 
 
 def load_dataset(spec: str | Path, skip_unreadable: bool = False, contract=None) -> ImageDataset:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..core.contract import InputContract, torchserve_limits
+from ..core.data import read_class_names
 from ..core.errors import InputError
 from ..core.layers import insert_after
 from ..core.models import load_model
@@ -85,7 +86,7 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
         config = ServingConfig.of(contract or _contract_of(graph), layer, **settings)
         contract = config.contract
         probe = contract.normalise(np.random.default_rng(0).random((8, *contract.shape), dtype=np.float32))
-        class_names = _class_names(classes, run_batched(session(graph.SerializeToString(), cuda=False), probe[:2])[0].shape[1])
+        class_names = read_class_names(classes, run_batched(session(graph.SerializeToString(), cuda=False), probe[:2])[0].shape[1])
         model = load_model(model_file, weights) if model_file is not None else None
     if model is not None:
         _check_twin(graph, model, layer, correction, probe)
@@ -155,22 +156,6 @@ def _contract_of(graph) -> InputContract:
     if len(dims) != 4 or not all(dims[1:]):
         raise InputError("--size", f"the graph's input has no static (C, H, W) shape ({dims})", "pass --size H,W (and --channels)")
     return InputContract(*dims[1:])
-
-
-def _class_names(classes: str | Path | None, count: int) -> list[str]:
-    """Class names from a text file (one a line) or an index_to_name.json; numbered when none is given."""
-    if classes is None:
-        return [str(i) for i in range(count)]
-    path = Path(classes)
-    try:
-        text = path.read_text()
-        names = ([v if isinstance(v, str) else v[-1] for _, v in sorted(json.loads(text).items(), key=lambda kv: int(kv[0]))]
-                 if path.suffix == ".json" else [line.strip() for line in text.splitlines() if line.strip()])
-    except (OSError, ValueError, TypeError, IndexError) as error:
-        raise InputError("--classes", f"cannot read {path} ({error})", "pass a text file with one class name a line, or index_to_name.json") from None
-    if len(names) != count:
-        raise InputError("--classes", f"{path} names {len(names)} classes, the model predicts {count}", "give one name per output")
-    return names
 
 
 def _check_twin(graph, model, layer: str, correction, images: np.ndarray) -> None:

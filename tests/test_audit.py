@@ -319,3 +319,28 @@ def test_photos_of_any_size_are_audited_through_the_input_contract(digits_run, t
     np.testing.assert_allclose(shown, pixels, atol=1e-6)  # people see its pixels
     refused = CliRunner().invoke(main, ["audit", "--run", str(digits_run), "--out", str(tmp_path / "b"), *options])
     assert refused.exit_code == 2 and "applies to image folders" in refused.output and not (tmp_path / "b" / "audit.json").exists()
+
+
+def test_some_of_a_models_classes_are_audited_by_their_names(digits_run, tmp_path):
+    """--classes: class folders are matched to the model's class names (or indices), so a folder with a few of the
+    model's classes is audited towards the right outputs; a folder the names do not hold is named."""
+    from click.testing import CliRunner
+
+    from unhans.cli import main
+
+    names = tmp_path / "index_to_name.json"
+    names.write_text(json.dumps({str(i): n for i, n in enumerate("zero one two three four five six seven eight nine".split())}))
+    folder, rng = tmp_path / "some", np.random.default_rng(1)
+    for sub in ("three", "seven", "1"):
+        (folder / sub).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / sub / f"{i}.png")
+    args = ["audit", "--model", str(digits_run / "model.py"), "--weights", str(digits_run / "weights.pt"), "--neighbors", "5", "--classes", str(names)]
+    result = CliRunner().invoke(main, [*args, "--data", str(folder), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    audited = json.loads((tmp_path / "a" / "audit.json").read_text())["classes"]
+    assert sorted((c["class_index"], c["class"]) for c in audited) == [(1, "one"), (3, "three"), (7, "seven")]
+    (folder / "eleven").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "eleven" / "0.png")
+    refused = CliRunner().invoke(main, [*args, "--data", str(folder), "--out", str(tmp_path / "b")])
+    assert refused.exit_code == 2 and "eleven" in refused.output and not (tmp_path / "b" / "audit.json").exists()

@@ -112,9 +112,12 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
               help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2; 'auto': the cluster the "
                    "audit marked, in the highest-ranked class); a finished audit of the same inputs in OUT is reused.")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
+@click.option("--classes", type=click.Path(dir_okay=False, exists=True),
+              help="The model's class names (one a line, or index_to_name.json): the data's class folders are matched to them by name "
+                   "(or index), so some of a model's classes can be audited.")
 @contract_options
 def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids,
-          size, channels, resize, mean, std):
+          classes, size, channels, resize, mean, std):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
     Writes OUT/report.html (ranking, spectra, embeddings, prototype heatmaps), OUT/audit.json, OUT/virelay/ (a
@@ -144,7 +147,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     contract = contract_from_options(size, channels, resize, mean, std)
     spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, composite=composite,
                      batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs,
-                     contract=contract.to_dict() if contract else None)
+                     contract=contract.to_dict() if contract else None, classes=classes)
     finished = finished_audit(spec) if (selection or select_ids) and not restart else None
     if finished is None:
         run_audit(spec, restart=restart)
