@@ -21,6 +21,7 @@ from zennit.image import imgify  # noqa: E402
 from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, REGION_MASS, artifact_clusters, verdict  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
+THUMBNAIL_SIDE = 112  # pixels a heatmap is enlarged towards (at most 4x)
 CLUSTER_COLOURS = plt.get_cmap("tab10")
 
 
@@ -97,6 +98,7 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
     assets = out / "report"
     assets.mkdir(parents=True, exist_ok=True)
     rows, sections = [], []
+    scale = max(1, min(4, THUMBNAIL_SIDE // images.shape[-2]))  # small digits enlarged, 224-px photos as they are
     for finding in ranked:
         name = html.escape(classes[finding.class_index])
         if finding.spray is None:
@@ -123,13 +125,13 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             chosen = finding.indices[prototypes(spray.eigenvectors_[:, : spray.n_clusters_], spray.labels_, cluster)]
             members = finding.indices[spray.labels_ == cluster]
             mean_map = relevance[members].mean(axis=0)
-            strip = [heatmap_overlay(pictures(images[members].mean(axis=0)), mean_map)]
-            strip += [heatmap_overlay(pictures(images[i]), relevance[i]) for i in chosen]
+            strip = [heatmap_overlay(pictures(images[members].mean(axis=0)), mean_map, scale)]
+            strip += [heatmap_overlay(pictures(images[i]), relevance[i], scale) for i in chosen]
             save_strip(assets / f"{stem}-cluster-{cluster}.png", strip)
             tested = found[cluster]
             if tested.examples is not None and len(tested.examples):
                 save_strip(assets / f"{stem}-cluster-{cluster}-transplants.png",
-                           [transplant_picture(pictures(x), turned) for x, turned in zip(tested.examples, tested.examples_turned)])
+                           [transplant_picture(pictures(x), turned, scale) for x, turned in zip(tested.examples, tested.examples_turned)])
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
                 f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "
