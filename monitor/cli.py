@@ -18,14 +18,14 @@ def monitor_group():
 
 @monitor_group.command("reference")
 @click.option("--archive", required=True, type=click.Path(), help="The served model: NAME.mar from 'unhans archive' (or its unpacked folder).")
-@click.option("--data", required=True, help="Trusted data: an .npz file, an image folder, a run folder's dataset.npz (its clean test set), 'mnist' or 'digits'.")
+@click.option("--data", required=True, help="Trusted data: an .npz file of model inputs, an image folder (read through the archive's input contract), a run folder's dataset.npz (its clean test set), 'mnist' or 'digits'.")
 @click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False), help="The monitor's state folder to create.")
 @click.option("--pooling", type=click.IntRange(1), default=2, show_default=True, help="Sum-pool maps PxP before SpRAy.")
 def reference_command(archive, data, state_dir, pooling):
     """Explain trusted data with the served model: the reference that windows of traffic are compared with."""
     from .reference import REFERENCE_FILE, Reference, explain_with_archive
 
-    images = _trusted_images(data)
+    images = _trusted_images(data, archive)
     console.print(f"explaining {len(images)} trusted images with the model in {archive}")
     explained = explain_with_archive(archive, images)
     reference = Reference.from_relevance(explained["relevance"], explained["predictions"], explained["classes"], explained["model"],
@@ -40,11 +40,17 @@ def reference_command(archive, data, state_dir, pooling):
     })
 
 
-def _trusted_images(data: str) -> np.ndarray:
-    """Images of the trusted data; a run's dataset.npz gives its clean test set, never its poisoned training set."""
+def _trusted_images(data: str, archive: str) -> np.ndarray:
+    """Images of the trusted data; a run's dataset.npz gives its clean test set, never its poisoned training set. An
+    image folder is brought to the model's input by the archive's own contract, as the handler brings served photos."""
     from ..core.data import load_dataset
+    from ..core.serving import FILES, ServingConfig, unpacked
 
     path = Path(data)
+    if path.is_dir():
+        with unpacked(archive) as folder:
+            contract = ServingConfig.from_yaml(folder / FILES.config).contract
+        return load_dataset(data, contract=contract).images
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as z:
             if "test_images" in z:  # a run's scenario file (unhans train)

@@ -233,6 +233,31 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert done.returncode == 2 and "is not a TorchServe archive" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_trusted_photos_are_read_through_the_archives_input_contract(tmp_path):
+    """monitor reference --data FOLDER: photos of any size become the model's inputs by the archive's own contract
+    (resize, crop, mean, std), as the handler makes them of served photos."""
+    from PIL import Image
+
+    from unhans.core.contract import InputContract
+    from unhans.core.serving import FILES, ServingConfig
+    from unhans.monitor.cli import _trusted_images
+
+    contract = InputContract(3, 8, 8, mean=[0.5], std=[0.25], resize=10)
+    archive = tmp_path / "archive"
+    (archive / FILES.manifest).parent.mkdir(parents=True)
+    (archive / FILES.manifest).write_text(json.dumps({"model": {"modelName": "m", "serializedFile": "m.onnx"}}))
+    (archive / FILES.config).write_text(ServingConfig(contract=contract, layer="features").to_yaml())
+    rng = np.random.default_rng(0)
+    for c, side in enumerate(((20, 14), (9, 31))):
+        (tmp_path / "photos" / str(c)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (*side, 3), dtype=np.uint8)).save(tmp_path / "photos" / str(c) / "a.png")
+    images = _trusted_images(str(tmp_path / "photos"), str(archive))
+    with Image.open(tmp_path / "photos" / "1" / "a.png") as photo:
+        expected = contract.normalise(contract.pixels(photo))
+    assert images.shape == (2, 3, 8, 8)
+    np.testing.assert_allclose(images[1], expected, atol=1e-6)
+
+
 def test_alert_rules_pass_promtool():
     for command in (["promtool", "check", "rules", "alerts.yml"], ["promtool", "test", "rules", "alerts_test.yml"],
                     ["promtool", "check", "config", "prometheus.yml"]):
