@@ -54,16 +54,17 @@ class InputContract:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _per_channel(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(self.mean, np.float32).reshape(-1, 1, 1), np.asarray(self.std, np.float32).reshape(-1, 1, 1))
+
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """[0, 1] pixels to model inputs: (x − mean) / std per channel."""
-        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        mean, std = self._per_channel()
         return ((x - mean) / std).astype(np.float32)
 
     def denormalise(self, x: np.ndarray) -> np.ndarray:
         """Model inputs back to [0, 1] pixels (for pictures of what the model saw): x · std + mean per channel."""
-        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        mean, std = self._per_channel()
         return (x * std + mean).astype(np.float32)
 
     def pixels(self, picture) -> np.ndarray:

@@ -23,11 +23,13 @@ def monitor_group():
 @click.option("--pooling", type=click.IntRange(1), default=2, show_default=True, help="Sum-pool maps PxP before SpRAy.")
 def reference_command(archive, data, state_dir, pooling):
     """Explain trusted data with the served model: the reference that windows of traffic are compared with."""
+    from ..core.serving import unpacked
     from .reference import REFERENCE_FILE, Reference, explain_with_archive
 
-    images = _trusted_images(data, archive)
-    console.print(f"explaining {len(images)} trusted images with the model in {archive}")
-    explained = explain_with_archive(archive, images)
+    with unpacked(archive) as folder:  # once: the contract and the model both come from it
+        images = _trusted_images(data, folder)
+        console.print(f"explaining {len(images)} trusted images with the model in {archive}")
+        explained = explain_with_archive(folder, images)
     reference = Reference.from_relevance(explained["relevance"], explained["predictions"], explained["classes"], explained["model"],
                                          explained["version"], explained["scores"], pooling)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -40,17 +42,16 @@ def reference_command(archive, data, state_dir, pooling):
     })
 
 
-def _trusted_images(data: str, archive: str) -> np.ndarray:
+def _trusted_images(data: str, archive: Path) -> np.ndarray:
     """Images of the trusted data; a run's dataset.npz gives its clean test set, never its poisoned training set. An
-    image folder is brought to the model's input by the archive's own contract, as the handler brings served photos."""
+    image folder is brought to the model's input by the contract of the (unpacked) ``archive``, as the handler brings
+    served photos."""
     from ..core.data import load_dataset
-    from ..core.serving import FILES, ServingConfig, unpacked
+    from ..core.serving import FILES, ServingConfig
 
     path = Path(data)
     if path.is_dir():
-        with unpacked(archive) as folder:
-            contract = ServingConfig.from_yaml(folder / FILES.config).contract
-        return load_dataset(data, contract=contract).images
+        return load_dataset(data, contract=ServingConfig.from_yaml(Path(archive) / FILES.config).contract).images
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as z:
             if "test_images" in z:  # a run's scenario file (unhans train)
