@@ -13,12 +13,18 @@ pixels): an artifact's size is unknown, its share of the relevance is not. Per d
 from clean 7s with an AUC of 0.9998.
 
 A cluster is marked only when its rate reaches ``ARTIFACT_BAR`` and the marked ones beat the rest of their class by ``ARTIFACT_MARGIN``;
-a class without one has no artifact found, and the audit says so rather than marking a cluster anyway. At low
-resolution the test cannot tell: on 8x8 digits half an object's relevance covers a quarter of the image and clean
-clusters reached 0.5-0.72, so regions larger than ``MAX_REGION_SHARE`` of the image mark nothing (MNIST's 2-px frame,
-the largest artifact measured, is 0.13; clean MNIST digits 0.06-0.10). A class whose carrying clusters do not stand out from the rest is *hijackable* (its evidence can be
-pasted) but its artifact samples are not one cluster: on MNIST a "©" at random positions made clean 0s' ring
-fragments as sufficient (0.72-0.90) as the tags themselves.
+a class without one has no artifact found, and the audit says so rather than marking a cluster anyway. Where the
+artifact looks like the class's own evidence, the transplant cannot decide: a "©" at random positions, backdoor to 0,
+taught the model that a small ring anywhere is a 0, and the clean 0s' ring fragments carried the class better than
+the tags did. Such a class is *contested* (a second cluster reaches ``CONTESTED_BAR``), and there a second piece of
+evidence decides: a backdoor's samples are other classes' images, and the model still sees their class, so the
+clusters whose members give another class ``OTHER_CLASS_RATIO`` times the probability the rest's do are the artifact
+(``_holding_other_classes``).
+
+At low resolution the test cannot tell: on 8x8 digits half an object's relevance covers a quarter of the image and
+clean clusters reached 0.5-0.72, so regions larger than ``MAX_REGION_SHARE`` of the image mark nothing (MNIST's 2-px
+frame, the largest artifact measured, is 0.13; clean MNIST digits 0.06-0.10). A class whose carrying clusters do not
+stand out from the rest is *hijackable* (its evidence can be pasted) but neither test isolates its artifact samples.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from torch import nn
 
 from unhans.core.spray import ClassResult
-from unhans.core.training import predict
+from unhans.core.training import probabilities
 
 REGION_MASS = 0.5  # a donor's region holds this share of its positive relevance
 DONORS_PER_CLUSTER = 48  # sampled members per cluster whose regions are transplanted
@@ -37,6 +43,9 @@ RECIPIENTS_PER_DONOR = 4  # images of other classes each region is pasted into
 ARTIFACT_BAR = 0.5  # a cluster whose regions turn at least this share of recipients is marked as an artifact ...
 ARTIFACT_MARGIN = 0.25  # ... when such clusters beat the rest of their class by this much (else the class is hijackable)
 MAX_REGION_SHARE = 0.2  # ... and its regions cover at most this share of the image (more is the object itself)
+CONTESTED_BAR = 0.25  # a class where two clusters' regions turn this share is contested: the transplant cannot decide ...
+OTHER_CLASS_RATIO = 3.0  # ... and the clusters whose members give another class this many times the rest's probability ...
+MIN_OTHER_CLASS = 0.05  # ... and at least this much on average are the artifact (a backdoor: other classes' images)
 EXAMPLES = 6  # transplanted images per cluster shown in the report
 
 
@@ -72,12 +81,13 @@ class ClusterEvidence:
     donors: int
     transplant_rate: float  # share of recipients whose prediction turned to the class
     region_share: float  # mean share of the image's pixels in a donor's region
+    other_class: float  # mean over members of the model's probability for the most likely other class
     examples: np.ndarray = field(default=None, repr=False)  # a few recipients after the transplant (N, C, H, W), for the report
     examples_turned: np.ndarray = field(default=None, repr=False)  # whether each example turned into the class
 
     def figures(self) -> dict:
         return {"cluster": self.cluster, "size": self.size, "donors": self.donors, "transplant_rate": self.transplant_rate,
-                "region_share": self.region_share}
+                "region_share": self.region_share, "other_class_probability": self.other_class}
 
 
 class Intervention:
@@ -89,7 +99,8 @@ class Intervention:
     def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, relevance: np.ndarray, seed: int = 0):
         self.model = model.eval()
         self.images, self.labels, self.relevance = images, np.asarray(labels), relevance
-        self.predictions = predict(self.model, images)
+        self.chances = probabilities(self.model, images)
+        self.predictions = self.chances.argmax(1)
         self.seed = seed
 
     def rates(self, donors: np.ndarray, target: int, recipients: int = RECIPIENTS_PER_DONOR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -107,7 +118,7 @@ class Intervention:
             pasted.append(chosen)
             shares.append(mask.mean())
         pasted = np.concatenate(pasted)
-        turned = predict(self.model, pasted) == target
+        turned = probabilities(self.model, pasted).argmax(1) == target
         return turned.reshape(len(donors), recipients).mean(axis=1), np.asarray(shares), pasted, turned
 
     def of_class(self, result: ClassResult, donors_per_cluster: int = DONORS_PER_CLUSTER) -> list[ClusterEvidence]:
@@ -118,9 +129,11 @@ class Intervention:
             members = result.indices[result.labels == cluster]
             donors = rng.choice(members, min(donors_per_cluster, len(members)), replace=False)
             rates, shares, pasted, turned = self.rates(donors, result.class_index)
+            others = np.delete(self.chances[members], result.class_index, axis=1)
             evidence.append(ClusterEvidence(cluster, len(members), len(donors), float(rates.mean()) if len(rates) else 0.0,
-                                            float(shares.mean()) if len(shares) else 0.0, pasted[::RECIPIENTS_PER_DONOR][:EXAMPLES],
-                                            turned[::RECIPIENTS_PER_DONOR][:EXAMPLES]))
+                                            float(shares.mean()) if len(shares) else 0.0,
+                                            float(others.max(axis=1).mean()) if others.size else 0.0,
+                                            pasted[::RECIPIENTS_PER_DONOR][:EXAMPLES], turned[::RECIPIENTS_PER_DONOR][:EXAMPLES]))
         return evidence
 
 
@@ -130,23 +143,58 @@ def _rate(evidence: list[ClusterEvidence]) -> float:
     return sum(e.transplant_rate * e.size for e in evidence) / weight if weight else 0.0
 
 
-def _carrying(evidence: list[ClusterEvidence]) -> list[ClusterEvidence]:
+def _carrying(evidence: list[ClusterEvidence], bar: float = ARTIFACT_BAR) -> list[ClusterEvidence]:
     """The clusters whose small regions carry the class into other images."""
-    return [e for e in evidence if e.transplant_rate >= ARTIFACT_BAR and e.region_share <= MAX_REGION_SHARE]
+    return [e for e in evidence if e.transplant_rate >= bar and e.region_share <= MAX_REGION_SHARE]
+
+
+def _contested(evidence: list[ClusterEvidence]) -> bool:
+    """Some cluster carries the class and another nearly does: sufficiency alone cannot say which is the artifact.
+
+    On MNIST a "©" at random positions, backdoor to 0, made the model take a small ring anywhere for a 0: the clean
+    0s' ring fragments turned 0.71-0.90 of other images, the tags' own regions 0.49-0.61 (4 models, 5% and 10%).
+    """
+    return bool(_carrying(evidence)) and len(_carrying(evidence, CONTESTED_BAR)) >= 2
+
+
+def _holding_other_classes(evidence: list[ClusterEvidence]) -> list[ClusterEvidence]:
+    """The clusters whose members' images also show another class, well apart from the rest of the class.
+
+    A backdoor's samples are other classes' images with the artifact added, and the model still sees their class:
+    its probability for the runner-up class was 0.08-0.17 in the tag clusters against 0.002-0.05 in the clean 0s'
+    (the same 4 models). The clusters above the first gap of ``OTHER_CLASS_RATIO`` from the top are taken, when they
+    reach ``MIN_OTHER_CLASS`` and their regions nearly carry the class (``CONTESTED_BAR``); none otherwise.
+    """
+    order = sorted(evidence, key=lambda e: -e.other_class)
+    for cut in range(1, len(order)):
+        top, rest = order[:cut], order[cut:]
+        if min(e.other_class for e in top) >= max(OTHER_CLASS_RATIO * max(e.other_class for e in rest), MIN_OTHER_CLASS):
+            return top if all(e in _carrying(evidence, CONTESTED_BAR) for e in top) else []
+    return []
+
+
+def _decision(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> tuple[list[ClusterEvidence], str]:
+    """The artifact clusters and the evidence that marked them: ``transplant``, ``other class`` or ``""`` (none)."""
+    if _contested(evidence):
+        held = _holding_other_classes(evidence)
+        if held:
+            return held, "other class"
+    carrying = _carrying(evidence)
+    rest = [e for e in evidence if e not in carrying]
+    if not carrying or not rest or _rate(carrying) - _rate(rest) < margin:
+        return [], ""
+    return carrying, "transplant"
 
 
 def artifact_clusters(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> list[int]:
     """The clusters that carry the class when the rest of the class does not (their rate beats the rest's by
-    ``margin``); empty when none does, or every cluster does.
+    ``margin``) or, where another cluster nearly carries it too, whose members also show another class; empty when
+    neither test sets any cluster apart.
 
     Several clusters: an artifact on most of a class spans them (a frame on 90% of MNIST's 0s, labels kept: three of
     four clusters at 0.66-0.80, the clean one at 0.15).
     """
-    carrying = _carrying(evidence)
-    rest = [e for e in evidence if e not in carrying]
-    if not carrying or not rest or _rate(carrying) - _rate(rest) < margin:
-        return []
-    return [e.cluster for e in carrying]
+    return [e.cluster for e in _decision(evidence, margin)[0]]
 
 
 def _hijackable(evidence: list[ClusterEvidence]) -> bool:
@@ -157,11 +205,18 @@ def _hijackable(evidence: list[ClusterEvidence]) -> bool:
 def verdict(evidence: list[ClusterEvidence]) -> str:
     """One sentence for the report and the CLI."""
     best = max(evidence, key=lambda e: e.transplant_rate, default=None)
-    marked = artifact_clusters(evidence)
+    marked, by = _decision(evidence)
     if marked:
-        rate = _rate([e for e in evidence if e.cluster in marked])
-        return (f"cluster{'s' if len(marked) > 1 else ''} {', '.join(map(str, marked))} {'are' if len(marked) > 1 else 'is'} the artifact: "
-                f"{'their' if len(marked) > 1 else 'its'} regions turn {rate:.0%} of other classes' images into this class")
+        several = len(marked) > 1
+        names = f"cluster{'s' if several else ''} {', '.join(str(e.cluster) for e in marked)} {'are' if several else 'is'} the artifact"
+        rate = _rate(marked)
+        if by == "other class":
+            rest = max(e.other_class for e in evidence if e not in marked)
+            return (f"{names}: {'their' if several else 'its'} members' images also show another class (the model gives it "
+                    f"{min(e.other_class for e in marked):.0%} or more, the rest of the class at most {rest:.0%}), as a backdoor's do; "
+                    f"{'their' if several else 'its'} regions turn {rate:.0%} of other classes' images into this class, the rest's "
+                    f"{_rate([e for e in evidence if e not in marked]):.0%} (too close to tell by the transplant alone)")
+        return f"{names}: {'their' if several else 'its'} regions turn {rate:.0%} of other classes' images into this class"
     if _hijackable(evidence):
         return (f"hijackable, artifact samples not isolated: the rest of the class's regions also turn {ARTIFACT_BAR:.0%} or more of "
                 "other classes' images into this class (an artifact at a different place in every image?)")
@@ -173,8 +228,9 @@ def verdict(evidence: list[ClusterEvidence]) -> str:
 
 def summary(evidence: list[ClusterEvidence]) -> dict:
     """The figures audit.json keeps per class."""
-    return {"artifact_clusters": artifact_clusters(evidence), "artifact_verdict": verdict(evidence), "hijackable": _hijackable(evidence),
-            "cluster_evidence": [e.figures() for e in evidence]}
+    marked, by = _decision(evidence)
+    return {"artifact_clusters": [e.cluster for e in marked], "artifact_evidence": by or None, "artifact_verdict": verdict(evidence),
+            "hijackable": _hijackable(evidence), "cluster_evidence": [e.figures() for e in evidence]}
 
 
 def rank_by_evidence(ranked: list[ClassResult], evidence: dict[int, list[ClusterEvidence]]) -> list[ClassResult]:

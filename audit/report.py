@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
-from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, REGION_MASS, artifact_clusters, verdict  # noqa: E402
+from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, OTHER_CLASS_RATIO, REGION_MASS, artifact_clusters, verdict  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
 THUMBNAIL_SIDE = 112  # pixels a heatmap is enlarged towards (at most 4x)
@@ -135,7 +135,8 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             clusters.append(
                 f"<figure><img src='report/{stem}-cluster-{cluster}.png' alt='prototypes of cluster {cluster}'>"
                 f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "
-                f"(regions of {found[cluster].region_share:.0%} of the pixels, {found[cluster].donors} donors)"
+                f"(regions of {found[cluster].region_share:.0%} of the pixels, {found[cluster].donors} donors); "
+                f"the model gives its members' most likely other class {found[cluster].other_class:.0%} on average"
                 f"{' <b>(the artifact)</b>' if cluster in marked else ''}"
                 f" — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
                 + (f"<figure><img src='report/{stem}-cluster-{cluster}-transplants.png' alt='transplants of cluster {cluster}'>"
@@ -166,8 +167,10 @@ Look at the prototype heatmaps of each cluster: a cluster whose relevance sits o
 the artifact. The audit tests each cluster: it pastes each sampled member's most relevant pixels (those holding
 {REGION_MASS:.0%} of its positive relevance) into images of other classes, and marks a cluster as the artifact when at
 least {ARTIFACT_BAR:.0%} of them then turn into the class (its transplant rate), {ARTIFACT_MARGIN:.0%} more than the rest of
-the class. Classes with a marked cluster rank first, then classes whose carrying clusters do not stand out from the rest
-(hijackable).</p>
+the class. Where another cluster's regions nearly carry the class too, the transplant cannot decide; a cluster whose
+members' images also show another class (the model's probability for it at least {OTHER_CLASS_RATIO:g} times the rest's),
+as a backdoor's samples do, is then the artifact. Classes with a marked cluster rank first, then classes whose carrying
+clusters do not stand out from the rest (hijackable).</p>
 <ul>{note_items}</ul>
 <h2>Ranking</h2>
 <table id="ranking"><thead><tr><th>rank</th><th>class</th><th>samples</th><th>suspicion</th><th>λ₂</th><th>τ</th>

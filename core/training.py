@@ -63,11 +63,18 @@ def fit(model: nn.Module, dataset: ImageDataset, epochs: int, batch_size: int = 
 
 
 @torch.no_grad()
+def probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Softmax of the model's logits for each image (N, classes)."""
+    model.eval()
+    with torch.no_grad():
+        out = [model(torch.from_numpy(images[i : i + batch_size])).softmax(1) for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Predicted class of each image."""
-    model.eval()
-    out = [model(torch.from_numpy(images[i : i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+    chances = probabilities(model, images, batch_size)
+    return chances.argmax(1) if len(chances) else np.zeros(0, np.int64)
 
 
 def clean_accuracy(model: nn.Module, test: ImageDataset) -> float:

@@ -57,3 +57,17 @@ def test_corner_patch_backdoor_survives_the_whole_pipeline(tmp_path):
     summary = quality.summarise({cell.name: result})
     assert summary["scenarios"] == summary["scenarios_meeting_all_targets"] == 1
     assert summary["worst_rank"] == 1 and summary["scenarios_failed"] == 0
+
+
+@pytest.mark.integration
+def test_a_tag_at_a_random_position_is_isolated_by_the_audit(tmp_path):
+    """The "©" at a random position in each poisoned image: the clean 0s' rings carry class 0 as well as the tags do,
+    so the transplant alone cannot choose; the other-class test (audit/clusters.py) must find the tag cluster. What
+    the correction then cuts is not asserted: a flat P-ClArC leaves a moving tag at 20-40% (BENCHMARKS.md § quality)."""
+    quality = _quality()
+    cell = quality.Cell("textrandom", "backdoor", 0.10)
+    result = quality.run_cell(cell, tmp_path / cell.name)
+
+    assert result["attack_success_before"] >= 0.5, result
+    assert result["rank"] == 1 and result["artifact_found"] and result["chosen_class"] == 0, result
+    assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result

@@ -1,0 +1,53 @@
+"""The artifact-cluster decision of audit/clusters.py on the figures its tests produce (measured ones, rounded).
+
+The tests that run the transplant test on trained models are in test_audit.py and test_quality.py; these pin down
+which cluster the figures mark, including the cases those models do not reach.
+"""
+
+from unhans.audit.clusters import ClusterEvidence, artifact_clusters, rank_by_evidence, summary, verdict
+
+
+def clusters(*figures: tuple[int, float, float, float]) -> list[ClusterEvidence]:
+    """Evidence from (size, transplant rate, region share, other-class probability) per cluster."""
+    return [ClusterEvidence(i, size, 48, rate, share, other) for i, (size, rate, share, other) in enumerate(figures)]
+
+
+def test_a_cluster_that_carries_the_class_alone_is_marked_by_the_transplant():
+    frame = clusters((380, 0.92, 0.13, 0.02), (400, 0.10, 0.09, 0.01))  # a 2-px frame backdoor to 7
+    assert artifact_clusters(frame) == [0]
+    assert summary(frame)["artifact_evidence"] == "transplant"
+
+
+def test_where_the_clean_clusters_carry_the_class_too_the_backdoors_other_class_decides():
+    # a "©" at random positions, 10% backdoor to 0: the clean 0s' rings carry 0 better than the tags do
+    moving_tag = clusters((352, 0.61, 0.07, 0.13), (408, 0.73, 0.09, 0.02))
+    assert artifact_clusters(moving_tag) == [0]
+    assert summary(moving_tag)["artifact_evidence"] == "other class"
+    assert "another class" in verdict(moving_tag) and not summary(moving_tag)["hijackable"]
+    # the same class at 5%, whose tags SpRAy split into two clusters: both are taken
+    split = clusters((103, 0.60, 0.08, 0.15), (98, 0.90, 0.10, 0.01), (106, 0.54, 0.08, 0.11), (143, 0.84, 0.10, 0.01))
+    assert artifact_clusters(split) == [0, 2]
+
+
+def test_other_class_evidence_alone_marks_nothing():
+    # ambiguous members (a 0 written like a 6) in a class no small region carries: no artifact
+    ambiguous = clusters((200, 0.10, 0.09, 0.30), (300, 0.05, 0.08, 0.01))
+    assert artifact_clusters(ambiguous) == [] and verdict(ambiguous).startswith("no artifact found")
+    # contested, but the members that show another class do not carry the class: the transplant decides alone
+    contested = clusters((200, 0.80, 0.09, 0.01), (300, 0.70, 0.08, 0.01), (100, 0.05, 0.08, 0.40))
+    assert artifact_clusters(contested) == [0, 1] and summary(contested)["artifact_evidence"] == "transplant"
+    # contested, with no gap in the other class (co-occurrence: the artifact sits on the class's own images)
+    no_gap = clusters((200, 0.80, 0.09, 0.03), (300, 0.60, 0.08, 0.02))
+    assert artifact_clusters(no_gap) == [] and verdict(no_gap).startswith("hijackable")
+
+
+def test_a_class_marked_by_either_test_ranks_before_a_hijackable_one():
+    class Result:  # the fields rank_by_evidence reads of a SpRAy ClassResult
+        def __init__(self, index, rank):
+            self.class_index, self.rank, self.spray = index, rank, object()
+
+    ranked = [Result(1, 1), Result(0, 2), Result(2, 3)]
+    evidence = {1: clusters((200, 0.80, 0.09, 0.03), (300, 0.60, 0.08, 0.02)),  # hijackable
+                0: clusters((352, 0.61, 0.07, 0.13), (408, 0.73, 0.09, 0.02)),  # the moving tag
+                2: clusters((300, 0.05, 0.08, 0.01), (300, 0.04, 0.08, 0.01))}
+    assert [r.class_index for r in rank_by_evidence(ranked, evidence)] == [0, 1, 2]
