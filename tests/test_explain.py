@@ -156,7 +156,7 @@ def test_export_cli_explain_writes_both_and_keeps_prediction_on_unsupported(runs
     run = runs["vgg"]
     out = tmp_path / "corrected.onnx"
     # this 3-epoch toy model's correction reshuffles its classes (one loses 37 points): accepted, it is not what is tested here
-    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--mode", "channel", "--max-class-cost", "100",
+    args = ["export", "--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--max-class-cost", "100",
             "--out", str(out), "--explain"]
     result = CliRunner().invoke(main, [*args, "--composite", "epsilon_gamma_box"])
     assert result.exit_code == 0, result.output
