@@ -160,7 +160,7 @@ class CAV(BaseEstimator):
             warnings.append("too few samples to measure detection on held-out ones (need 2 of each)")
         if len(x) < FEW_SAMPLES * x.shape[1]:
             warnings.append(f"{len(x)} samples for {x.shape[1]} dimensions: the direction is poorly determined; "
-                            "use more samples, a smaller layer, or mode='channel'")
+                            "use more samples (more images, or their crops and mirror images in a paired set), or a smaller layer")
         if not paired:
             warnings.append("artifact and clean samples are different images: the direction may carry what else tells them "
                             "apart; a paired set (the same images with the artifact pasted) is more reliable")
