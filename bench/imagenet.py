@@ -14,8 +14,8 @@ correction is fitted on 13 photos paired with their watermarked copies, at one b
 - cav_heldout_detection_acc: the artifact detector on the held-out photos, clean and watermarked (target >= 0.9),
   beside cav_cv_detection_acc, the cross-validated figure the CAV reports from its own fitting pairs;
 - watermark_flip_rate_region_blurred: the same as before, with the watermark's pixels replaced by a blur of the photo
-  beneath (sigma 6 px) instead of the text: what a perfect removal of the watermark that cannot see the detail it hid
-  would leave. Photos that flip here hang on what the watermark covers, not on its text;
+  beneath (sigma 6 px) instead of the text: the watermark erased, without the detail it hid. Photos that flip here
+  hang on what the watermark covers, not on its text;
 - watermark_logit_shift_after_over_before: mean |logits(watermarked) − logits(clean)| after the correction over
   before, a finer figure than flips of 13 photos (which move in steps of 0.077);
 - cav_directions: k, the rank of the correction (``--directions K|auto``), with cav_energy_share (share of the fitting
