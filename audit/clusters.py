@@ -233,6 +233,15 @@ def summary(evidence: list[ClusterEvidence]) -> dict:
             "hijackable": _hijackable(evidence), "cluster_evidence": [e.figures() for e in evidence]}
 
 
+def marked_figure(entry: dict, cluster: int) -> str:
+    """A marked cluster with the figure of the test that marked it, from :func:`summary`'s dict (audit.json's class
+    entry), for the report's and the CLI's ranking tables."""
+    figures = entry["cluster_evidence"][cluster]
+    if entry.get("artifact_evidence") == "other class":
+        return f"cluster {cluster} (other class {figures['other_class_probability']:.0%})"
+    return f"cluster {cluster} (transplant {figures['transplant_rate']:.0%})"
+
+
 def rank_by_evidence(ranked: list[ClassResult], evidence: dict[int, list[ClusterEvidence]]) -> list[ClassResult]:
     """SpRAy's ranking with the classes that hold a marked artifact cluster moved first, then hijackable ones, each by
     their highest transplant rate.

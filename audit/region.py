@@ -192,7 +192,7 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     from unhans.core.errors import InputError
     from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
-    from .run import AuditSpec
+    from .run import SAMPLES_FILE, AuditSpec
     from .store import StoredRelevance
 
     out, spec = Path(out), audit.get("spec", {})
@@ -232,7 +232,13 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     console.print(f"artifact region ({h}x{w} px at {row},{col}; {region.share:.0%} of the cluster's relevance, "
                   f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
                   f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
-    console.print("fit the paired correction with" + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
+    if region.warnings and model.startswith("--run"):  # no one place to paste: the selected rows themselves are the contrast set
+        console.print("the region is no one place (see above), so a paired set pasted from it would not be the artifact; fit the correction "
+                      f"from the selected samples instead:\n  unhans export {model} --layer {layer} --samples "
+                      f"{shlex.quote(str(out / SAMPLES_FILE))} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
+        return written
+    console.print(("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
+                  + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
                   else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":\n"
                   f"  unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
                   f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "

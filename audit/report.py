@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
-from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, OTHER_CLASS_RATIO, REGION_MASS, artifact_clusters, verdict  # noqa: E402
+from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, OTHER_CLASS_RATIO, REGION_MASS, artifact_clusters, marked_figure, summary, verdict  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
 THUMBNAIL_SIDE = 112  # pixels a heatmap is enlarged towards (at most 4x)
@@ -113,7 +113,7 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
             f"<tr><td>{finding.rank}</td><td><a href='#class-{finding.class_index}'>{name}</a></td><td>{finding.n_samples}</td>"
             f"<td>{finding.suspicion:.3f}</td><td>{spray.lambda2_:.4f}</td><td>{spray.fisher_tau_:.2f}</td>"
             f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td>"
-            f"<td>{', '.join(f'cluster {c} ({found[c].transplant_rate:.0%})' for c in marked) or 'none found'}</td></tr>"
+            f"<td>{', '.join(marked_figure(summary(found), c) for c in marked) or 'none found'}</td></tr>"
         )
         stem = f"class-{finding.class_index}"
         spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
@@ -174,7 +174,7 @@ clusters do not stand out from the rest (hijackable).</p>
 <ul>{note_items}</ul>
 <h2>Ranking</h2>
 <table id="ranking"><thead><tr><th>rank</th><th>class</th><th>samples</th><th>suspicion</th><th>λ₂</th><th>τ</th>
-<th>eigengap</th><th>clusters</th><th>cluster sizes</th><th>artifact (transplant rate)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<th>eigengap</th><th>clusters</th><th>cluster sizes</th><th>artifact (its evidence)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 {''.join(sections)}
 </body></html>
 """

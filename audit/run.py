@@ -256,6 +256,7 @@ class _backend:
 
 
 AUTO = "auto"
+SAMPLES_FILE = "samples.npz"  # what --select writes into the audit's folder: the rows export --samples fits the CAV on
 
 
 def marked_selection(audit: dict) -> str:
@@ -317,7 +318,7 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
             raise InputError("--select-ids", f"selects no row in 0..{n - 1}", "pass dataset row numbers or a boolean mask")
     artifact = np.zeros(n, bool)
     artifact[rows] = True
-    path = out / "samples.npz"
+    path = out / SAMPLES_FILE
     np.savez(path, artifact=np.flatnonzero(artifact), clean=np.flatnonzero(~artifact))
     from .region import write_selection_region
 

@@ -71,3 +71,5 @@ def test_a_tag_at_a_random_position_is_isolated_by_the_audit(tmp_path):
     assert result["attack_success_before"] >= 0.5, result
     assert result["rank"] == 1 and result["artifact_found"] and result["chosen_class"] == 0, result
     assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
+    # a tag at no one place has no region to paste: the audit points to the selected samples, not to a paired set
+    assert "fit the correction from the selected samples instead" in " ".join((tmp_path / cell.name / "audit.log").read_text().split())

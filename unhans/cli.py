@@ -128,6 +128,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     """
     import numpy as np
 
+    from .audit.clusters import marked_figure
     from .audit.run import AUTO, AuditSpec, finished_audit, marked_selection, parse_selection, run_audit, select_samples
     from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
@@ -155,13 +156,13 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     else:
         console.print(f"reusing the finished audit in {out_dir} (same model, data and settings; --restart computes it again)")
     table = Table(title=f"unhans audit -> {Path(out_dir) / 'report.html'}")
-    for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)", "artifact (transplant rate)"):
+    for column in ("rank", "class", "samples", "suspicion", "λ₂", "τ", "clusters (sizes)", "artifact (its evidence)"):
         table.add_column(column)
     for c in finished["classes"]:
         if "skipped" in c:
             table.add_row("-", c["class"], str(c["n"]), f"skipped: {c['skipped']}", "", "", "", "")
         else:
-            marked = ", ".join(f"cluster {m} ({c['cluster_evidence'][m]['transplant_rate']:.0%})" for m in c["artifact_clusters"])
+            marked = ", ".join(marked_figure(c, m) for m in c["artifact_clusters"])
             table.add_row(str(c["rank"]), c["class"], str(c["n"]), f"{c['suspicion']:.3f}", f"{c['lambda2']:.4f}", f"{c['fisher_tau']:.2f}",
                           f"{c['n_clusters']} {c['cluster_sizes']}", marked or ("hijackable" if c["hijackable"] else "none found"))
     results.print(table)
