@@ -189,7 +189,11 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
     import hashlib
 
+    import torch
+
     from unhans.core.errors import InputError
+    from unhans.core.layers import global_pooling_layer
+    from unhans.core.models import load_model
     from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     from .run import SAMPLES_FILE, AuditSpec
@@ -233,9 +237,13 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
                   f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
                   f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
     if region.warnings and model.startswith("--run"):  # no one place to paste: the selected rows themselves are the contrast set
+        pooling = global_pooling_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2]))
+        where = (f", after the model's global pooling ({pooling}), where an artifact that moves lands in the same features wherever it sits"
+                 if pooling else "; this model has no global pooling layer, and no correction at a spatial layer removed a moving artifact "
+                 "measured (README: which layer to correct): check the corrected model's attack success before deploying it")
         console.print("the region is no one place (see above), so a paired set pasted from it would not be the artifact; fit the correction "
-                      f"from the selected samples instead:\n  unhans export {model} --layer {layer} --samples "
-                      f"{shlex.quote(str(out / SAMPLES_FILE))} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
+                      f"from the selected samples instead{where}:\n  unhans export {model} --layer {shlex.quote(pooling) if pooling else layer} "
+                      f"--samples {shlex.quote(str(out / SAMPLES_FILE))} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
         return written
     console.print(("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
                   + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"

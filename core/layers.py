@@ -69,27 +69,49 @@ def insert_after(model: nn.Module, name: str, correction: nn.Module) -> nn.Modul
 
 
 @torch.no_grad()
+def _called_once_where(model: nn.Module, probe: torch.Tensor, keep, leaves_only: bool = False) -> list[str]:
+    """Names of the modules (leaf modules only, if asked) called once in ``model``'s forward on ``probe`` whose call
+    satisfies ``keep(input, output)``, in the order they finished."""
+    kept: list[str] = []
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            if isinstance(output, torch.Tensor) and keep(x, output):
+                kept.append(name)
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()
+               if name and not (leaves_only and any(module.children()))]
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name in kept if calls[name] == 1]
+
+
 def last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
     """The module that finishes last in ``model``'s forward with a (N, C, H, W) output (H·W > 1) and is called once: the end
     of the feature extractor (VGG's ``features``, ResNet's ``layer4``), where SpRAy on relevance pooled over positions
     finds artifacts wherever they sit."""
-    finished: list[tuple[str, int]] = []
-    calls: dict[str, int] = {}
-
-    def hook(name):
-        def record(_module, _inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-                finished.append(name)
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
-    try:
-        model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    once = [name for name in finished if calls[name] == 1]
+    once = _called_once_where(model, probe, lambda _x, y: y.dim() == 4 and y.shape[2] * y.shape[3] > 1)
     if not once:
         raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", "audit with --layer input")
     return once[-1]
+
+
+def global_pooling_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
+    """The last leaf module, called once, that pools (N, C, H, W) feature maps (H·W > 1) over every position into C
+    features (ResNet's ``avgpool``, EfficientNet's ``_avg_pooling``), or None (a head that flattens the map instead).
+
+    There an artifact lands in the same features wherever it sits, so a correction there removes one that moves."""
+    def pools(x, y):
+        return (x is not None and x.dim() == 4 and x.shape[2] * x.shape[3] > 1 and y.shape[:2] == x.shape[:2]
+                and y[0].numel() == x.shape[1])
+
+    once = _called_once_where(model, probe, pools, leaves_only=True)
+    return once[-1] if once else None

@@ -19,7 +19,7 @@ from unhans.core import attribution
 from unhans.core import canonize as canonize_module
 from unhans.core.attribution import LRP
 from unhans.core.errors import InputError
-from unhans.core.layers import activations, insert_after
+from unhans.core.layers import activations, global_pooling_layer, insert_after
 from unhans.core.models.zoo import MATRIX, USER_RESNET_FILE, build, photos
 from unhans.export.correction import Correction
 from unhans.export.explain import explain_graph
@@ -254,3 +254,13 @@ def test_the_cheaper_denominators_give_zennits_relevance(models, name, monkeypat
     with LRP(model) as lrp:
         signed = lrp(x).relevance
     assert np.abs(cheaper - signed).max() <= 1e-6 * np.abs(signed).max()
+
+
+def test_the_global_pooling_layer_is_found_where_a_model_has_one(models):
+    """Where a moving artifact can be corrected (README: which layer to correct): the pooling over every position, not
+    a squeeze-excitation's pooling inside a block, and none in a head that keeps positions (VGG's 7x7 avgpool)."""
+    probe = torch.from_numpy(photos(2, 64))
+    assert global_pooling_layer(_model(models, "resnet18"), probe) == "avgpool"
+    assert global_pooling_layer(_model(models, "efficientnet_b0"), probe) == "avgpool"  # its blocks' SE pools run before it
+    assert global_pooling_layer(_model(models, "efficientnet_lite0"), probe) == "_avg_pooling"
+    assert global_pooling_layer(_model(models, "vgg16_bn"), probe) is None
