@@ -72,7 +72,7 @@ def region(relevance: np.ndarray, mass: float = REGION_MASS) -> np.ndarray:
     return mask.reshape(pixels.shape)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the rules pick clusters out of one class's list, and arrays have no ==
 class ClusterEvidence:
     """One cluster's intervention test."""
 
