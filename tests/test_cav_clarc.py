@@ -215,6 +215,19 @@ def test_rank_one_is_the_old_correction():
         Correction(np.ones((2, 36)) / 6.0, cav.clean_mean_)
 
 
+def _two_conv_model_and_pairs(colour=(1.0, 1.0, 1.0)):
+    """A two-conv model on 6x6 inputs and 24 pairs without/with a 3x3 square added (random strength per pair, ``colour``
+    per channel): an artifact spanning several directions of the second conv's output."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(24, 3, 6, 6)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[:, :, 1:4, 1:4] += rng.uniform(1, 3, size=(24, 1, 1, 1)).astype(np.float32) * np.float32(colour)[:, None, None]
+    return model, dirty, clean
+
+
 @pytest.mark.parametrize("mode,fold,reactive,dense_max", [("flat", True, False, 256), ("flat", False, True, 256),
                                                           ("channel", True, False, 256), ("channel", False, False, 256),
                                                           ("channel", False, True, 0)])
@@ -227,13 +240,7 @@ def test_rank_k_onnx_graph_equals_pytorch(tmp_path, monkeypatch, mode, fold, rea
     from unhans.export.runtime import run_batched, session
 
     monkeypatch.setattr(graph, "DENSE_CHANNELS_MAX", dense_max)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
-                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
-    rng = np.random.default_rng(0)
-    clean = rng.normal(size=(24, 3, 6, 6)).astype(np.float32)
-    dirty = clean.copy()
-    dirty[:, :, 1:4, 1:4] += rng.uniform(1, 3, size=(24, 1, 1, 1)).astype(np.float32) * np.float32([1.0, -1.0, 0.5])[:, None, None]
+    model, dirty, clean = _two_conv_model_and_pairs(colour=(1.0, -1.0, 0.5))
     cav = fit_cav(model, "3", dirty, clean, mode=mode, paired=True, n_directions=3)
     correction = Correction.from_cav(cav, reactive=reactive)
     assert correction.directions == 3
@@ -259,14 +266,8 @@ def test_rank_k_correction_is_explained(tmp_path, mode):
     """The explain graph of a model with a rank-3 correction traces and matches zennit (export_explain verifies it)."""
     from unhans.export.explain import export_explain
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
-                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
-    rng = np.random.default_rng(0)
-    clean = rng.normal(size=(24, 3, 6, 6)).astype(np.float32)
-    dirty = clean.copy()
-    dirty[:, :, 1:4, 1:4] += rng.uniform(1, 3, size=(24, 1, 1, 1)).astype(np.float32)
-    correction = Correction.from_cav(fit_cav(model, "3", dirty, clean, mode=mode, paired=True, n_directions=3))
-    report = export_explain(pclarc(model, "3", fit_cav(model, "3", dirty, clean, mode=mode, paired=True, n_directions=3)),
-                            tmp_path / "k.explain.onnx", probe=np.concatenate([dirty[:4], clean[:4]]), detector=correction)
+    model, dirty, clean = _two_conv_model_and_pairs()
+    cav = fit_cav(model, "3", dirty, clean, mode=mode, paired=True, n_directions=3)
+    report = export_explain(pclarc(model, "3", cav), tmp_path / "k.explain.onnx", probe=np.concatenate([dirty[:4], clean[:4]]),
+                            detector=Correction.from_cav(cav))
     assert report.figures["rel_l2_vs_zennit"] < 1e-4 and report.figures["conservation_rel_err"] < 1e-6

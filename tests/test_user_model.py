@@ -43,6 +43,22 @@ def _watermark(path) -> None:
     canvas.save(path)
 
 
+def _serves_the_graph_with_relevance(server, name: str, clean: bytes, marked: bytes, expected: np.ndarray, reference: np.ndarray) -> dict:
+    """Archive ``name`` answers the clean JPEG with the graph's label, scores the watermarked one higher, and explains
+    the clean one with ``reference`` (float16 on the wire); returns its prediction of the clean photo."""
+    status, answer = server.post(f"/predictions/{name}", clean, "image/jpeg")
+    assert status == 200, answer
+    assert answer["label"] == int(expected.argmax()) and answer["class"] == f"imagenet-{int(expected.argmax())}"
+    status, watermarked = server.post(f"/predictions/{name}", marked, "image/jpeg")
+    assert status == 200 and watermarked["artifact_score"] > answer["artifact_score"]
+    status, explained = server.post(f"/explanations/{name}", clean, "image/jpeg")
+    assert status == 200, explained
+    relevance = decode_relevance(explained["relevance"])
+    assert relevance.shape == reference.shape == (224, 224)
+    assert np.linalg.norm(relevance - reference) <= 1e-2 * np.linalg.norm(reference)
+    return answer
+
+
 @pytest.fixture(scope="module")
 def user_model(tmp_path_factory):
     """What a user brings (model file, weights, photos, a watermark PNG) and the two archives built from them."""
@@ -117,17 +133,7 @@ def test_served_on_jpeg_bodies_with_relevance(user_model, torchserve, tmp_path):
         bare_explanation = lrp(torch.from_numpy(x))
     # three 224-px models (two with a twin to load and check) start in minutes on a shared two-core machine
     with torchserve(root / "store", ["lite0", "bare", "baretwin"], tmp_path, ready_timeout=420) as server:
-        status, answer = server.post("/predictions/lite0", clean, "image/jpeg")
-        assert status == 200, answer
-        assert answer["label"] == int(expected.argmax()) and answer["class"] == f"imagenet-{int(expected.argmax())}"
-        status, watermarked = server.post("/predictions/lite0", marked, "image/jpeg")
-        assert status == 200 and watermarked["artifact_score"] > answer["artifact_score"]
-        status, explained = server.post("/explanations/lite0", clean, "image/jpeg")
-        assert status == 200, explained
-        relevance = decode_relevance(explained["relevance"])
-        reference = explanation.relevance[0].sum(0)
-        assert relevance.shape == (224, 224)
-        assert np.linalg.norm(relevance - reference) <= 1e-2 * np.linalg.norm(reference)  # float16 on the wire
+        answer = _serves_the_graph_with_relevance(server, "lite0", clean, marked, expected, explanation.relevance[0].sum(0))
         # the bare graph: predictions and the artifact score, and a clear refusal of relevance
         status, bare = server.post("/predictions/bare", clean, "image/jpeg")
         assert status == 200 and bare["label"] == answer["label"] and bare["artifact_score"] is not None
@@ -135,14 +141,4 @@ def test_served_on_jpeg_bodies_with_relevance(user_model, torchserve, tmp_path):
         assert status == 422 and refused["error"]["field"] == "explain", refused
         assert json.loads(json.dumps(refused))["error"]["problem"].startswith("this archive serves no relevance")
         # the bare graph with its twin: the graph's predictions, the twin's relevance
-        status, twin = server.post("/predictions/baretwin", clean, "image/jpeg")
-        assert status == 200, twin
-        assert twin["label"] == int(bare_expected.argmax()) and twin["class"] == f"imagenet-{int(bare_expected.argmax())}"
-        status, twin_marked = server.post("/predictions/baretwin", marked, "image/jpeg")
-        assert status == 200 and twin_marked["artifact_score"] > twin["artifact_score"]
-        status, twin_explained = server.post("/explanations/baretwin", clean, "image/jpeg")
-        assert status == 200, twin_explained
-        relevance = decode_relevance(twin_explained["relevance"])
-        reference = bare_explanation.relevance[0].sum(0)
-        assert relevance.shape == (224, 224)
-        assert np.linalg.norm(relevance - reference) <= 1e-2 * np.linalg.norm(reference)
+        _serves_the_graph_with_relevance(server, "baretwin", clean, marked, bare_expected, bare_explanation.relevance[0].sum(0))
