@@ -183,12 +183,17 @@ def test_sigkill_loses_at_most_the_unflushed_tail(tmp_path):
     assert again.stats.torn_records <= 1 and again.stats.corrupt_records == 0
 
 
-def test_a_torn_tail_is_counted_not_raised(sink):
+def _one_shard(sink, records: int):
+    """One worker's first shard of model "m" version "1" with ``records`` records: its filesystem and path."""
     with ShardWriter(sink, "m", "1", "w0") as writer:
-        for i in range(3):
+        for i in range(records):
             writer.append(record(i))
     fs, root = fsspec.core.url_to_fs(sink)
-    path = f"{root}/m/1/w0-00000000.shard"
+    return fs, f"{root}/m/1/w0-00000000.shard"
+
+
+def test_a_torn_tail_is_counted_not_raised(sink):
+    fs, path = _one_shard(sink, 3)
     frame = record(3).to_bytes()
     for cut in (2, FRAME.size - 1, len(frame) // 2, len(frame) - 1):  # torn inside the magic, the header, the payload
         fs.pipe_file(path.replace("00000000", f"{cut:08d}"), fs.cat_file(path) + frame[:cut])
@@ -201,11 +206,7 @@ def test_a_torn_tail_is_counted_not_raised(sink):
 
 
 def test_corrupt_bytes_are_skipped_and_reading_resyncs(sink):
-    with ShardWriter(sink, "m", "1", "w0") as writer:
-        for i in range(10):
-            writer.append(record(i))
-    fs, root = fsspec.core.url_to_fs(sink)
-    path = f"{root}/m/1/w0-00000000.shard"
+    fs, path = _one_shard(sink, 10)
     data = bytearray(fs.cat_file(path))
     size = len(record(0).to_bytes())
     data[3 * size + 100] ^= 0xFF  # payload of record 3: checksum fails
