@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from zennit.image import imgify  # noqa: E402
 
-from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, OTHER_CLASS_RATIO, REGION_MASS, artifact_clusters, marked_figure, summary, verdict  # noqa: E402
+from .clusters import ARTIFACT_BAR, ARTIFACT_MARGIN, OTHER_CLASS_RATIO, REGION_MASS, marked_figure, summary  # noqa: E402
 
 PROTOTYPES_PER_CLUSTER = 6
 THUMBNAIL_SIDE = 112  # pixels a heatmap is enlarged towards (at most 4x)
@@ -107,13 +107,13 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
         spray = finding.spray
         sizes = np.bincount(spray.labels_).tolist()
         found = evidence[finding.class_index]
-        marked = artifact_clusters(found)
-        said = verdict(found)
+        entry = summary(found)  # the verdict and marked clusters, as audit.json keeps them
+        marked, said = entry["artifact_clusters"], entry["artifact_verdict"]
         rows.append(
             f"<tr><td>{finding.rank}</td><td><a href='#class-{finding.class_index}'>{name}</a></td><td>{finding.n_samples}</td>"
             f"<td>{finding.suspicion:.3f}</td><td>{spray.lambda2_:.4f}</td><td>{spray.fisher_tau_:.2f}</td>"
             f"<td>{spray.eigengap_:.4f}</td><td>{spray.n_clusters_}</td><td>{sizes}</td>"
-            f"<td>{', '.join(marked_figure(summary(found), c) for c in marked) or 'none found'}</td></tr>"
+            f"<td>{', '.join(marked_figure(entry, c) for c in marked) or 'none found'}</td></tr>"
         )
         stem = f"class-{finding.class_index}"
         spectrum_plot(assets / f"{stem}-spectrum.png", spray.eigenvalues_, spray.n_clusters_)
