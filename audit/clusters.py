@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from unhans.core.artifacts import Transplant
 from unhans.core.spray import ClassResult
 from unhans.core.training import probabilities
 
@@ -110,13 +111,9 @@ class Intervention:
         pool = np.flatnonzero((self.labels != target) & (self.predictions != target))
         if len(pool) == 0 or len(donors) == 0:
             return np.zeros(len(donors)), np.zeros(len(donors)), self.images[:0], np.zeros(0, bool)
-        pasted, shares = [], []
-        for donor in donors:
-            mask = region(self.relevance[donor])
-            chosen = self.images[rng.choice(pool, recipients, replace=len(pool) < recipients)].copy()
-            chosen[:, :, mask] = self.images[donor][:, mask]
-            pasted.append(chosen)
-            shares.append(mask.mean())
+        transplant = Transplant(self.images[donors], np.stack([region(self.relevance[donor]) for donor in donors]))
+        pasted = [transplant.paste(self.images[rng.choice(pool, recipients, replace=len(pool) < recipients)], i) for i in range(len(donors))]
+        shares = transplant.masks.reshape(len(donors), -1).mean(axis=1)
         pasted = np.concatenate(pasted)
         turned = probabilities(self.model, pasted).argmax(1) == target
         return turned.reshape(len(donors), recipients).mean(axis=1), np.asarray(shares), pasted, turned

@@ -196,7 +196,8 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     from unhans.core.models import load_model
     from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
-    from .run import SAMPLES_FILE, AuditSpec
+    from .run import AuditSpec
+    from .samples import SAMPLES_FILE
     from .store import StoredRelevance
 
     out, spec = Path(out), audit.get("spec", {})
@@ -236,19 +237,32 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     console.print(f"artifact region ({h}x{w} px at {row},{col}; {region.share:.0%} of the cluster's relevance, "
                   f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
                   f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
+    samples = shlex.quote(str(out / SAMPLES_FILE))
     if region.warnings and model.startswith("--run"):  # no one place to paste: the selected rows themselves are the contrast set
         pooling = global_pooling_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2]))
-        where = (f", after the model's global pooling ({pooling}), where an artifact that moves lands in the same features wherever it sits"
-                 if pooling else "; this model has no global pooling layer, and no correction at a spatial layer removed a moving artifact "
-                 "measured (README: which layer to correct): check the corrected model's attack success before deploying it")
-        console.print("the region is no one place (see above), so a paired set pasted from it would not be the artifact; fit the correction "
-                      f"from the selected samples instead{where}:\n  unhans export {model} --layer {shlex.quote(pooling) if pooling else layer} "
-                      f"--samples {shlex.quote(str(out / SAMPLES_FILE))} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
-        return written
-    console.print(("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
-                  + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
-                  else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":\n"
-                  f"  unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
-                  f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
-                  f"--channels {channels}{normalisation} --out corrected.onnx", soft_wrap=True, markup=False, highlight=False)
+        if pooling:
+            lead = ("the region is no one place (see above), so a paired set pasted from it would not be the artifact; fit the correction "
+                    f"from the selected samples instead, after the model's global pooling ({pooling}), where an artifact that moves "
+                    "lands in the same features wherever it sits:")
+            commands = [f"unhans export {model} --layer {shlex.quote(pooling)} --samples {samples} --out corrected.onnx"]
+        else:
+            tuned = shlex.quote(f"{model_dir}-aclarc")
+            lead = ("the region is no one place (see above), so a paired set pasted from it would not be the artifact; and this model "
+                    "has no global pooling layer, so no projection removes an artifact that moves (README: which layer to correct). "
+                    "Fine-tune it with each selected sample's own region pasted into other images (A-ClArC), then export that run "
+                    "(its correction keeps the artifact score for the monitor):")
+            commands = [f"unhans aclarc {model} --samples {samples} --out {tuned}",
+                        f"unhans export --run {tuned} --layer {layer} --samples {samples} --out corrected.onnx"]
+        route = "samples"
+    else:
+        lead = (("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
+                + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
+                   else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":")
+        commands = [f"unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
+                    f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
+                    f"--channels {channels}{normalisation} --out corrected.onnx"]
+        route = "paired"
+    console.print("\n  ".join([lead, *commands]), soft_wrap=True, markup=False, highlight=False)
+    info = json.loads(written["info"].read_text())
+    written["info"].write_text(json.dumps({**info, "route": route, "commands": commands}, indent=1))
     return written

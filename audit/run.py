@@ -30,6 +30,7 @@ from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
 
 from .clusters import Intervention, rank_by_evidence, summary
+from .samples import SAMPLES, SAMPLES_FILE
 from .report import write_report
 from .store import RelevanceStore
 from .virelay import write_virelay_project
@@ -256,7 +257,6 @@ class _backend:
 
 
 AUTO = "auto"
-SAMPLES_FILE = "samples.npz"  # what --select writes into the audit's folder: the rows export --samples fits the CAV on
 
 
 def marked_selection(audit: dict) -> str:
@@ -319,9 +319,27 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     artifact = np.zeros(n, bool)
     artifact[rows] = True
     path = out / SAMPLES_FILE
-    np.savez(path, artifact=np.flatnonzero(artifact), clean=np.flatnonzero(~artifact))
+    arrays = {SAMPLES.artifact: np.flatnonzero(artifact), SAMPLES.clean: np.flatnonzero(~artifact)}
+    regions = _regions(out, arrays[SAMPLES.artifact])
+    if regions is not None:
+        arrays[SAMPLES.regions] = regions
+    np.savez_compressed(path, **arrays)
     from .region import write_selection_region
 
     write_selection_region(out, audit, np.flatnonzero(artifact), class_cluster, console)  # the region, for export --artifact-image
     return path
 
+
+def _regions(out: Path, rows: np.ndarray) -> np.ndarray | None:
+    """Each row's region (audit.clusters.region of its stored input relevance), or None (a line says why) where the
+    stored relevance does not cover the rows."""
+    from .clusters import region
+    from .store import StoredRelevance
+
+    try:
+        store = StoredRelevance(out / "relevance")
+        masks = [region(relevance) for _, batch in store.rows(INPUT, rows) for relevance in batch]
+    except (InputError, KeyError, IndexError, OSError) as error:
+        console.print(f"[yellow]no artifact regions written to {SAMPLES_FILE}[/] (unhans aclarc needs them): {error}")
+        return None
+    return np.stack(masks) if masks else None

@@ -176,6 +176,22 @@ def _predict(graph: Path, images: np.ndarray) -> np.ndarray:
     return run_batched(session(graph, threads=1, cuda=False), images, ["logits"])[0].argmax(1)
 
 
+def _correction_commands(audit: Path, run: Path, graph: Path, export_args: list[str]) -> tuple[str, list[list[str]]]:
+    """How the cell is corrected, and the commands: ``grid``, the export from the selected samples at ``LAYER``, except
+    where the audit found that the artifact moves (its region's route ``samples``); there ``audit``, the commands the
+    audit printed, as a user would paste them (A-ClArC then export, on this VGG without global pooling), writing ``graph``."""
+    region = audit / "artifact-region.json"
+    info = json.loads(region.read_text()) if region.is_file() else {}
+    if info.get("route") != "samples":
+        return "grid", [["export", "--run", str(run), "--layer", LAYER, "--samples", str(audit / "samples.npz"), "--out", str(graph), *export_args]]
+    commands = []
+    for line in info["commands"]:
+        words = shlex.split(line)[1:]  # without "unhans"
+        words = [str(graph) if word == "corrected.onnx" else word for word in words]
+        commands.append(words + (list(export_args) if words[0] == "export" else []))
+    return "audit", commands
+
+
 def run_cell(cell: Cell, folder: Path, epochs: int = EPOCHS, export_args: list[str] = ()) -> dict:
     """Train, audit (--select auto), export and score one cell in ``folder``; returns its figures (unprefixed)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,16 +244,22 @@ def run_cell(cell: Cell, folder: Path, epochs: int = EPOCHS, export_args: list[s
     out["export_refused"] = False
     out["seconds_export"] = out["cpu_seconds_export"] = 0.0
     exported = False
+    out["correction_route"] = None
     if out["artifact_found"]:
         step = time.perf_counter()
-        done = _cli(["export", "--run", str(run), "--layer", LAYER, "--samples", str(audit / "samples.npz"), "--out", str(graph),
-                     *export_args], folder / "export.log")
-        out["seconds_export"], out["cpu_seconds_export"] = round(time.perf_counter() - step, 1), round(done.cpu_seconds, 1)
+        out["correction_route"], commands = _correction_commands(audit, run, graph, export_args)
+        cpu = 0.0
+        for command in commands:
+            done = _cli(command, folder / ("export.log" if command[0] == "export" else f"{command[0]}.log"))
+            cpu += done.cpu_seconds
+            if done.returncode != 0:
+                break
+        out["seconds_export"], out["cpu_seconds_export"] = round(time.perf_counter() - step, 1), round(cpu, 1)
         if done.returncode == NO_ARTIFACT_EXIT and not graph.exists() and "nothing was written" in done.stderr:
             out["export_refused"] = True
             say(f"{cell.name}: export refused in {out['seconds_export']:.0f} s: {_last_line(done)[:160]}")
         elif done.returncode != 0:
-            raise RuntimeError(f"unhans export: {_last_line(done)} (log: {folder / 'export.log'})")
+            raise RuntimeError(f"unhans {command[0]}: {_last_line(done)} (log: {folder / (command[0] + '.log')})")
         else:
             exported = True
 

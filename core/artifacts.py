@@ -190,6 +190,38 @@ class Watermark(Artifact):
         return alpha, rgba[..., :3].transpose(2, 0, 1)
 
 
+class Transplant:
+    """An artifact known only by examples: images that carry it (N, C, H, W) and where it lies in each (N, H, W).
+
+    What an audit finds is not a glyph but samples and their relevance: each member's region (the pixels holding
+    most of its relevance) is that member's artifact, wherever it sits. Pasting those pixels into other images
+    reproduces the artifact as it occurs, also when it moves (a tag at a different place in every image), which no
+    single stamp does. The images and the pasted pixels must be on the same scale (both the model's inputs).
+    """
+
+    def __init__(self, donors: np.ndarray, masks: np.ndarray):
+        donors, masks = np.asarray(donors, np.float32), np.asarray(masks, bool)
+        if donors.ndim != 4 or masks.shape != (len(donors), *donors.shape[2:]) or not len(donors):
+            raise InputError("transplant", f"donors {donors.shape} and masks {masks.shape} do not match",
+                             "pass images (N, C, H, W) and one mask (H, W) per image")
+        self.donors, self.masks = donors, masks
+
+    def paste(self, images: np.ndarray, donor: int) -> np.ndarray:
+        """Copies of ``images`` (N, C, H, W) with donor ``donor``'s region pasted in, every channel."""
+        out = np.array(images, np.float32, copy=True)
+        out[:, :, self.masks[donor]] = self.donors[donor][:, self.masks[donor]]
+        return out
+
+    def apply(self, images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Each image with the region of a donor drawn from ``seed``; the images and their masks, as :meth:`Artifact.apply`."""
+        if tuple(np.shape(images)[1:]) != self.donors.shape[1:]:
+            raise InputError("transplant", f"images {np.shape(images)[1:]} are not shaped like the donors {self.donors.shape[1:]}",
+                             "paste into images of the model's input size")
+        chosen = np.random.default_rng(seed).integers(0, len(self.donors), len(images))
+        pasted = [self.paste(images[i : i + 1], donor) for i, donor in enumerate(chosen)]
+        return (np.concatenate(pasted) if pasted else np.array(images, np.float32)), self.masks[chosen].copy()
+
+
 ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Frame, Watermark)}
 
 

@@ -14,11 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import Artifact
+from .artifacts import Artifact, Transplant
 from .cav import CAV
 from .data import ImageDataset
 from .errors import InputError
 from .layers import activations, insert_after
+
+
+ACLARC_FRACTION = 0.5  # share of the training images A-ClArC pastes the artifact into
+ACLARC_EPOCHS = 1  # fine-tuning epochs: a second one let a moving tag's attack success creep back up (0.006 -> 0.010)
 
 
 class PClArC(nn.Module):
@@ -86,19 +90,32 @@ def pclarc(model: nn.Module, layer: str, cav: CAV, reactive: bool = False, thres
     return insert_after(model, layer, PClArC.from_cav(cav, reactive, threshold))
 
 
-def aclarc(model: nn.Module, train: ImageDataset, artifact: Artifact, fraction: float = 0.5, epochs: int = 2,
-           lr: float = 1e-3, seed: int = 0, show_progress: bool = True) -> nn.Module:
+def aclarc(model: nn.Module, train: ImageDataset, artifact: Artifact | Transplant, fraction: float = ACLARC_FRACTION,
+           epochs: int = ACLARC_EPOCHS, lr: float = 1e-3, seed: int = 0, show_progress: bool = True,
+           exclude: np.ndarray | None = None) -> nn.Module:
     """A-ClArC: fine-tune a copy of ``model`` on ``train`` with the artifact pasted into ``fraction`` of all images,
-    labels unchanged, so the artifact stops being predictive."""
+    labels unchanged, so the artifact stops being predictive.
+
+    ``exclude``: training rows left out, the artifact's own samples as an audit found them. In a backdoor they carry
+    the artifact *and* the target label, and would teach it again. Measured on MNIST-5k, a "©" at a random place in
+    10% of the other classes' images relabelled 0 (attack success 0.78): the members' own regions pasted, members
+    left out, 1 epoch: 0.006 (2 epochs: 0.010), clean accuracy 0.93 -> 0.94; the members only left out: 0.046
+    (0.113); the true tag pasted with the poisoned rows kept: 0.138 (0.101).
+    """
     from .training import fit
 
     if not 0.0 < fraction <= 1.0:
         raise InputError("fraction", f"{fraction} is outside (0, 1]", "pass the share of images to paste the artifact into, e.g. 0.5")
+    keep = np.ones(len(train), bool)
+    if exclude is not None:
+        keep[np.asarray(exclude)] = False
+    if not keep.any():
+        raise InputError("exclude", "leaves no training image", "exclude only the artifact's samples")
     rng = np.random.default_rng(seed)
-    chosen = rng.random(len(train)) < fraction
-    images = train.images.copy()
+    images, labels = train.images[keep], train.labels[keep]  # a copy: the pasting below never touches ``train``
+    chosen = rng.random(len(images)) < fraction
     images[chosen], _ = artifact.apply(images[chosen], seed=seed)
     tuned = copy.deepcopy(model)
-    fit(tuned, ImageDataset(images, train.labels, list(train.classes)), epochs, lr=lr, seed=seed,
+    fit(tuned, ImageDataset(images, labels, list(train.classes)), epochs, lr=lr, seed=seed,
         show_progress=show_progress, description="A-ClArC fine-tuning")
     return tuned

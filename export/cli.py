@@ -1,4 +1,4 @@
-"""``unhans export``, ``unhans inspect`` and ``unhans archive``: thin click layers over :mod:`unhans.export`.
+"""``unhans export``, ``unhans aclarc``, ``unhans inspect`` and ``unhans archive``: thin click layers over :mod:`unhans.export`.
 
 Defined as plain commands; the main group registers them (``main.add_command(export_command)`` ...), and its
 error handling turns every :class:`InputError` into one line.
@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..audit.samples import SAMPLES
 from ..core.cav import CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
+from ..core.clarc import ACLARC_EPOCHS, ACLARC_FRACTION
 from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
@@ -74,7 +76,8 @@ def _images(path: str, argument: str, shape: tuple) -> np.ndarray:
 
 def _index(z, key: str, n: int, path: str) -> np.ndarray:
     if key not in z:
-        raise InputError("--samples", f"{path} has no array {key!r}", "write arrays 'artifact' and 'clean' (boolean masks or indices)")
+        raise InputError("--samples", f"{path} has no array {key!r}",
+                         f"write arrays {SAMPLES.artifact!r} and {SAMPLES.clean!r} (boolean masks or indices)")
     index = np.asarray(z[key])
     if index.dtype == bool:
         if index.shape != (n,):
@@ -111,7 +114,7 @@ def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarra
         raise InputError("--run", "no samples to fit the CAV on", "pass --run, or --artifact-samples and --clean-samples")
     if samples:
         with np.load(samples, allow_pickle=False) as z:
-            artifact, clean = (_index(z, key, len(train), samples) for key in ("artifact", "clean"))
+            artifact, clean = (_index(z, key, len(train), samples) for key in (SAMPLES.artifact, SAMPLES.clean))
         return train.images[artifact], train.images[clean]
     if not train.has_artifact.any():
         raise InputError("--run", "its training set marks no sample as carrying the artifact", "pass --samples or --artifact-samples")
@@ -267,6 +270,89 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
 
+@click.command("aclarc")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder written by 'unhans train'.")
+@click.option("--samples", type=click.Path(dir_okay=False),
+              help="The audit's samples.npz ('unhans audit --select'): its artifact rows' own regions are pasted, and the rows left out. "
+                   "Default: the artifact the run was trained with.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write the fine-tuned model to.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=ACLARC_FRACTION, show_default=True,
+              help="Share of the training images the artifact is pasted into (labels kept).")
+@click.option("--epochs", type=click.IntRange(1), default=ACLARC_EPOCHS, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-cost", type=click.FloatRange(0), default=MAX_COST_PT, show_default=True,
+              help="Points of clean accuracy the fine-tuning may cost overall; more and nothing is written.")
+@click.option("--max-class-cost", type=click.FloatRange(0), default=MAX_CLASS_COST_PT, show_default=True,
+              help="Points of clean accuracy it may cost any one class.")
+def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_cost, max_class_cost):
+    """A-ClArC: fine-tune a run's model with its artifact pasted into images of every class, so it stops predicting.
+
+    For an artifact a projection cannot remove: one at a different place in every image, on a model whose head has
+    weights per position (a Flatten into a dense layer). With --samples the artifact is what the audit found, each
+    selected row's own most relevant pixels, wherever they sit; those rows are left out of the fine-tuning, since in
+    a backdoor they carry the wrong label. Writes OUT as a run folder of its own (export it as any run), after
+    measuring what the fine-tuning costs on the run's clean test set, per class: over --max-cost or --max-class-cost
+    nothing is written.
+    """
+    import shutil
+
+    import torch
+
+    from ..core.artifacts import Transplant
+    from ..core.clarc import aclarc
+    from ..core.training import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, attack_success, load_run, probabilities
+
+    run, out = Path(run_dir), Path(out_dir)
+    for name in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE):
+        if not (run / name).is_file():
+            raise InputError("--run", f"{run / name} is missing", "pass a run folder written by 'unhans train'")
+    if out.resolve() == run.resolve():
+        raise InputError("--out", f"{out} is the run itself", "write the fine-tuned model to a folder of its own")
+    model, train, test, attack, artifact = load_run(run)
+    exclude = None
+    if samples:
+        exclude, regions = _artifact_regions(samples, len(train), train.image_shape[1:])
+        artifact = Transplant(train.images[exclude], regions)
+    elif not train.has_artifact.any():
+        raise InputError("--samples", f"{run} was trained without an artifact, so none is known to paste",
+                         "run 'unhans audit --run RUN --select auto' and pass its samples.npz")
+    tuned = aclarc(model, train, artifact, fraction, epochs, lr, seed, exclude=exclude)
+    held_out = HeldOut(test.images, test.labels, "the run's clean test set", list(test.classes), max_cost, max_class_cost)
+    cost = held_out.cost(probabilities(model, test.images), probabilities(tuned, test.images))
+    _print_cost(cost, "what the fine-tuning costs")
+    cost.check()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, DATASET_FILE):
+        shutil.copyfile(run / name, out / name)
+    torch.save(tuned.state_dict(), out / WEIGHTS_FILE)
+    metrics = {
+        "clean_acc_before": cost.overall.before, "clean_acc": cost.overall.after,
+        "attack_success_before": attack_success(model, attack, train.target), "attack_success": attack_success(tuned, attack, train.target),
+        "aclarc": {"source_run": str(run), "samples": samples, "left_out": 0 if exclude is None else len(exclude),
+                   "fraction": fraction, "epochs": epochs, "lr": lr, "seed": seed},
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    print_table(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
+
+
+def _artifact_regions(path: str, n: int, image_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The artifact rows of an audit's samples file and each one's region (H, W), checked against the run."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rows = _index(z, SAMPLES.artifact, n, path)
+            if SAMPLES.regions not in z:
+                raise InputError("--samples", f"{path} has no {SAMPLES.regions!r}: where the artifact lies in each row",
+                                 "select again with this version ('unhans audit --run RUN --out AUDIT --select auto' reuses the audit)")
+            regions = np.asarray(z[SAMPLES.regions], bool)
+    except (OSError, ValueError) as error:
+        raise InputError("--samples", f"cannot read {path} ({error})", "pass the samples.npz 'unhans audit --select' wrote") from None
+    if regions.shape != (len(rows), *image_shape):
+        raise InputError("--samples", f"{path} has {regions.shape[:1]} regions of {regions.shape[1:]} px for {len(rows)} rows of "
+                         f"{tuple(image_shape)} px", "select again from an audit of this run")
+    return np.sort(rows % n), regions[np.argsort(rows % n)]
+
+
 def _within_cost(write, reactive: bool | None, held_out: HeldOut):
     """``write(gate)``'s report and the gate: as asked, or plain unless its cost is refused, then reactive.
 
@@ -296,21 +382,21 @@ def _subspace_summary(quality: dict) -> str:
     return text
 
 
-def _print_cost(cost) -> None:
+def _print_cost(cost, title: str = "what the correction costs") -> None:
     """The cost overall and for the classes it hits hardest; a loud warning when a raised bound let it through."""
     def figure(c):
         return f"{c.before:.1%} -> {c.after:.1%} ({c.pt:+.1f} pt, {c.samples} images)"
 
     worst = cost.worst_class
     shown = sorted(cost.classes, key=lambda c: -c.pt)[:COST_CLASSES_SHOWN]
-    print_table(f"what the correction costs: {cost.metric} on {cost.source}", {
+    print_table(f"{title}: {cost.metric} on {cost.source}", {
         "overall": f"{figure(cost.overall)}; bound {cost.max_pt:g} pt",
         "top-1 agreement with the uncorrected model": f"{cost.agreement:.1%}",
         **{f"class {c.name}": figure(c) + ("" if c.samples >= MIN_CLASS_SAMPLES else "; too few images to judge") for c in shown},
     })
-    if cost.overall.pt > MAX_COST_PT:
+    if MAX_COST_PT < cost.overall.pt <= cost.max_pt:
         warn(f"the correction costs {cost.overall.pt:.1f} points of {cost.metric} (accepted with --max-cost {cost.max_pt:g})")
-    if worst is not None and worst.pt > MAX_CLASS_COST_PT:
+    if worst is not None and MAX_CLASS_COST_PT < worst.pt <= cost.max_class_pt:
         warn(f"the correction costs class {worst.name} {worst.pt:.1f} points of {cost.metric} (accepted with --max-class-cost {cost.max_class_pt:g})")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
 
 from unhans.audit.run import AuditSpec, run_audit, select_samples
@@ -48,8 +49,13 @@ def test_select_writes_the_artifact_sample_sets(audited):
     path = select_samples(spec.out_dir, f"{train.target}:{tagged}")
     with np.load(path) as samples:
         artifact, clean = samples["artifact"], samples["clean"]
+        regions = samples["regions"]
     assert len(artifact) + len(clean) == len(train) and not set(artifact) & set(clean)
     assert train.has_artifact[artifact].mean() > 0.95 and train.has_artifact[clean].mean() < 0.01
+    # each artifact row's region (what unhans aclarc pastes) is where its own patch lies, give or take LRP's 1-px blur
+    assert regions.shape == (len(artifact), *train.image_shape[1:]) and regions.any(axis=(1, 2)).all()
+    near_patch = ndimage.binary_dilation(train.masks[artifact], structure=np.ones((1, 3, 3), bool))
+    assert (regions & near_patch).sum() / regions.sum() > 0.9
     with pytest.raises(InputError, match="cluster '7'"):
         select_samples(spec.out_dir, f"{train.target}:7")
     # two clusters of one class together: every row of the class

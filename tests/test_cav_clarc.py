@@ -6,6 +6,7 @@ import torch
 
 from unhans.core.attribution import LRP, relevance_share
 from unhans.core.cav import CAV
+from unhans.core.artifacts import Transplant
 from unhans.core.clarc import PClArC, aclarc, fit_cav, pclarc
 from unhans.core.errors import InputError
 from unhans.core.layers import activations
@@ -104,6 +105,34 @@ def test_aclarc_finetuning_unlearns_the_artifact(backdoored_vgg):
     assert attack_success(tuned, attack, 0) < 0.5 * attack_success(model, attack, 0)
     assert clean_accuracy(tuned, test) > 0.9
     assert attack_success(model, attack, 0) > 0.9  # the original is untouched
+
+
+def test_aclarc_unlearns_an_artifact_known_only_by_its_samples(backdoored_vgg):
+    """The audit's route for an artifact that moves: each sample's own region pasted into images of every class, the
+    samples themselves left out (labelled 0, they would teach the backdoor again)."""
+    model, train, test, attack = (backdoored_vgg[k] for k in ("model", "train", "test", "attack"))
+    rows = np.flatnonzero(train.has_artifact)
+    tuned = aclarc(model, train, Transplant(train.images[rows], train.masks[rows]), show_progress=False, exclude=rows)
+    assert attack_success(tuned, attack, 0) < 0.1 * attack_success(model, attack, 0)
+    assert clean_accuracy(tuned, test) >= clean_accuracy(model, test) - 0.01
+
+
+def test_transplant_pastes_each_donors_own_pixels_and_nothing_else():
+    rng = np.random.default_rng(0)
+    donors, images = rng.random((3, 2, 6, 6), dtype=np.float32), np.zeros((5, 2, 6, 6), np.float32)
+    masks = np.zeros((3, 6, 6), bool)
+    masks[0, 0, 0], masks[1, 2:4, 2:4], masks[2, 5, :] = True, True, True  # a different place in each donor
+    transplant = Transplant(donors, masks)
+    pasted, where = transplant.apply(images, seed=1)
+    assert where.shape == (5, 6, 6) and not images.any()  # the caller's images are untouched
+    for image, mask in zip(pasted, where):
+        donor = next(d for d in range(3) if (masks[d] == mask).all())
+        assert np.array_equal(image[:, mask], donors[donor][:, mask]) and not image[:, ~mask].any()
+    assert np.array_equal(transplant.paste(images[:2], 1)[:, :, masks[1]], np.broadcast_to(donors[1][:, masks[1]], (2, 2, 4)))
+    with pytest.raises(InputError, match="do not match"):
+        Transplant(donors, masks[:, :5])
+    with pytest.raises(InputError, match="not shaped like the donors"):
+        transplant.apply(np.zeros((1, 2, 5, 5), np.float32))
 
 
 def test_cav_reports_its_held_out_detection_and_warns():

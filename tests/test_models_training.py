@@ -90,10 +90,28 @@ def test_cli_train_then_aclarc(tmp_path):
     run, tuned = tmp_path / "run", tmp_path / "tuned"
     trained = _cli("train", "--out", str(run), "--data", "digits", "--epochs", "3", "--artifact-option", "size=3")
     assert trained.returncode == 0 and "(epoch 3/3, loss" in trained.stderr  # no terminal: a plain line per epoch
-    result = _cli("aclarc", "--run", str(run), "--out", str(tuned), "--epochs", "1")
+    accept = ("--max-cost", "100", "--max-class-cost", "100")  # 3 epochs on 8x8 digits: fine-tuning moves a class by up to 40 points
+    result = _cli("aclarc", "--run", str(run), "--out", str(tuned), "--epochs", "1", *accept)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tuned / "metrics.json").read_text())
     assert metrics["aclarc"]["source_run"] == str(run)
     assert set(metrics) >= {"clean_acc_before", "attack_success_before", "clean_acc", "attack_success"}
     model, *_ = load_run(tuned)  # a run folder of its own, loadable like any other
     assert not torch.equal(model.state_dict()["classifier.fc2.weight"], load_run(run)[0].state_dict()["classifier.fc2.weight"])
+
+    # the artifact as an audit's --select writes it: rows and where it lies in each (here the scenario's own masks)
+    _, train, *_ = load_run(run)
+    rows = np.flatnonzero(train.has_artifact)
+    old = tmp_path / "old-samples.npz"
+    np.savez(old, artifact=rows, clean=np.flatnonzero(~train.has_artifact))
+    refused = _cli("aclarc", "--run", str(run), "--samples", str(old), "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and f"{old} has no 'regions'" in refused.stderr and "--select auto" in refused.stderr
+    assert not (tmp_path / "refused").exists() and "Traceback" not in refused.stderr
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, artifact=rows, clean=np.flatnonzero(~train.has_artifact), regions=train.masks[rows])
+    result = _cli("aclarc", "--run", str(run), "--samples", str(samples), "--out", str(tmp_path / "from-samples"), *accept)
+    assert result.returncode == 0, result.stderr
+    assert "what the fine-tuning costs: clean accuracy on the run's clean test set" in " ".join(result.stdout.split())
+    assert json.loads((tmp_path / "from-samples" / "metrics.json").read_text())["aclarc"]["left_out"] == len(rows)
+    costly = _cli("aclarc", "--run", str(run), "--samples", str(samples), "--out", str(tmp_path / "costly"), "--lr", "1", "--max-cost", "0")
+    assert costly.returncode == 2 and "nothing was written" in costly.stderr and not (tmp_path / "costly").exists()

@@ -60,10 +60,11 @@ def test_corner_patch_backdoor_survives_the_whole_pipeline(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_tag_at_a_random_position_is_isolated_by_the_audit(tmp_path):
+def test_a_tag_at_a_random_position_is_found_and_removed(tmp_path):
     """The "©" at a random position in each poisoned image: the clean 0s' rings carry class 0 as well as the tags do,
-    so the transplant alone cannot choose; the other-class test (audit/clusters.py) must find the tag cluster. What
-    the correction then cuts is not asserted: a flat P-ClArC leaves a moving tag at 20-40% (BENCHMARKS.md § quality)."""
+    so the transplant alone cannot choose; the other-class test (audit/clusters.py) must find the tag cluster. No
+    projection removes a tag that moves on this VGG (no global pooling), so the audit prints A-ClArC from the selected
+    samples' own regions, then the export; the cell runs exactly those commands."""
     quality = _quality()
     cell = quality.Cell("textrandom", "backdoor", 0.10)
     result = quality.run_cell(cell, tmp_path / cell.name)
@@ -71,5 +72,7 @@ def test_a_tag_at_a_random_position_is_isolated_by_the_audit(tmp_path):
     assert result["attack_success_before"] >= 0.5, result
     assert result["rank"] == 1 and result["artifact_found"] and result["chosen_class"] == 0, result
     assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
-    # a tag at no one place has no region to paste: the audit points to the selected samples, not to a paired set
-    assert "fit the correction from the selected samples instead" in " ".join((tmp_path / cell.name / "audit.log").read_text().split())
+    audit_log = " ".join((tmp_path / cell.name / "audit.log").read_text().split())
+    assert "no projection removes an artifact that moves" in audit_log and "unhans aclarc --run" in audit_log
+    assert result["correction_route"] == "audit" and not result["export_refused"], result
+    assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result

@@ -16,7 +16,7 @@ from rich.table import Table
 from . import __version__
 from .core.errors import InputError
 from .options import parse_options, parse_position
-from .export.cli import archive_command, contract_from_options, contract_options, export_command, inspect_command
+from .export.cli import aclarc_command, archive_command, contract_from_options, contract_options, export_command, inspect_command
 from .deploy import kserve_manifest_command
 from .monitor.cli import monitor_group
 from .output import console, print_table, results
@@ -174,46 +174,6 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder written by 'unhans train'.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write the fine-tuned model to.")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
-              help="Share of all training images the artifact is pasted into (labels kept).")
-@click.option("--epochs", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def aclarc(run_dir, out_dir, fraction, epochs, lr, seed):
-    """A-ClArC: fine-tune a trained model with its artifact pasted into images of every class, so it stops predicting.
-
-    Reads RUN (model, weights and the scenario with its artifact), writes OUT as a run folder of its own with
-    metrics before and after.
-    """
-    import shutil
-
-    import torch
-
-    from .core.clarc import aclarc as finetune
-    from .core.training import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, attack_success, clean_accuracy, load_run
-
-    run, out = Path(run_dir), Path(out_dir)
-    for name in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE):
-        if not (run / name).is_file():
-            raise InputError("--run", f"{run / name} is missing", "pass a run folder written by 'unhans train'")
-    model, train, test, attack, artifact = load_run(run)
-    tuned = finetune(model, train, artifact, fraction, epochs, lr, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, DATASET_FILE):
-        shutil.copyfile(run / name, out / name)
-    torch.save(tuned.state_dict(), out / WEIGHTS_FILE)
-    metrics = {
-        "clean_acc_before": clean_accuracy(model, test), "attack_success_before": attack_success(model, attack, train.target),
-        "clean_acc": clean_accuracy(tuned, test), "attack_success": attack_success(tuned, attack, train.target),
-        "aclarc": {"source_run": str(run), "fraction": fraction, "epochs": epochs, "lr": lr, "seed": seed},
-    }
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    print_table(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
-
-
-@main.command()
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
 @click.option("--retrain", is_flag=True, help="Train again even if the run folder holds a model.")
@@ -232,7 +192,7 @@ def demo(out_dir, model_store, retrain, monitor_port):
     print_table("unhans demo", summary)
 
 
-for command in (export_command, inspect_command, archive_command, kserve_manifest_command, monitor_group):
+for command in (export_command, aclarc_command, inspect_command, archive_command, kserve_manifest_command, monitor_group):
     main.add_command(command)
 
 if __name__ == "__main__":
