@@ -187,8 +187,6 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     """For ``unhans audit --select``: the selected rows' artifact region written beside OUT/samples.npz (see
     :func:`write_region`), and the ``unhans export`` command that fits the paired CAV from it printed on ``console``.
     Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
-    import hashlib
-
     import torch
 
     from unhans.core.errors import InputError
@@ -196,22 +194,20 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     from unhans.core.models import load_model
     from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
-    from .run import AuditSpec
+    from .run import audited_dataset
     from .samples import SAMPLES_FILE
     from .store import StoredRelevance
 
     out, spec = Path(out), audit.get("spec", {})
     try:
-        audited = AuditSpec(**spec)
-        dataset = audited.dataset()
+        audited, dataset = audited_dataset(out, audit)
         store = StoredRelevance(out / "relevance")
-    except (KeyError, TypeError, InputError) as error:
+    except InputError as error:
         console.print(f"[yellow]no artifact region written[/]: {error}")
         return None
-    # the audit's own fingerprint of its data (audit.run._fingerprint): the rows must still be the audited images
-    data_hash = hashlib.sha256(dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest()
-    if data_hash != audit.get("inputs", {}).get("data") or store.n != len(dataset):
-        console.print(f"[yellow]no artifact region written[/]: {spec['data']} changed since the audit; run it again with --restart")
+    if store.n != len(dataset):
+        console.print(f"[yellow]no artifact region written[/]: {out / 'relevance'} holds {store.n} rows, the audited data {len(dataset)}; "
+                      "run the audit again with --restart")
         return None
     pixels = audited.pictures(dataset.images)  # the region and the clean images are pictures: export reads them as photos
     region = find_region(store, pixels, dataset.labels, rows)
@@ -238,24 +234,29 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
                   f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
                   f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
     samples = shlex.quote(str(out / SAMPLES_FILE))
-    if region.warnings and model.startswith("--run"):  # no one place to paste: the selected rows themselves are the contrast set
+    if region.warnings:  # no one place to paste: the selected rows themselves are the contrast set
         pooling = global_pooling_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2]))
+        lead = "the region is no one place (see above), so a paired set pasted from it would not be the artifact; "
         if pooling:
-            lead = ("the region is no one place (see above), so a paired set pasted from it would not be the artifact; fit the correction "
-                    f"from the selected samples instead, after the model's global pooling ({pooling}), where an artifact that moves "
-                    "lands in the same features wherever it sits:")
+            lead += (f"fit the correction from the selected samples instead, after the model's global pooling ({pooling}), where an "
+                     "artifact that moves lands in the same features wherever it sits:")
             commands = [f"unhans export {model} --layer {shlex.quote(pooling)} --samples {samples} --out corrected.onnx"]
-        else:
+        elif model.startswith("--run"):
             tuned = shlex.quote(f"{model_dir}-aclarc")
-            lead = ("the region is no one place (see above), so a paired set pasted from it would not be the artifact; and this model "
-                    "has no global pooling layer, so no projection removes an artifact that moves (README: which layer to correct). "
-                    "Fine-tune it with each selected sample's own region pasted into other images (A-ClArC), then export that run "
-                    "(its correction keeps the artifact score for the monitor):")
+            lead += ("and this model has no global pooling layer, so no projection removes an artifact that moves (README: which "
+                     "layer to correct). Fine-tune it with each selected sample's own region pasted into other images (A-ClArC), "
+                     "then export that run with a reactive correction, which leaves clean inputs alone and keeps the artifact "
+                     "score the monitor watches:")
             commands = [f"unhans aclarc {model} --samples {samples} --out {tuned}",
-                        f"unhans export --run {tuned} --layer {layer} --samples {samples} --out corrected.onnx"]
+                        f"unhans export --run {tuned} --layer {layer} --samples {samples} --reactive --out corrected.onnx"]
+        else:
+            lead += ("and this model has no global pooling layer: no projection measured removed an artifact that moves, and "
+                     "A-ClArC (unhans aclarc) fine-tunes training runs only. The correction from the selected samples is the "
+                     "nearest; check the corrected model's predictions on images with the artifact before deploying it:")
+            commands = [f"unhans export {model} --layer {layer} --samples {samples} --out corrected.onnx"]
         route = "samples"
     else:
-        lead = (("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
+        lead = ("fit the paired correction with"
                 + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
                    else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":")
         commands = [f"unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "

@@ -105,14 +105,35 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(spec: AuditSpec, dataset) -> dict:
     """What the stored relevance depends on: the contents of model, weights and data, the composite and the layer."""
-    return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": hashlib.sha256(
-        dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest(), "composite": spec.composite, "layer": spec.layer,
-        "layer_relevance": "summed over positions"}
+    return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": _fingerprint_of_data(dataset),
+            "composite": spec.composite, "layer": spec.layer, "layer_relevance": "summed over positions"}
+
+
+def _fingerprint_of_data(dataset) -> str:
+    return hashlib.sha256(dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest()
 
 
 def _inputs(spec: AuditSpec, dataset) -> dict:
     """What an audit's results depend on: the relevance's fingerprint and SpRAy's settings."""
     return {**_fingerprint(spec, dataset), "n_neighbors": spec.n_neighbors, "pooling": spec.pooling, "embedding_2d": spec.embedding_2d}
+
+
+def audited_dataset(out_dir: str | Path, audit: dict | None = None) -> tuple[AuditSpec, ImageDataset]:
+    """The spec of the audit in OUT and the images it analysed, row for row as its ``samples.npz`` counts them
+    (``audit``: its audit.json, when already read); refused when the data no longer hash to what was audited."""
+    audit_file = Path(out_dir) / "audit.json"
+    if audit is None:
+        if not audit_file.is_file():
+            raise InputError(str(out_dir), "holds no finished audit (audit.json)", "run 'unhans audit' into it first")
+        audit = json.loads(audit_file.read_text())
+    try:
+        spec = AuditSpec(**audit["spec"])
+    except (KeyError, TypeError) as error:
+        raise InputError(str(audit_file), f"is not an audit summary ({error})", "run 'unhans audit' into its folder again") from None
+    dataset = spec.dataset()
+    if _fingerprint_of_data(dataset) != audit.get("inputs", {}).get("data"):
+        raise InputError(spec.data, f"changed since the audit in {out_dir}", "run the audit again with --restart")
+    return spec, dataset
 
 
 def finished_audit(spec: AuditSpec) -> dict | None:

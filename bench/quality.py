@@ -10,7 +10,14 @@ each, ``--workers`` cells at a time, 2 by default: one per core):
     unhans audit  --run R --out A --select auto          (exit 2 "no artifact found": the cell fails, the grid goes on)
     unhans export --run R --layer features.pool2 --samples A/samples.npz --out C.onnx   (exit 2: refused, recorded)
 
-then scores the corrected graph C.onnx with onnxruntime on the run's clean test set and attacked test set.
+except where the audit found that the artifact moves (A/artifact-region.json's ``route`` is ``samples``): there the
+cell runs the commands the audit printed instead, on this VGG (no global pooling) A-ClArC and then the export:
+
+    unhans aclarc --run R --samples A/samples.npz --out R-aclarc
+    unhans export --run R-aclarc --layer features --samples A/samples.npz --reactive --out C.onnx
+
+then scores the corrected graph C.onnx with onnxruntime on the run's clean test set and attacked test set, against
+the uncorrected model's figures.
 
 Grid (24 cells) = artifacts x modes x rates:
 
@@ -37,7 +44,8 @@ A/samples.npz, i.e. the chosen cluster, against the training rows that truly car
 ``poisoned_rows``, ``attack_success_before`` / ``_after`` (share of the attacked test set, every non-target test
 image with the artifact pasted, predicted as the target: metrics.json's definition in both modes, core/training.py
 ``attack_success``), ``attack_success_cut`` ((before - after) / before), ``clean_acc_before`` / ``_after`` (clean
-test set), ``clean_drop_pt`` (points), ``export_refused`` (export's cost check refused to write the graph),
+test set), ``clean_drop_pt`` (points), ``export_refused`` (export's or A-ClArC's cost check refused to write), ``correction_route``
+(``grid`` or ``audit``, see above),
 ``meets_all_targets``, ``seconds`` (train + audit + export + scoring, wall clock), ``cpu_seconds`` (CPU time of the
 three commands, as the kernel counts it: what the cell costs however busy the machine is). Where nothing was exported (no artifact
 found, export refused) the deployed model is the uncorrected one: after = before, cut 0.

@@ -121,13 +121,12 @@ def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarra
     return train.images[train.has_artifact], train.images[~train.has_artifact]
 
 
-def _held_out(test, clean, paired, max_cost, max_class_cost):
+def _held_out(test, clean, clean_source: str, max_cost, max_class_cost):
     """What the correction's cost is measured on: a run's labelled clean test set, else the clean images the CAV saw
-    (your photos without the artifact), judged by agreement with the uncorrected model."""
+    (``clean_source`` says which), judged by agreement with the uncorrected model."""
     if test is not None:
         return HeldOut(test.images, test.labels, "the run's clean test set", list(test.classes), max_cost, max_class_cost)
-    source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
-    return HeldOut(clean, None, source, None, max_cost, max_class_cost)
+    return HeldOut(clean, None, clean_source, None, max_cost, max_class_cost)
 
 
 def _pasted(images, artifact_image, position, artifact_options, contract) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +166,9 @@ def _pasted(images, artifact_image, position, artifact_options, contract) -> tup
                    "and reactive where the plain projection costs more than --max-cost/--max-class-cost on a run's labelled test set.")
 @click.option("--threshold", type=float, default=0.0, show_default=True, help="Detector score above which a sample counts as carrying the artifact (and, with --reactive, is corrected).")
 @click.option("--no-fold", "no_fold", is_flag=True, help="Insert the correction as ops even where it could be folded into a linear layer.")
-@click.option("--samples", type=click.Path(dir_okay=False), help=".npz with 'artifact' and 'clean' masks or indices into the run's training set.")
+@click.option("--samples", type=click.Path(dir_okay=False),
+              help=".npz with 'artifact' and 'clean' masks or indices into the run's training set, or, without --run, the "
+                   "samples.npz of a folder audit (its rows are the audited images, read again as the audit did).")
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
 @click.option("--model", "model_file", type=click.Path(dir_okay=False), help="Your model file (one nn.Module class, TorchServe-style), instead of --run.")
@@ -218,11 +219,17 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         n_directions = int(n_directions)
     paired = images is not None
     train, test = _scenario(run_dir)
+    clean_source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
+    if samples and train is None and not artifact_samples:  # a folder audit's selection: its rows are the audited images
+        from ..audit.run import audited_dataset
+
+        _, train = audited_dataset(Path(samples).parent)
+        clean_source = "the audited images without the artifact (the CAV's own)"
     if paired:
         artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
     else:
         artifact, clean = _samples(train, samples, artifact_samples, clean_samples)
-    held_out = _held_out(test, clean, paired, max_cost, max_class_cost)
+    held_out = _held_out(test, clean, clean_source, max_cost, max_class_cost)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
     if onnx_file is not None:

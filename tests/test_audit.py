@@ -16,6 +16,7 @@ from unhans.audit.run import AuditSpec, run_audit, select_samples
 from unhans.core.artifacts import Patch
 from unhans.core.errors import InputError
 from unhans.core.training import TrainSpec, train_run
+from unhans.export.onnx import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +326,24 @@ def test_photos_of_any_size_are_audited_through_the_input_contract(digits_run, t
     np.testing.assert_allclose(shown, pixels, atol=1e-6)  # people see its pixels
     refused = CliRunner().invoke(main, ["audit", "--run", str(digits_run), "--out", str(tmp_path / "b"), *options])
     assert refused.exit_code == 2 and "applies to image folders" in refused.output and not (tmp_path / "b" / "audit.json").exists()
+
+    # the selected rows of a folder audit fit a correction without a run: export reads the audited images from the audit
+    model_args = ["--model", str(digits_run / "model.py"), "--weights", str(digits_run / "weights.pt")]
+    picked = CliRunner().invoke(main, ["audit", *model_args, "--data", str(folder), "--out", str(out), "--neighbors", "5", *options,
+                                       "--select", "0:0"])
+    assert picked.exit_code == 0, picked.output
+    with np.load(out / "samples.npz") as samples:
+        selected, regions = len(samples["artifact"]), samples["regions"]
+    assert regions.shape == (selected, 8, 8)
+    graph = tmp_path / "folder.onnx"
+    export = ["export", *model_args, "--layer", "features", "--samples", str(out / "samples.npz"), "--out", str(graph)]
+    exported = CliRunner().invoke(main, [*export, "--max-cost", "100", "--max-class-cost", "100"])
+    assert exported.exit_code == 0, exported.output
+    metadata = read_metadata(graph)
+    assert metadata["unhans.cost.samples"] == str(80 - selected) and "the audited images" in metadata["unhans.cost.data"]
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(folder / "3" / "0.png")  # the data changed since
+    stale = CliRunner().invoke(main, [*export, "--out", str(tmp_path / "stale.onnx")])
+    assert stale.exit_code == 2 and "changed since the audit" in stale.output and not (tmp_path / "stale.onnx").exists()
 
 
 def test_some_of_a_models_classes_are_audited_by_their_names(digits_run, tmp_path):
