@@ -137,7 +137,8 @@ def write_report(out_dir: str | Path, title: str, ranked: list, classes: list[st
                 f"<figcaption>cluster {cluster}: {len(members)} samples; transplant rate {found[cluster].transplant_rate:.0%} "
                 f"(regions of {found[cluster].region_share:.0%} of the pixels, {found[cluster].donors} donors); "
                 f"the model gives its members' most likely other class {found[cluster].other_class:.0%} on average"
-                f"{' <b>(the artifact)</b>' if cluster in marked else ''}"
+                + ("" if found[cluster].small_rate is None else f"; regions cut to the smallest carrying size turn {found[cluster].small_rate:.0%}")
+                + f"{' <b>(the artifact)</b>' if cluster in marked else ''}"
                 f" — mean heatmap, then prototypes (rows {chosen.tolist()})</figcaption></figure>"
                 + (f"<figure><img src='report/{stem}-cluster-{cluster}-transplants.png' alt='transplants of cluster {cluster}'>"
                    f"<figcaption>images of other classes with a member's most relevant pixels pasted in: red border = now predicted {name}"

@@ -37,7 +37,8 @@ from .virelay import write_virelay_project
 
 INPUT = "input"
 LATENT = "auto"  # the end of the feature extractor (core.layers.last_spatial_layer)
-ANALYSED = "analysed"  # the stored relevance SpRAy runs on: the input maps, or a layer's summed over positions
+ANALYSED = "analysed"  # the stored relevance SpRAy runs on: the input maps, or a layer's pooled over positions
+SUM, MAX, AUTO_POOLING = "sum", "max", "auto"  # a layer's relevance over positions: summed, its peak, or by the model (_pooled)
 console = Console(stderr=True)
 
 
@@ -49,7 +50,8 @@ class AuditSpec:
     weights: str
     data: str
     out_dir: str
-    layer: str = LATENT  # INPUT, LATENT or a layer name: a layer's relevance is summed over positions (see run_audit)
+    layer: str = LATENT  # INPUT, LATENT or a layer name: a layer's relevance is pooled over positions (see run_audit)
+    over_positions: str = AUTO_POOLING  # how a layer's relevance is pooled over positions: SUM, MAX or AUTO_POOLING (_pooled)
     composite: str = "epsilon_plus_flat"
     batch_size: int = 128
     n_neighbors: int = 10
@@ -79,7 +81,8 @@ class AuditSpec:
 _LRP_CACHE: dict[str, LRP] = {}
 
 
-def _explain_batch(model_source: str, state: bytes, key: str, composite: str, layer: str, images: np.ndarray, targets: np.ndarray):
+def _explain_batch(model_source: str, state: bytes, key: str, composite: str, layer: str, over_positions: str, images: np.ndarray,
+                   targets: np.ndarray):
     """Relevance of one batch; runs wherever joblib sends it and keeps one LRP (hooks registered) per process."""
     lrp = _LRP_CACHE.get(key)
     if lrp is None:
@@ -95,7 +98,7 @@ def _explain_batch(model_source: str, state: bytes, key: str, composite: str, la
         lrp = _LRP_CACHE[key] = LRP(model.eval(), composite, layers=() if layer == INPUT else (layer,), check=False)
     explanation = lrp(torch.from_numpy(images), targets)
     latent = explanation.layer_relevance.get(layer, explanation.relevance)
-    analysed = latent.sum(axis=(2, 3)) if layer != INPUT and latent.ndim == 4 else latent
+    analysed = latent if layer == INPUT or latent.ndim != 4 else latent.max(axis=(2, 3)) if over_positions == MAX else latent.sum(axis=(2, 3))
     return {INPUT: explanation.relevance, "logits": explanation.logits, ANALYSED: analysed}
 
 
@@ -104,9 +107,10 @@ def _sha256(path: Path) -> str:
 
 
 def _fingerprint(spec: AuditSpec, dataset) -> dict:
-    """What the stored relevance depends on: the contents of model, weights and data, the composite and the layer."""
+    """What the stored relevance depends on: the contents of model, weights and data, the composite, the layer and how
+    its relevance is pooled over positions (as asked: ``auto`` resolves the same way for the same model)."""
     return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": _fingerprint_of_data(dataset),
-            "composite": spec.composite, "layer": spec.layer, "layer_relevance": "summed over positions"}
+            "composite": spec.composite, "layer": spec.layer, "layer_relevance": f"pooled over positions: {spec.over_positions}"}
 
 
 def _fingerprint_of_data(dataset) -> str:
@@ -165,6 +169,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
                          "audit the model on the data it was trained for (same classes, same order), or pass --classes "
                          "with its class names to audit some of its classes")
     layer = _analysed_layer(spec.layer, model, torch.from_numpy(dataset.images[:2]))
+    over_positions = _pooled(spec.over_positions, model, torch.from_numpy(dataset.images[:2]))
     with LRP(model, spec.composite) as lrp:  # a model whose LRP is not conservative is refused here, before any work
         conservation = lrp.check(torch.from_numpy(dataset.images[:8]))
     console.print(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
@@ -182,7 +187,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
         with Progress(console=console) as progress:
             task = progress.add_task(f"relevance ({spec.composite}, at the input and {layer})", total=store.num_batches,
                                      completed=store.num_batches - len(pending))
-            jobs = (delayed(_explain_batch)(model_source, state, key, spec.composite, layer,
+            jobs = (delayed(_explain_batch)(model_source, state, key, spec.composite, layer, over_positions,
                                             dataset.images[store.rows(b)], dataset.labels[store.rows(b)]) for b in pending)
             for batch, arrays in zip(pending, Parallel(return_as="generator", **parallel_args)(jobs)):
                 store.write(batch, arrays)
@@ -199,7 +204,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
     ranked = rank_by_evidence(ranked, evidence)
     seconds = time.perf_counter() - started
 
-    where = "input maps" if layer == INPUT else f"relevance at {layer}, summed over positions"
+    where = "input maps" if layer == INPUT else f"relevance at {layer}, {'its peak' if over_positions == MAX else 'summed'} over positions"
     notes = [f"model {spec.model_file}, data {spec.data} ({len(dataset)} samples), composite {spec.composite}; SpRAy on {where}",
              f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}",
              f"{computed_here:.0%} of relevance batches computed in this run (the rest resumed from {store_path.name}/); {seconds:.1f} s"]
@@ -210,7 +215,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
                               {"class_index": r.class_index, "index": r.indices, "labels": r.labels, "eigenvalues": r.eigenvalues,
                                "eigenvectors": r.spray.eigenvectors_, "embedding_2d": r.spray.embedding_2d_} for r in ranked if r.spray is not None])
     (out / "audit.json").write_text(json.dumps({
-        "spec": spec.__dict__, "analysed_layer": layer, "inputs": _inputs(spec, dataset), "seconds": seconds, "conservation": conservation.__dict__, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
+        "spec": spec.__dict__, "analysed_layer": layer, "over_positions": over_positions, "inputs": _inputs(spec, dataset), "seconds": seconds, "conservation": conservation.__dict__, "computed_fraction_this_run": computed_here, "skipped_images": len(dataset.skipped),
         "classes": [{**r.summary(), "class": dataset.classes[r.class_index], **(summary(evidence[r.class_index]) if r.spray is not None else {})}
                     for r in ranked],
         "clusters": {str(r.class_index): {"rows": r.indices.tolist(), "labels": r.labels.tolist()} for r in ranked if r.spray is not None},
@@ -234,6 +239,26 @@ def _analysed_layer(layer: str, model, probe: torch.Tensor) -> str:
         return last_spatial_layer(model, probe)
     get_layer(model, layer)
     return layer
+
+
+def _pooled(over_positions: str, model, probe: torch.Tensor) -> str:
+    """How a layer's relevance is pooled over positions: as asked, or by the model's head (``auto``).
+
+    Where the model pools globally (ResNet, EfficientNet), every position feeds the same weights, so a channel's summed
+    relevance mixes an artifact's share with the object's; its peak says whether the channel fired strongly
+    *anywhere*, which is what an artifact that moves does. Measured on MNIST-5k, a "©" at a random place in 10% of
+    the other classes' images relabelled 0: on SmallResNet (global average pooling) the best cluster held 81 of the
+    360 tagged rows in 105 summed, 345 in 347 with the peak. On the VGG, which flattens into a dense layer (every
+    position its own weights), the sum is the better one: 356 tagged rows of 369 summed, against clusters of 235 in
+    254 and 62 in 63 with the peak; a frame on class 0's own images split in two mixed clusters with the peak.
+    """
+    from unhans.core.layers import global_pooling_layer
+
+    if over_positions not in (SUM, MAX, AUTO_POOLING):
+        raise InputError("--over-positions", f"{over_positions!r} is unknown", f"use {SUM}, {MAX} or {AUTO_POOLING}")
+    if over_positions != AUTO_POOLING:
+        return over_positions
+    return MAX if global_pooling_layer(model, probe) else SUM
 
 
 def _intervene(model, dataset, relevance: np.ndarray, ranked: list[ClassResult]) -> dict:

@@ -95,6 +95,7 @@ ARTIFACTS = {
 }
 MODES = ("backdoor", "cooccurrence")
 RATES = (0.02, 0.05, 0.10)
+GRID_MODEL = "vgg"  # the grid's model; another (`--architecture resnet`) is corrected as its audit prints
 LAYER = "features.pool2"  # the VGG's last max-pool, the layer the README exports at
 EPOCHS, QUICK_EPOCHS = 5, 4
 COOCCURRENCE_EXTRA_EPOCHS = 3  # a tag on the class's own images is learned slowly: 8% attack success at 4 epochs, 27% at 8
@@ -117,10 +118,12 @@ class Cell:
     mode: str
     rate: float
     seed: int = 0
+    architecture: str = GRID_MODEL  # `unhans train --model`
 
     @property
     def name(self) -> str:
-        return f"{self.artifact}_{self.mode}_{round(100 * self.rate):02d}" + (f"_s{self.seed}" if self.seed else "")
+        return (f"{self.artifact}_{self.mode}_{round(100 * self.rate):02d}" + (f"_s{self.seed}" if self.seed else "")
+                + ("" if self.architecture == GRID_MODEL else f"_{self.architecture}"))
 
     @property
     def fraction(self) -> float:
@@ -132,18 +135,20 @@ class Cell:
         return epochs + COOCCURRENCE_EXTRA_EPOCHS if self.mode == "cooccurrence" else epochs
 
     def train_args(self, out: Path, epochs: int) -> list[str]:
-        return ["train", "--out", str(out), "--data", "mnist", "--poison", self.mode, *ARTIFACTS[self.artifact],
+        model = [] if self.architecture == GRID_MODEL else ["--model", self.architecture]  # the grid's: the CLI's default
+        return ["train", "--out", str(out), "--data", "mnist", *model, "--poison", self.mode, *ARTIFACTS[self.artifact],
                 "--fraction", str(self.fraction), "--epochs", str(self.epochs(epochs)), "--seed", str(self.seed)]
 
 
-def grid(patterns: list[str] | None = None, seeds: list[int] | None = None, quick: bool = False) -> list[Cell]:
+def grid(patterns: list[str] | None = None, seeds: list[int] | None = None, quick: bool = False,
+         architecture: str = GRID_MODEL) -> list[Cell]:
     """The cells to run: the whole grid (or QUICK_CELLS), filtered by name substrings, once per seed."""
     cells = [Cell(a, m, r) for a in ARTIFACTS for m in MODES for r in RATES]
     if quick and not patterns:
         patterns = list(QUICK_CELLS)
     if patterns:
         cells = [c for c in cells if any(p in c.name for p in patterns)]
-    return [Cell(c.artifact, c.mode, c.rate, s) for c in cells for s in (seeds or [0])]
+    return [Cell(c.artifact, c.mode, c.rate, s, architecture) for c in cells for s in (seeds or [0])]
 
 
 def _cli(args: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -184,13 +189,14 @@ def _predict(graph: Path, images: np.ndarray) -> np.ndarray:
     return run_batched(session(graph, threads=1, cuda=False), images, ["logits"])[0].argmax(1)
 
 
-def _correction_commands(audit: Path, run: Path, graph: Path, export_args: list[str]) -> tuple[str, list[list[str]]]:
+def _correction_commands(cell: Cell, audit: Path, run: Path, graph: Path, export_args: list[str]) -> tuple[str, list[list[str]]]:
     """How the cell is corrected, and the commands: ``grid``, the export from the selected samples at ``LAYER``, except
-    where the audit found that the artifact moves (its region's route ``samples``); there ``audit``, the commands the
-    audit printed, as a user would paste them (A-ClArC then export, on this VGG without global pooling), writing ``graph``."""
+    where the audit found that the artifact moves (its region's route ``samples``) or the model is not the grid's;
+    there ``audit``, the commands the audit printed, as a user would paste them (on the VGG without global pooling,
+    A-ClArC then export), writing ``graph``."""
     region = audit / "artifact-region.json"
     info = json.loads(region.read_text()) if region.is_file() else {}
-    if info.get("route") != "samples":
+    if info.get("route") != "samples" and cell.architecture == GRID_MODEL:
         return "grid", [["export", "--run", str(run), "--layer", LAYER, "--samples", str(audit / "samples.npz"), "--out", str(graph), *export_args]]
     commands = []
     for line in info["commands"]:
@@ -255,7 +261,7 @@ def run_cell(cell: Cell, folder: Path, epochs: int = EPOCHS, export_args: list[s
     out["correction_route"] = None
     if out["artifact_found"]:
         step = time.perf_counter()
-        out["correction_route"], commands = _correction_commands(audit, run, graph, export_args)
+        out["correction_route"], commands = _correction_commands(cell, audit, run, graph, export_args)
         cpu = 0.0
         for command in commands:
             done = _cli(command, folder / ("export.log" if command[0] == "export" else f"{command[0]}.log"))
@@ -385,9 +391,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK_CELLS)} cells ({', '.join(QUICK_CELLS)}), {QUICK_EPOCHS} epochs")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS}, {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--workers", type=int, default=2, help="cells run at once, each step one thread (default 2: one per core)")
+    parser.add_argument("--architecture", default=GRID_MODEL, choices=("vgg", "resnet"),
+                        help="the model every cell trains ('unhans train --model'); resnet cells run the audit's printed commands")
     parser.add_argument("--export-args", default="", help="extra 'unhans export' arguments for every cell, e.g. '--reactive'")
     args = parser.parse_args()
-    cells = grid(args.cells, args.seeds, args.quick)
+    cells = grid(args.cells, args.seeds, args.quick, args.architecture)
     if not cells:
         parser.error(f"no cell matches {args.cells}")
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)

@@ -54,7 +54,7 @@ def measure_backdoor(run_dir: Path) -> dict:
     cav = fit_cav(model, LAYER, train.images[train.has_artifact], train.images[~train.has_artifact])
     corrected = pclarc(model, LAYER, cav)
     reactive = pclarc(model, LAYER, cav, reactive=True)
-    tuned = aclarc(model, train, artifact, fraction=0.5, epochs=2)
+    tuned = aclarc(model, train, artifact, fraction=0.5, epochs=2, lr=1e-3)
     for name, variant in (("pclarc", corrected), ("reactive", reactive), ("aclarc", tuned)):
         figures[f"clean_acc_after_{name}"] = clean_accuracy(variant, test)
         figures[f"attack_success_after_{name}"] = attack_success(variant, attack, target)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..audit.samples import SAMPLES
 from ..core.cav import CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
-from ..core.clarc import ACLARC_EPOCHS, ACLARC_FRACTION
+from ..core.clarc import ACLARC_EPOCHS, ACLARC_FRACTION, ACLARC_LR
 from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
@@ -286,7 +286,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=ACLARC_FRACTION, show_default=True,
               help="Share of the training images the artifact is pasted into (labels kept).")
 @click.option("--epochs", type=click.IntRange(1), default=ACLARC_EPOCHS, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=ACLARC_LR, show_default=True, help="Adam's learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-cost", type=click.FloatRange(0), default=MAX_COST_PT, show_default=True,
               help="Points of clean accuracy the fine-tuning may cost overall; more and nothing is written.")

@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from unhans.audit.run import AuditSpec, run_audit, select_samples
 from unhans.core.artifacts import Patch
+from unhans.core.data import load_npz
 from unhans.core.errors import InputError
 from unhans.core.training import TrainSpec, train_run
 from unhans.export.onnx import read_metadata
@@ -186,6 +187,34 @@ def test_killed_audit_resumes_without_redoing_work(digits_run, tmp_path):
     fresh = run_audit(_spec(digits_run, tmp_path / "fresh", batch_size=16))
     assert [r.class_index for r in resumed] == [r.class_index for r in fresh]
     assert all(np.array_equal(a.labels, b.labels) for a, b in zip(resumed, fresh))
+
+
+def test_a_layers_relevance_is_pooled_by_its_peak_where_the_model_pools_globally(digits_run, tmp_path):
+    """``over_positions='auto'``: the peak over positions on a ResNet (global pooling: a moving artifact is a strong
+    response anywhere), the sum on the VGG (a Flatten head); stored relevance pooled one way is not reused for the other."""
+    import h5py
+    import torch
+
+    from unhans.core.attribution import LRP
+    from unhans.core.models import load_model
+
+    resnet = tmp_path / "resnet"
+    train_run(TrainSpec(data="digits", architecture="resnet", epochs=2, seed=0), Patch(size=3), resnet, show_progress=False)
+    spec = _spec(resnet, tmp_path / "a")
+    run_audit(spec)
+    audit = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert audit["over_positions"] == "max" and audit["spec"]["over_positions"] == "auto"
+    model, train = load_model(spec.model_file, spec.weights), load_npz(spec.data)
+    with LRP(model, layers=(audit["analysed_layer"],), check=False) as lrp:
+        latent = lrp(torch.from_numpy(train.images[:4]), train.labels[:4]).layer_relevance[audit["analysed_layer"]]
+    with h5py.File(tmp_path / "a" / "relevance" / "batch-00000.h5") as f:
+        np.testing.assert_allclose(f["analysed"][:4], latent.max(axis=(2, 3)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(InputError, match="another audit"):
+        run_audit(_spec(resnet, tmp_path / "a", over_positions="sum"))
+    run_audit(_spec(digits_run, tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "audit.json").read_text())["over_positions"] == "sum"
+    with pytest.raises(InputError, match="'mean' is unknown"):
+        run_audit(_spec(digits_run, tmp_path / "c", over_positions="mean"))
 
 
 def test_resume_refuses_another_model(digits_run, tmp_path):

@@ -51,3 +51,22 @@ def test_a_class_marked_by_either_test_ranks_before_a_hijackable_one():
                 0: clusters((352, 0.61, 0.07, 0.13), (408, 0.73, 0.09, 0.02)),  # the moving tag
                 2: clusters((300, 0.05, 0.08, 0.01), (300, 0.04, 0.08, 0.01))}
     assert [r.class_index for r in rank_by_evidence(ranked, evidence)] == [0, 1, 2]
+
+
+def test_where_no_other_class_shows_the_clusters_that_still_carry_the_class_when_small_decide():
+    # the "©" at random positions on SmallResNet: the model is sure of the tagged images (no other class shows), both
+    # clusters carry class 0; cut to the tags' size, the clean 0s' fragments carry it far less
+    resnet = clusters((348, 0.96, 0.07, 0.03), (412, 0.86, 0.16, 0.06))
+    assert artifact_clusters(resnet) == [] and summary(resnet)["hijackable"]  # without the small-region figures
+    resnet[0].small_rate, resnet[1].small_rate = 0.97, 0.62
+    assert artifact_clusters(resnet) == [0] and summary(resnet)["artifact_evidence"] == "small regions"
+    assert "cut to 7% of the image" in verdict(resnet) and not summary(resnet)["hijackable"]
+    assert summary(resnet)["cluster_evidence"][1]["small_region_transplant_rate"] == 0.62
+    # the VGG's tag clusters at 10%: the other-class test decides before the small regions are asked
+    vgg = clusters((369, 0.85, 0.07, 0.12), (391, 0.82, 0.09, 0.002))
+    vgg[0].small_rate, vgg[1].small_rate = 0.90, 0.80
+    assert artifact_clusters(vgg) == [0] and summary(vgg)["artifact_evidence"] == "other class"
+    # small regions that do not set a cluster apart mark nothing
+    close = clusters((200, 0.80, 0.09, 0.03), (300, 0.60, 0.08, 0.02))
+    close[0].small_rate, close[1].small_rate = 0.70, 0.55
+    assert artifact_clusters(close) == [] and verdict(close).startswith("hijackable")

@@ -8,6 +8,7 @@ backdoor at 5%, trained briefly, must come out right end to end: audit, the audi
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -74,5 +75,23 @@ def test_a_tag_at_a_random_position_is_found_and_removed(tmp_path):
     assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
     audit_log = " ".join((tmp_path / cell.name / "audit.log").read_text().split())
     assert "no projection removes an artifact that moves" in audit_log and "unhans aclarc --run" in audit_log
+    assert result["correction_route"] == "audit" and not result["export_refused"], result
+    assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result
+
+
+@pytest.mark.integration
+def test_a_tag_at_a_random_position_on_a_globally_pooled_resnet_is_found_and_removed(tmp_path):
+    """The same tag on SmallResNet: SpRAy on each channel's peak relevance splits it off (summed, it did not), the
+    small-region transplant marks it (no other class shows: the model is sure of the tagged images), and the audit's
+    printed correction after the global pooling removes it."""
+    quality = _quality()
+    cell = quality.Cell("textrandom", "backdoor", 0.10, architecture="resnet")
+    result = quality.run_cell(cell, tmp_path / cell.name)
+
+    assert result["attack_success_before"] >= 0.5, result
+    assert result["rank"] == 1 and result["artifact_found"] and result["chosen_class"] == 0, result
+    assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
+    audit = json.loads((tmp_path / cell.name / "audit" / "audit.json").read_text())
+    assert audit["over_positions"] == "max" and audit["classes"][0]["artifact_evidence"] == "small regions"
     assert result["correction_route"] == "audit" and not result["export_refused"], result
     assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result

@@ -100,6 +100,9 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Audit folder (resumed if it exists).")
 @click.option("--layer", default="auto", show_default=True,
               help="Where SpRAy analyses relevance: 'auto' (the end of the feature extractor, summed over positions), 'input' (the maps) or a layer name.")
+@click.option("--over-positions", type=click.Choice(("auto", "sum", "max")), default="auto", show_default=True,
+              help="How a layer's relevance is pooled over positions: 'sum', 'max' (its peak: finds artifacts that move where the "
+                   "model pools globally) or 'auto' (max where the model has a global pooling layer, else sum).")
 @click.option("--composite", default="epsilon_plus_flat", show_default=True, help="epsilon_plus_flat or epsilon_gamma_box.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
               help="Images per relevance batch; an interrupted audit loses at most one batch.")
@@ -116,7 +119,7 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
               help="The model's class names (one a line, or index_to_name.json): the data's class folders are matched to them by name "
                    "(or index), so some of a model's classes can be audited.")
 @contract_options
-def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids,
+def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids,
           classes, size, channels, resize, mean, std):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
@@ -146,7 +149,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, composite, batch_s
     if select_ids:
         ids = np.load(select_ids) if select_ids.endswith(".npy") else np.loadtxt(select_ids, dtype=np.int64, ndmin=1)
     contract = contract_from_options(size, channels, resize, mean, std)
-    spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, composite=composite,
+    spec = AuditSpec(model_file=model_file, weights=weights, data=data, out_dir=out_dir, layer=layer, over_positions=over_positions, composite=composite,
                      batch_size=batch_size, n_neighbors=n_neighbors, pooling=pooling, scheduler=scheduler, n_jobs=n_jobs,
                      contract=contract.to_dict() if contract else None, classes=classes)
     finished = finished_audit(spec) if (selection or select_ids) and not restart else None
