@@ -226,7 +226,7 @@ def run_audit(spec: AuditSpec, restart: bool = False) -> list[ClassResult]:
 def _analysed_layer(layer: str, model, probe: torch.Tensor) -> str:
     """The layer whose relevance SpRAy analyses; an unknown name fails here, with the valid names, before any work.
 
-    Latent by default: summed over positions, an artifact lands in the same channels wherever it sits. Measured on
+    Latent by default: pooled over positions (:func:`_pooled`), an artifact lands in the same channels wherever it sits. Measured on
     MNIST-5k (VGG-style, features = its last conv block): a "©" at random positions, 5% backdoor to 0, gave a cluster
     of precision 0.98 / recall 0.87 there and nothing at the input (best cluster 0.38 / 0.86); patch and frame
     backdoors split exactly (ARI 1.0) at both.

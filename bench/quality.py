@@ -1,7 +1,7 @@
 """Benchmark: the scenario grid of issue 18. Does audit -> the tool's own cluster -> export hold beyond the corner patch?
 
     python bench/quality.py [--json PATH] [--cells SUBSTRING ...] [--seeds N ...] [--keep DIR] [--quick]
-                            [--epochs N] [--workers N] [--export-args "--reactive ..."]
+                            [--epochs N] [--workers N] [--export-args "--reactive ..."] [--architecture resnet]
 
 Every cell runs the pipeline exactly as a user would, through the real CLI (one subprocess per step, OMP_NUM_THREADS=1
 each, ``--workers`` cells at a time, 2 by default: one per core):
@@ -18,6 +18,9 @@ cell runs the commands the audit printed instead, on this VGG (no global pooling
 
 then scores the corrected graph C.onnx with onnxruntime on the run's clean test set and attacked test set, against
 the uncorrected model's figures.
+
+``--architecture resnet`` trains SmallResNet (global average pooling) instead of the VGG in every cell, named with
+``_resnet``; its cells run the audit's printed commands whatever the route, since ``LAYER`` is the VGG's.
 
 Grid (24 cells) = artifacts x modes x rates:
 

@@ -99,7 +99,7 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run folder from 'unhans train': sets --model, --weights and --data.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Audit folder (resumed if it exists).")
 @click.option("--layer", default="auto", show_default=True,
-              help="Where SpRAy analyses relevance: 'auto' (the end of the feature extractor, summed over positions), 'input' (the maps) or a layer name.")
+              help="Where SpRAy analyses relevance: 'auto' (the end of the feature extractor, pooled over positions: --over-positions), 'input' (the maps) or a layer name.")
 @click.option("--over-positions", type=click.Choice(("auto", "sum", "max")), default="auto", show_default=True,
               help="How a layer's relevance is pooled over positions: 'sum', 'max' (its peak: finds artifacts that move where the "
                    "model pools globally) or 'auto' (max where the model has a global pooling layer, else sum).")
