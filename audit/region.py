@@ -200,7 +200,9 @@ def write_region(out: str | Path, region: Region, images: np.ndarray, clean: np.
 
 def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selection: str | None, console) -> dict[str, Path] | None:
     """For ``unhans audit --select``: the selected rows' artifact region written beside OUT/samples.npz (see
-    :func:`write_region`), and the ``unhans export`` command that fits the paired CAV from it printed on ``console``.
+    :func:`write_region`), and the commands that correct the model printed on ``console`` and kept in the region's
+    JSON (``route``: ``paired``, the export that pastes the region into clean images; ``samples``, for an artifact
+    that moves, the correction from the selected rows, after the global pooling or by A-ClArC; ``commands``).
     Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
     import torch
 
