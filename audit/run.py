@@ -98,7 +98,9 @@ def _explain_batch(model_source: str, state: bytes, key: str, composite: str, la
         lrp = _LRP_CACHE[key] = LRP(model.eval(), composite, layers=() if layer == INPUT else (layer,), check=False)
     explanation = lrp(torch.from_numpy(images), targets)
     latent = explanation.layer_relevance.get(layer, explanation.relevance)
-    analysed = latent if layer == INPUT or latent.ndim != 4 else latent.max(axis=(2, 3)) if over_positions == MAX else latent.sum(axis=(2, 3))
+    analysed = latent
+    if layer != INPUT and latent.ndim == 4:
+        analysed = latent.max(axis=(2, 3)) if over_positions == MAX else latent.sum(axis=(2, 3))
     return {INPUT: explanation.relevance, "logits": explanation.logits, ANALYSED: analysed}
 
 

@@ -352,12 +352,16 @@ def _artifact_regions(path: str, n: int, image_shape: tuple) -> tuple[np.ndarray
                 raise InputError("--samples", f"{path} has no {SAMPLES.regions!r}: where the artifact lies in each row",
                                  "select again with this version ('unhans audit --run RUN --out AUDIT --select auto' reuses the audit)")
             regions = np.asarray(z[SAMPLES.regions], bool)
+    except InputError:
+        raise
     except (OSError, ValueError) as error:
         raise InputError("--samples", f"cannot read {path} ({error})", "pass the samples.npz 'unhans audit --select' wrote") from None
     if regions.shape != (len(rows), *image_shape):
         raise InputError("--samples", f"{path} has {regions.shape[:1]} regions of {regions.shape[1:]} px for {len(rows)} rows of "
                          f"{tuple(image_shape)} px", "select again from an audit of this run")
-    return np.sort(rows % n), regions[np.argsort(rows % n)]
+    rows = rows % n  # negative indices as the run's rows
+    order = np.argsort(rows)
+    return rows[order], regions[order]
 
 
 def _within_cost(write, reactive: bool | None, held_out: HeldOut):

@@ -105,7 +105,8 @@ def test_cli_train_then_aclarc(tmp_path):
     old = tmp_path / "old-samples.npz"
     np.savez(old, artifact=rows, clean=np.flatnonzero(~train.has_artifact))
     refused = _cli("aclarc", "--run", str(run), "--samples", str(old), "--out", str(tmp_path / "refused"))
-    assert refused.returncode == 2 and f"{old} has no 'regions'" in refused.stderr and "--select auto" in refused.stderr
+    assert refused.returncode == 2 and f"--samples: {old} has no 'regions'" in refused.stderr and "--select auto" in refused.stderr
+    assert "cannot read" not in refused.stderr  # the missing array is named, not taken for an unreadable file
     assert not (tmp_path / "refused").exists() and "Traceback" not in refused.stderr
     samples = tmp_path / "samples.npz"
     np.savez(samples, artifact=rows, clean=np.flatnonzero(~train.has_artifact), regions=train.masks[rows])
