@@ -30,7 +30,7 @@ from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
 
 from .clusters import Intervention, rank_by_evidence, summary
-from .samples import SAMPLES, SAMPLES_FILE
+from .samples import SAMPLES, SAMPLES_FILE, data_fingerprint
 from .report import write_report
 from .store import RelevanceStore
 from .virelay import write_virelay_project
@@ -111,12 +111,8 @@ def _sha256(path: Path) -> str:
 def _fingerprint(spec: AuditSpec, dataset) -> dict:
     """What the stored relevance depends on: the contents of model, weights and data, the composite, the layer and how
     its relevance is pooled over positions (as asked: ``auto`` resolves the same way for the same model)."""
-    return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": _fingerprint_of_data(dataset),
+    return {"model": _sha256(Path(spec.model_file)), "weights": _sha256(Path(spec.weights)), "data": data_fingerprint(dataset.images, dataset.labels),
             "composite": spec.composite, "layer": spec.layer, "layer_relevance": f"pooled over positions: {spec.over_positions}"}
-
-
-def _fingerprint_of_data(dataset) -> str:
-    return hashlib.sha256(dataset.images.tobytes() + dataset.labels.tobytes()).hexdigest()
 
 
 def _inputs(spec: AuditSpec, dataset) -> dict:
@@ -137,7 +133,7 @@ def audited_dataset(out_dir: str | Path, audit: dict | None = None) -> tuple[Aud
     except (KeyError, TypeError) as error:
         raise InputError(str(audit_file), f"is not an audit summary ({error})", "run 'unhans audit' into its folder again") from None
     dataset = spec.dataset()
-    if _fingerprint_of_data(dataset) != audit.get("inputs", {}).get("data"):
+    if data_fingerprint(dataset.images, dataset.labels) != audit.get("inputs", {}).get("data"):
         raise InputError(spec.data, f"changed since the audit in {out_dir}", "run the audit again with --restart")
     return spec, dataset
 
@@ -335,7 +331,7 @@ def parse_selection(text: str) -> list[tuple[str, int]]:
 def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None) -> Path:
     """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen clusters, ``CLASS:CLUSTER[,CLASS:CLUSTER...]``, or
     the given row ids or boolean mask) and ``clean`` (every other row), the sets ``unhans export --samples`` fits the
-    CAV on."""
+    CAV on, with each artifact row's region and the audited data's fingerprint (audit/samples.py)."""
     out = Path(out_dir)
     audit_file = out / "audit.json"
     if not audit_file.exists():
@@ -367,7 +363,7 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     artifact = np.zeros(n, bool)
     artifact[rows] = True
     path = out / SAMPLES_FILE
-    arrays = {SAMPLES.artifact: np.flatnonzero(artifact), SAMPLES.clean: np.flatnonzero(~artifact)}
+    arrays = {SAMPLES.artifact: np.flatnonzero(artifact), SAMPLES.clean: np.flatnonzero(~artifact), SAMPLES.data: np.asarray(audit["inputs"]["data"])}
     regions = _regions(out, arrays[SAMPLES.artifact])
     if regions is not None:
         arrays[SAMPLES.regions] = regions

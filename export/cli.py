@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..audit.samples import SAMPLES
+from ..audit.samples import SAMPLES, data_fingerprint
 from ..core.cav import CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
 from ..core.clarc import ACLARC_EPOCHS, ACLARC_FRACTION, ACLARC_LR
 from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
@@ -88,6 +88,14 @@ def _index(z, key: str, n: int, path: str) -> np.ndarray:
     return index
 
 
+def _check_audited_data(z, path: str, train) -> None:
+    """Refuse a samples file selected from an audit of other data: its row numbers would pick other images, and a CAV
+    fitted on them corrects the wrong thing (sizes can agree: another run of the same recipe, another seed)."""
+    if SAMPLES.data in z and str(z[SAMPLES.data]) != data_fingerprint(train.images, train.labels):
+        raise InputError("--samples", f"{path} was selected from an audit of other data than this run's training set",
+                         "audit this run and select again: unhans audit --run RUN --out AUDIT --select auto")
+
+
 def _scenario(run_dir):
     """A run's (poisoned train set, clean test set), or (None, None) without --run."""
     if run_dir is None:
@@ -114,6 +122,7 @@ def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarra
         raise InputError("--run", "no samples to fit the CAV on", "pass --run, or --artifact-samples and --clean-samples")
     if samples:
         with np.load(samples, allow_pickle=False) as z:
+            _check_audited_data(z, samples, train)
             artifact, clean = (_index(z, key, len(train), samples) for key in (SAMPLES.artifact, SAMPLES.clean))
         return train.images[artifact], train.images[clean]
     if not train.has_artifact.any():
@@ -319,7 +328,7 @@ def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_co
     model, train, test, attack, artifact = load_run(run)
     exclude = None
     if samples:
-        exclude, regions = _artifact_regions(samples, len(train), train.image_shape[1:])
+        exclude, regions = _artifact_regions(samples, train)
         artifact = Transplant(train.images[exclude], regions)
     elif not train.has_artifact.any():
         raise InputError("--samples", f"{run} was trained without an artifact, so none is known to paste",
@@ -343,10 +352,12 @@ def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_co
     print_table(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
 
 
-def _artifact_regions(path: str, n: int, image_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The artifact rows of an audit's samples file and each one's region (H, W), checked against the run."""
+def _artifact_regions(path: str, train) -> tuple[np.ndarray, np.ndarray]:
+    """The artifact rows of an audit's samples file and each one's region (H, W), checked against the run's training set."""
+    n, image_shape = len(train), train.image_shape[1:]
     try:
         with np.load(path, allow_pickle=False) as z:
+            _check_audited_data(z, path, train)
             rows = _index(z, SAMPLES.artifact, n, path)
             if SAMPLES.regions not in z:
                 raise InputError("--samples", f"{path} has no {SAMPLES.regions!r}: where the artifact lies in each row",

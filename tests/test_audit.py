@@ -52,7 +52,9 @@ def test_select_writes_the_artifact_sample_sets(audited):
     with np.load(path) as samples:
         artifact, clean = samples["artifact"], samples["clean"]
         regions = samples["regions"]
+        audited_data = str(samples["data"])
     assert len(artifact) + len(clean) == len(train) and not set(artifact) & set(clean)
+    assert audited_data == json.loads((Path(spec.out_dir) / "audit.json").read_text())["inputs"]["data"]
     assert train.has_artifact[artifact].mean() > 0.95 and train.has_artifact[clean].mean() < 0.01
     # each artifact row's region (what unhans aclarc pastes) is where its own patch lies, give or take LRP's 1-px blur
     assert regions.shape == (len(artifact), *train.image_shape[1:]) and regions.any(axis=(1, 2)).all()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from unhans.audit.samples import data_fingerprint
 from unhans.core.clarc import fit_cav, pclarc
 from unhans.core.cost import MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from unhans.core.errors import InputError
@@ -244,6 +245,13 @@ def test_metadata_inspect_and_cli(runs, tmp_path):
     assert json.loads(shown.output)["unhans.version"] == metadata["unhans.version"]
     assert "artifact_score" in runner.invoke(inspect_command, [str(out)]).output
     assert "unhans.cost.per_class" in runner.invoke(inspect_command, [str(out)]).output
+    # a samples file from an audit of other data of the same size (here: the rows reversed) is refused, nothing written
+    other = tmp_path / "other-samples.npz"
+    np.savez(other, artifact=train.has_artifact, clean=np.flatnonzero(~train.has_artifact),
+             data=data_fingerprint(train.images[::-1], train.labels[::-1]))
+    refused = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", LAYERS["vgg"], "--samples", str(other), "--out", str(tmp_path / "other.onnx")])
+    assert isinstance(refused.exception, InputError) and "selected from an audit of other data" in str(refused.exception)
+    assert not list(tmp_path.glob("other.*"))
     bad = runner.invoke(export_command, ["--run", str(run["dir"]), "--layer", "features.pool3", "--out", str(tmp_path / "bad.onnx")])
     assert isinstance(bad.exception, InputError) and "features.pool2" in str(bad.exception)
     assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.correction.npz").exists()

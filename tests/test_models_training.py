@@ -7,6 +7,7 @@ import pytest
 import torch
 from ts.utils.util import list_classes_from_module
 
+from unhans.audit.samples import data_fingerprint
 from unhans.core.artifacts import Patch
 from unhans.core.errors import InputError
 from unhans.core.models import load_model, model_class_from_file, write_model_file
@@ -108,8 +109,14 @@ def test_cli_train_then_aclarc(tmp_path):
     assert refused.returncode == 2 and f"--samples: {old} has no 'regions'" in refused.stderr and "--select auto" in refused.stderr
     assert "cannot read" not in refused.stderr  # the missing array is named, not taken for an unreadable file
     assert not (tmp_path / "refused").exists() and "Traceback" not in refused.stderr
+    other = tmp_path / "other-samples.npz"  # selected from an audit of other data of the same size
+    np.savez(other, artifact=rows, clean=np.flatnonzero(~train.has_artifact), regions=train.masks[rows],
+             data=data_fingerprint(train.images[::-1], train.labels[::-1]))
+    refused = _cli("aclarc", "--run", str(run), "--samples", str(other), "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "selected from an audit of other data" in refused.stderr and not (tmp_path / "refused").exists()
     samples = tmp_path / "samples.npz"
-    np.savez(samples, artifact=rows, clean=np.flatnonzero(~train.has_artifact), regions=train.masks[rows])
+    np.savez(samples, artifact=rows, clean=np.flatnonzero(~train.has_artifact), regions=train.masks[rows],
+             data=data_fingerprint(train.images, train.labels))
     result = _cli("aclarc", "--run", str(run), "--samples", str(samples), "--out", str(tmp_path / "from-samples"), *accept)
     assert result.returncode == 0, result.stderr
     assert "what the fine-tuning costs: clean accuracy on the run's clean test set" in " ".join(result.stdout.split())
