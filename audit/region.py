@@ -209,7 +209,7 @@ def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selec
     from unhans.core.errors import InputError
     from unhans.core.layers import global_pooling_layer
     from unhans.core.models import load_model
-    from unhans.core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+    from unhans.core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     from .run import audited_dataset
     from .samples import SAMPLES_FILE

@@ -83,7 +83,7 @@ import numpy as np
 from common import report
 
 from unhans.core.poison import load_scenario
-from unhans.core.training import DATASET_FILE, METRICS_FILE
+from unhans.core.run_folder import DATASET_FILE, METRICS_FILE
 from unhans.export.runtime import run_batched, session
 
 TARGETS = {"worst_rank": "1", "worst_cluster_precision": ">= 0.9", "worst_cluster_recall": ">= 0.9",

@@ -28,15 +28,13 @@ from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from .defaults import CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
 from .errors import InputError
 
-CAV_METHODS = ("pattern", "svm", "logistic")
 CAV_MODES = ("flat", "channel")
 QUALITY_FOLDS = 5  # cross-validation folds of the held-out detection accuracy (fewer when samples are few)
 POOR_DETECTION = 0.9  # held-out detection accuracy below this is reported as a warning
 FEW_SAMPLES = 0.1  # fewer samples than this share of the CAV's dimensions is reported as a warning
-ENERGY_SHARE = 0.9  # 'auto': the smallest subspace holding this share of the paired differences' energy ...
-MAX_DIRECTIONS = 8  # ... with at most this many directions (and never more than half the pairs: see _subspace)
 POOR_SUBSPACE = 0.25  # directions 2..k gaining less than this share on held-out pairs of what they gain on their own: a warning
 
 

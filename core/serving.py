@@ -20,7 +20,7 @@ import yaml
 
 from .contract import InputContract
 from .errors import InputError
-from .training import MODEL_FILE, WEIGHTS_FILE
+from .run_folder import MODEL_FILE, WEIGHTS_FILE
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from .artifacts import Artifact
 from .data import ImageDataset, load_dataset, stratified_split
 from .models import load_model, model_class_from_file, write_model_file
 from .poison import attacked, load_scenario, poison, save_scenario
+from .run_folder import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
 
-MODEL_FILE, WEIGHTS_FILE, DATASET_FILE, METRICS_FILE = "model.py", "weights.pt", "dataset.npz", "metrics.json"
 
 
 def fit(model: nn.Module, dataset: ImageDataset, epochs: int, batch_size: int = 64, lr: float = 1e-3,

@@ -27,7 +27,8 @@ from ..core.errors import InputError
 from ..core.layers import insert_after
 from ..core.models import load_model
 from ..core.serving import FILES, METRICS, TORCHSERVE_CONFIG, ServingConfig
-from ..core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE, load_run
+from ..core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+from ..core.training import load_run
 from .correction import load_correction
 from .onnx import META, TOLERANCE, correction_path, load_onnx
 from .runtime import run_batched, session

@@ -13,8 +13,7 @@ import click
 import numpy as np
 
 from ..audit.samples import SAMPLES, data_fingerprint
-from ..core.cav import CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
-from ..core.clarc import ACLARC_EPOCHS, ACLARC_FRACTION, ACLARC_LR
+from ..core.defaults import ACLARC_EPOCHS, ACLARC_FRACTION, ACLARC_LR, CAV_METHODS, ENERGY_SHARE, MAX_DIRECTIONS
 from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldOut
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
@@ -101,7 +100,7 @@ def _scenario(run_dir):
     if run_dir is None:
         return None, None
     from ..core.poison import load_scenario
-    from ..core.training import DATASET_FILE
+    from ..core.run_folder import DATASET_FILE
 
     if not (Path(run_dir) / DATASET_FILE).is_file():
         raise InputError("--run", f"{Path(run_dir) / DATASET_FILE} is missing", "pass a run folder written by 'unhans train'")
@@ -213,7 +212,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     from .onnx import export_onnx, export_torch, fit_cav_onnx, load_onnx
 
     if run_dir is not None:
-        from ..core.training import MODEL_FILE, WEIGHTS_FILE
+        from ..core.run_folder import MODEL_FILE, WEIGHTS_FILE
 
         model_file, weights = Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE
     if onnx_file is None and (model_file is None or weights is None or layer is None or tensor is not None):
@@ -317,7 +316,8 @@ def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_co
 
     from ..core.artifacts import Transplant
     from ..core.clarc import aclarc
-    from ..core.training import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, attack_success, load_run, probabilities
+    from ..core.run_folder import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+    from ..core.training import attack_success, load_run, probabilities
 
     run, out = Path(run_dir), Path(out_dir)
     for name in (MODEL_FILE, WEIGHTS_FILE, DATASET_FILE):

@@ -50,7 +50,7 @@ def _command_path(args) -> str:
 @click.group(cls=UnhansGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unhans")
 def main():
-    """Find, remove and watch for Clever-Hans strategies in vision models served on TorchServe."""
+    """Find, remove and watch for Clever-Hans strategies in vision models served on TorchServe or KServe."""
 
 
 @main.command()
@@ -133,7 +133,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, co
 
     from .audit.clusters import marked_figure
     from .audit.run import AUTO, AuditSpec, finished_audit, marked_selection, parse_selection, run_audit, select_samples
-    from .core.training import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+    from .core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     if run_dir:
         model_file = model_file or str(Path(run_dir) / MODEL_FILE)

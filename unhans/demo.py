@@ -34,8 +34,8 @@ from .core.data import ImageDataset
 from .core.errors import InputError
 from .core.layers import insert_after
 from .core.poison import attacked, poison
-from .core.training import (DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, TrainSpec, attack_success, clean_accuracy, fit,
-                            load_run, train_run)
+from .core.run_folder import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+from .core.training import TrainSpec, attack_success, clean_accuracy, fit, load_run, train_run
 from .export.archive import build_archive
 from .export.correction import Correction
 from .export.explain import explain_path, export_explain
