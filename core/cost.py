@@ -96,7 +96,10 @@ def _above(pt: float) -> str:
 class HeldOut:
     """Clean images a correction is judged on, with the bounds; ``labels=None`` judges by agreement instead.
 
-    ``source`` says in words what the images are (it is printed and written to the graph's metadata).
+    ``source`` says in words what the images are (it is printed and written to the graph's metadata). ``baseline``:
+    the outputs on ``images`` of the model that was served before, where that is not the corrected graph's own
+    uncorrected model (a run fine-tuned by A-ClArC: its source run's), so that two corrections in a row are judged
+    together against one bound, not each against the last.
     """
 
     images: np.ndarray
@@ -105,9 +108,13 @@ class HeldOut:
     classes: list[str] | None = None
     max_pt: float = MAX_COST_PT
     max_class_pt: float = MAX_CLASS_COST_PT
+    baseline: np.ndarray | None = None
 
     def cost(self, logits_before: np.ndarray, logits_after: np.ndarray) -> Cost:
-        """The cost of the correction whose logits on ``images`` are ``logits_after`` (the uncorrected model's: ``logits_before``)."""
+        """The cost of the correction whose logits on ``images`` are ``logits_after`` (the uncorrected model's:
+        ``logits_before``, replaced by ``baseline`` where there is one)."""
+        if self.baseline is not None:
+            logits_before = self.baseline
         before, after = np.asarray(logits_before).argmax(1), np.asarray(logits_after).argmax(1)
         if len(before) != len(self.images) or len(after) != len(self.images):
             raise ValueError(f"{len(before)} and {len(after)} predictions for {len(self.images)} images")

@@ -129,12 +129,39 @@ def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarra
     return train.images[train.has_artifact], train.images[~train.has_artifact]
 
 
-def _held_out(test, clean, clean_source: str, max_cost, max_class_cost):
-    """What the correction's cost is measured on: a run's labelled clean test set, else the clean images the CAV saw
-    (``clean_source`` says which), judged by agreement with the uncorrected model."""
+def _held_out(run_dir, test, clean, clean_source: str, max_cost, max_class_cost):
+    """What the correction's cost is measured on: a run's labelled clean test set (judged against the model before
+    A-ClArC where the run was fine-tuned by it), else the clean images the CAV saw (``clean_source`` says which),
+    judged by agreement with the uncorrected model."""
     if test is not None:
-        return HeldOut(test.images, test.labels, "the run's clean test set", list(test.classes), max_cost, max_class_cost)
+        baseline, against = _before_aclarc(run_dir, test)
+        return HeldOut(test.images, test.labels, "the run's clean test set" + against, list(test.classes), max_cost, max_class_cost, baseline)
     return HeldOut(clean, None, clean_source, None, max_cost, max_class_cost)
+
+
+def _before_aclarc(run_dir, test) -> tuple[np.ndarray | None, str]:
+    """The outputs on the test set of the model a run was fine-tuned from by ``unhans aclarc`` (its metrics.json names
+    the source run), and words saying so; (None, "") for a run that was not.
+
+    A-ClArC's own cost check judges the fine-tuning; the export's judges the projection after it. Judged each against
+    the model before it, two steps within 1 point each could ship a model 2 points worse than the one served. One
+    step back only: a run fine-tuned twice is judged against the run it was fine-tuned from the second time.
+    """
+    from ..core.run_folder import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+
+    metrics = Path(run_dir) / METRICS_FILE
+    source = json.loads(metrics.read_text()).get("aclarc", {}).get("source_run") if metrics.is_file() else None
+    if source is None:
+        return None, ""
+    if not all((Path(source) / name).is_file() for name in (MODEL_FILE, WEIGHTS_FILE)):
+        warn(f"{run_dir} was fine-tuned by A-ClArC from {source}, which is gone: the correction's cost is judged against the "
+             "fine-tuned model only, not against the model before both")
+        return None, ""
+    from ..core.models import load_model
+    from ..core.training import probabilities
+
+    before = load_model(Path(source) / MODEL_FILE, Path(source) / WEIGHTS_FILE)
+    return probabilities(before, test.images), f", against {source}'s model before A-ClArC"
 
 
 def _pasted(images, artifact_image, position, artifact_options, contract) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +231,9 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     (--run), your own (--model/--weights), or an existing graph (--onnx, activations from onnxruntime). With --images
     and --artifact-image the samples are your photos with and without the artifact pasted: the paired set.
 
-    What the correction costs is measured on the run's clean test set (clean accuracy, per class too) or, without a
-    run, on the clean images (top-1 agreement with the uncorrected graph); over --max-cost or --max-class-cost
-    nothing is written.
+    What the correction costs is measured on the run's clean test set (clean accuracy, per class too; for a run
+    'unhans aclarc' wrote, against the model before it) or, without a run, on the clean images (top-1 agreement with
+    the uncorrected graph); over --max-cost or --max-class-cost nothing is written.
     """
     from .correction import Correction
     from .onnx import export_onnx, export_torch, fit_cav_onnx, load_onnx
@@ -237,7 +264,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
     else:
         artifact, clean = _samples(train, samples, artifact_samples, clean_samples)
-    held_out = _held_out(test, clean, clean_source, max_cost, max_class_cost)
+    held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
     if onnx_file is not None:
@@ -334,7 +361,7 @@ def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_co
         raise InputError("--samples", f"{run} was trained without an artifact, so none is known to paste",
                          "run 'unhans audit --run RUN --select auto' and pass its samples.npz")
     tuned = aclarc(model, train, artifact, fraction, epochs, lr, seed, exclude=exclude)
-    held_out = HeldOut(test.images, test.labels, "the run's clean test set", list(test.classes), max_cost, max_class_cost)
+    held_out = _held_out(run, test, None, "", max_cost, max_class_cost)  # a run A-ClArC tuned before: judged against its source
     cost = held_out.cost(probabilities(model, test.images), probabilities(tuned, test.images))
     _print_cost(cost, "what the fine-tuning costs")
     cost.check()

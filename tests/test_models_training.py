@@ -12,6 +12,7 @@ from unhans.core.artifacts import Patch
 from unhans.core.errors import InputError
 from unhans.core.models import load_model, model_class_from_file, write_model_file
 from unhans.core.training import TrainSpec, load_run, predict, train_run
+from unhans.export.onnx import read_metadata
 
 
 @pytest.mark.parametrize("architecture", ["vgg", "resnet"])
@@ -130,5 +131,21 @@ def test_cli_train_then_aclarc(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "what the fine-tuning costs: clean accuracy on the run's clean test set" in " ".join(result.stdout.split())
     assert json.loads((tmp_path / "from-samples" / "metrics.json").read_text())["aclarc"]["left_out"] == len(rows)
+    # its export is judged against the model before A-ClArC, the one that was served: both steps within one bound
+    tuned_run = tmp_path / "from-samples"
+    export = ["export", "--run", str(tuned_run), "--layer", "features.pool2", "--samples", str(samples), "--reactive", *accept]
+    exported = _cli(*export, "--out", str(tmp_path / "tuned.onnx"))
+    assert exported.returncode == 0, exported.stderr
+    metadata = read_metadata(tmp_path / "tuned.onnx")
+    assert metadata["unhans.cost.data"] == f"the run's clean test set, against {run}'s model before A-ClArC"
+    source_accuracy = json.loads((run / "metrics.json").read_text())["clean_acc"]
+    assert float(metadata["unhans.cost.before"]) == pytest.approx(source_accuracy, abs=1e-4)
+    # with the source run gone, it says so and judges against the fine-tuned model
+    metrics = json.loads((tuned_run / "metrics.json").read_text())
+    metrics["aclarc"]["source_run"] = str(tmp_path / "gone")
+    (tuned_run / "metrics.json").write_text(json.dumps(metrics))
+    exported = _cli(*export, "--out", str(tmp_path / "alone.onnx"))
+    assert exported.returncode == 0 and "which is gone" in exported.stderr
+    assert read_metadata(tmp_path / "alone.onnx")["unhans.cost.data"] == "the run's clean test set"
     costly = _cli("aclarc", "--run", str(run), "--samples", str(samples), "--out", str(tmp_path / "costly"), "--lr", "1", "--max-cost", "0")
     assert costly.returncode == 2 and "nothing was written" in costly.stderr and not (tmp_path / "costly").exists()
