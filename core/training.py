@@ -25,7 +25,6 @@ from .poison import attacked, load_scenario, poison, save_scenario
 from .run_folder import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
 
 
-
 def fit(model: nn.Module, dataset: ImageDataset, epochs: int, batch_size: int = 64, lr: float = 1e-3,
         seed: int = 0, show_progress: bool = True, description: str = "training") -> list[float]:
     """Adam on cross-entropy; returns the mean loss of each epoch. Deterministic for a given seed.
