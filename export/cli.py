@@ -87,10 +87,11 @@ def _index(z, key: str, n: int, path: str) -> np.ndarray:
     return index
 
 
-def _check_audited_data(z, path: str, train) -> None:
+def _check_audited_data(z, path: str, train, known: str | None = None) -> None:
     """Refuse a samples file selected from an audit of other data: its row numbers would pick other images, and a CAV
-    fitted on them corrects the wrong thing (sizes can agree: another run of the same recipe, another seed)."""
-    if SAMPLES.data in z and str(z[SAMPLES.data]) != data_fingerprint(train.images, train.labels):
+    fitted on them corrects the wrong thing (sizes can agree: another run of the same recipe, another seed).
+    ``known``: ``train``'s fingerprint where it was just checked (a folder audit's images), so they are not hashed twice."""
+    if SAMPLES.data in z and str(z[SAMPLES.data]) != (known or data_fingerprint(train.images, train.labels)):
         raise InputError("--samples", f"{path} was selected from an audit of other data than this run's training set",
                          "audit this run and select again: unhans audit --run RUN --out AUDIT --select auto")
 
@@ -107,8 +108,9 @@ def _scenario(run_dir):
     return load_scenario(Path(run_dir) / DATASET_FILE)[:2]
 
 
-def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarray, np.ndarray]:
-    """(artifact images, clean images) for fitting the CAV, from the options in order of precedence."""
+def _samples(train, samples, artifact_samples, clean_samples, known_data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(artifact images, clean images) for fitting the CAV, from the options in order of precedence; ``known_data``:
+    ``train``'s fingerprint where already checked (:func:`_check_audited_data`)."""
     shape = train.image_shape if train is not None else ()
     if artifact_samples:
         artifact = _images(artifact_samples, "--artifact-samples", shape)
@@ -121,7 +123,7 @@ def _samples(train, samples, artifact_samples, clean_samples) -> tuple[np.ndarra
         raise InputError("--run", "no samples to fit the CAV on", "pass --run, or --artifact-samples and --clean-samples")
     if samples:
         with np.load(samples, allow_pickle=False) as z:
-            _check_audited_data(z, samples, train)
+            _check_audited_data(z, samples, train, known_data)
             artifact, clean = (_index(z, key, len(train), samples) for key in (SAMPLES.artifact, SAMPLES.clean))
         return train.images[artifact], train.images[clean]
     if not train.has_artifact.any():
@@ -255,15 +257,17 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     paired = images is not None
     train, test = _scenario(run_dir)
     clean_source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
+    known_data = None
     if samples and train is None and not artifact_samples:  # a folder audit's selection: its rows are the audited images
         from ..audit.run import audited_dataset
 
-        _, train = audited_dataset(Path(samples).parent)
+        _, train = audited_dataset(Path(samples).parent)  # refused unless the images still hash to audit.json's inputs.data
+        known_data = json.loads((Path(samples).parent / "audit.json").read_text())["inputs"]["data"]
         clean_source = "the audited images without the artifact (the CAV's own)"
     if paired:
         artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
     else:
-        artifact, clean = _samples(train, samples, artifact_samples, clean_samples)
+        artifact, clean = _samples(train, samples, artifact_samples, clean_samples, known_data)
     held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
