@@ -198,41 +198,61 @@ def write_region(out: str | Path, region: Region, images: np.ndarray, clean: np.
     return {"image": png, "info": info, "clean": folder}
 
 
-def write_selection_region(out: str | Path, audit: dict, rows: np.ndarray, selection: str | None, console) -> dict[str, Path] | None:
-    """For ``unhans audit --select``: the selected rows' artifact region written beside OUT/samples.npz (see
-    :func:`write_region`), and the commands that correct the model printed on ``console`` and kept in the region's
-    JSON (``route``: ``paired``, the export that pastes the region into clean images; ``samples``, for an artifact
-    that moves, the correction from the selected rows, after the global pooling or by A-ClArC; ``commands``).
-    Nothing is written (a line says why) when the stored relevance or the data no longer match the audit."""
-    import torch
+@dataclass
+class SelectionInputs:
+    """What ``unhans audit --select`` reads once for the region, the pattern and the commands it prints: the audit's
+    spec, its dataset (row for row as samples.npz counts it), the stored relevance and the images as [0, 1] pixels."""
 
+    audited: object  # audit.run.AuditSpec
+    dataset: object  # core.data.ImageDataset
+    store: object  # audit.store.StoredRelevance
+    pixels: np.ndarray
+
+
+def selection_inputs(out: str | Path, audit: dict, console) -> SelectionInputs | None:
+    """The audit's inputs for a selection, or None (a line on ``console`` says why) when the stored relevance or the
+    data no longer match the audit."""
     from unhans.core.errors import InputError
-    from unhans.core.layers import global_pooling_layer
-    from unhans.core.models import load_model
-    from unhans.core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     from .run import audited_dataset
-    from .samples import SAMPLES_FILE
     from .store import StoredRelevance
 
-    out, spec = Path(out), audit.get("spec", {})
     try:
         audited, dataset = audited_dataset(out, audit)
-        store = StoredRelevance(out / "relevance")
+        store = StoredRelevance(Path(out) / "relevance")
     except InputError as error:
         console.print(f"[yellow]no artifact region written[/]: {error}")
         return None
     if store.n != len(dataset):
-        console.print(f"[yellow]no artifact region written[/]: {out / 'relevance'} holds {store.n} rows, the audited data {len(dataset)}; "
+        console.print(f"[yellow]no artifact region written[/]: {Path(out) / 'relevance'} holds {store.n} rows, the audited data {len(dataset)}; "
                       "run the audit again with --restart")
         return None
-    pixels = audited.pictures(dataset.images)  # the region and the clean images are pictures: export reads them as photos
+    # the region, the pattern and the clean images are pictures: export reads them as photos
+    return SelectionInputs(audited, dataset, store, audited.pictures(dataset.images))
+
+
+def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs, rows: np.ndarray, selection: dict, console) -> dict[str, Path] | None:
+    """For ``unhans audit --select``: the selected rows' artifact region written beside OUT/samples.npz (see
+    :func:`write_region`), and the commands that correct the model printed on ``console`` and kept in the region's
+    JSON (``route``: ``paired``, the export that pastes the region into clean images; ``samples``, for an artifact
+    that moves, the correction from the selected rows, after the global pooling or by A-ClArC; ``commands``), with
+    ``selection``: how the rows were chosen."""
+    import torch
+
+    from unhans.core.layers import global_pooling_layer
+    from unhans.core.models import load_model
+    from unhans.core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
+
+    from .samples import SAMPLES_FILE
+
+    out, spec = Path(out), audit.get("spec", {})
+    audited, dataset, store, pixels = inputs.audited, inputs.dataset, inputs.store, inputs.pixels
     region = find_region(store, pixels, dataset.labels, rows)
     if region is None:
         console.print("[yellow]no artifact region written[/]: the selected rows carry no relevance the rest of their class lacks")
         return None
     clean = clean_rows(dataset.labels, rows)
-    written = write_region(out, region, pixels, clean, {"selection": selection or f"{len(np.unique(rows))} rows by id"})
+    written = write_region(out, region, pixels, clean, selection)
     for warning in region.warnings:
         console.print(f"[yellow]artifact region: {warning}[/]")
     row, col, h, w = region.box

@@ -328,10 +328,13 @@ def parse_selection(text: str) -> list[tuple[str, int]]:
     return pairs
 
 
-def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None) -> Path:
+def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: np.ndarray | None = None, by_pattern: bool = True) -> Path:
     """Write OUT/samples.npz: ``artifact`` (dataset rows in the chosen clusters, ``CLASS:CLUSTER[,CLASS:CLUSTER...]``, or
     the given row ids or boolean mask) and ``clean`` (every other row), the sets ``unhans export --samples`` fits the
-    CAV on, with each artifact row's region and the audited data's fingerprint (audit/samples.py)."""
+    CAV on, with each artifact row's region and the audited data's fingerprint (audit/samples.py).
+
+    Where the clusters' artifact moves, their rows are replaced by the rows of their class that show the pattern the
+    clusters share (audit/pattern.py; ``by_pattern=False`` keeps the clusters' rows); given ids are taken as they are."""
     out = Path(out_dir)
     audit_file = out / "audit.json"
     if not audit_file.exists():
@@ -360,6 +363,27 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
             rows = np.unique(ids.astype(np.int64))
         if rows.size == 0 or rows.min() < 0 or rows.max() >= n:
             raise InputError("--select-ids", f"selects no row in 0..{n - 1}", "pass dataset row numbers or a boolean mask")
+    from .pattern import PATTERN_FILE, pattern_of_selection
+    from .region import selection_inputs, write_selection_region
+
+    inputs = selection_inputs(out, audit, console)
+    how = {"selection": class_cluster or f"{len(np.unique(rows))} rows by id"}
+    (out / PATTERN_FILE).unlink(missing_ok=True)  # a pattern of an earlier selection says nothing of this one
+    if inputs is not None and class_cluster is not None and by_pattern:
+        pattern, why = pattern_of_selection(inputs, rows)
+        if why:
+            console.print(f"[yellow]{why}[/]")
+        if pattern is not None:
+            from PIL import Image
+
+            Image.fromarray(pattern.rgba(), "RGBA").save(out / PATTERN_FILE)
+            h, w = pattern.template.shape[:2]
+            console.print(f"the artifact moves, and the selected rows share a {h}x{w}-px image pattern ({out / PATTERN_FILE}; it tells them "
+                          f"from the rest of their class with an AUC of {pattern.separation:.2f}): {len(pattern.rows)} rows of their class "
+                          f"show it anywhere, {pattern.kept} of the {pattern.selected} selected and {pattern.added} more; those rows are "
+                          "the artifact samples (--cluster-rows keeps the clusters' rows)", markup=False, highlight=False)
+            rows = pattern.rows
+            how["pattern"] = {**pattern.figures(), "image": PATTERN_FILE}
     artifact = np.zeros(n, bool)
     artifact[rows] = True
     path = out / SAMPLES_FILE
@@ -368,9 +392,8 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     if regions is not None:
         arrays[SAMPLES.regions] = regions
     np.savez_compressed(path, **arrays)
-    from .region import write_selection_region
-
-    write_selection_region(out, audit, np.flatnonzero(artifact), class_cluster, console)  # the region, for export --artifact-image
+    if inputs is not None:  # the region, for export --artifact-image, and the commands that correct the model
+        write_selection_region(out, audit, inputs, np.flatnonzero(artifact), how, console)
     return path
 
 

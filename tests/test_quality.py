@@ -75,6 +75,9 @@ def test_a_tag_at_a_random_position_is_found_and_removed(tmp_path):
     assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
     audit_log = " ".join((tmp_path / cell.name / "audit.log").read_text().split())
     assert "no projection removes an artifact that moves" in audit_log and "unhans aclarc --run" in audit_log
+    audit = tmp_path / cell.name / "audit"
+    pattern = json.loads((audit / "artifact-region.json").read_text())["pattern"]  # the rows are the tag pattern's, not the cluster's
+    assert pattern["separation"] >= 0.8 and pattern["rows"] == result["chosen_rows"] and (audit / pattern["image"]).is_file()
     assert result["correction_route"] == "audit" and not result["export_refused"], result
     assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result
 

@@ -114,12 +114,15 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
 @click.option("--select", "select", metavar="CLASS:CLUSTER", multiple=True,
               help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2; 'auto': the cluster the "
                    "audit marked, in the highest-ranked class); a finished audit of the same inputs in OUT is reused.")
+@click.option("--cluster-rows", is_flag=True,
+              help="With --select: take the clusters' rows as they are, also where their artifact moves (by default those are replaced by "
+                   "the rows of their class that show the image pattern the clusters share, audit/pattern.py).")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
 @click.option("--classes", type=click.Path(dir_okay=False, exists=True),
               help="The model's class names (one a line, or index_to_name.json): the data's class folders are matched to them by name "
                    "(or index), so some of a model's classes can be audited.")
 @contract_options
-def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, select_ids,
+def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, composite, batch_size, n_neighbors, pooling, scheduler, n_jobs, restart, select, cluster_rows, select_ids,
           classes, size, channels, resize, mean, std):
     """Find Clever-Hans classes: LRP for every sample, SpRAy per class, a ranked report.
 
@@ -173,7 +176,7 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, co
         selection = marked_selection(finished)
         console.print(f"the audit's own choice: --select {selection}")
     if selection or select_ids:
-        console.print(f"artifact samples written to {select_samples(out_dir, selection, ids)}")
+        console.print(f"artifact samples written to {select_samples(out_dir, selection, ids, by_pattern=not cluster_rows)}")
 
 
 @main.command()

@@ -1,0 +1,61 @@
+"""The pattern of a selection whose artifact moves (audit/pattern.py), on real MNIST digits with a "©" at a random
+place in some 0s.
+
+The relevance is drawn, not computed, so the test controls what SpRAy's cluster would hand over: most tagged rows
+with their relevance on the tag, a fifth of them (and every clean row) with it on the digit only, as the hardest
+tenth of the grid's tagged rows had it. The grid (bench/quality.py) runs the same code on trained models.
+"""
+
+import numpy as np
+import pytest
+
+from unhans.audit.pattern import MIN_SEPARATION, find_pattern
+from unhans.core.artifacts import TextTag
+
+TAGGED, SELECTED_CLEAN = 60, 12
+
+
+@pytest.fixture(scope="module")
+def tagged_zeros(mnist):
+    """MNIST-5k's training images with a "©" at a random place in the first ``TAGGED`` 0s; the tag masks."""
+    images, labels = mnist.images[:1500].copy(), mnist.labels[:1500]
+    zeros = np.flatnonzero(labels == 0)
+    tagged = zeros[:TAGGED]
+    images[tagged], masks = TextTag(position="random").apply(images[tagged], seed=3)
+    return images, labels, tagged, masks
+
+
+def _relevance(images, rows, tagged, masks, on_tag):
+    """Each row's drawn relevance (H, W): its digit's pixels, plus its tag's, weighted 3x, where ``on_tag`` says so."""
+    relevance = {}
+    for row in rows:
+        drawn = images[row, 0].astype(np.float64).copy()
+        if row in on_tag:
+            drawn += 3.0 * masks[list(tagged).index(row)]
+        relevance[int(row)] = drawn
+    return relevance
+
+
+def test_the_tag_pattern_turns_an_impure_selection_into_the_tagged_rows(tagged_zeros):
+    images, labels, tagged, masks = tagged_zeros
+    clean_zeros = np.setdiff1d(np.flatnonzero(labels == 0), tagged)
+    selected = np.r_[tagged[:50], clean_zeros[:SELECTED_CLEAN]]  # the cluster: 50 of 60 tagged, 12 clean (precision 0.81)
+    on_tag = set(tagged[:40].tolist())  # 10 selected tagged rows explained by their digit only
+    pattern = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, on_tag), region_pixels=60)
+
+    assert pattern is not None and pattern.separation >= MIN_SEPARATION
+    found = set(pattern.rows.tolist())
+    hits = len(found & set(tagged.tolist()))
+    assert hits / len(found) >= 0.95 and hits / TAGGED >= 0.95, pattern.figures()
+    assert set(labels[pattern.rows]) == {0}  # rows of the selection's class only
+    glyph = TextTag().glyph()[0]
+    assert abs(pattern.template.shape[0] - glyph.shape[0]) <= 2 and abs(pattern.template.shape[1] - glyph.shape[1]) <= 2
+    assert pattern.kept >= 48 and pattern.added >= 8  # the tagged rows the cluster missed are found, the clean ones dropped
+
+
+def test_a_selection_that_shares_no_pattern_keeps_its_rows(tagged_zeros):
+    """Clean 0s whose relevance lies on their strokes: every candidate is a piece of a 0, which every 0 shows."""
+    images, labels, tagged, masks = tagged_zeros
+    clean_zeros = np.setdiff1d(np.flatnonzero(labels == 0), tagged)
+    selected = clean_zeros[:40]
+    assert find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, set()), region_pixels=60) is None
