@@ -19,7 +19,10 @@ sits. So the rows that carry it are found by what they show, not by how the mode
    rows' (images the artifact is not in). 99.9%, not 99%: the class's own clean images can look more like the
    artifact than other classes' do (a "©" and a 0 are both rings: 99% of the other digits matched below 0.33-0.38,
    the clean 0s up to 0.37). Taken only when they keep ``MIN_KEPT`` of the selection: a pattern that keeps less
-   describes something else.
+   describes something else; nor when it covers more than ``MAX_REGION_SHARE`` of the image (the bar of the
+   transplant test, audit/clusters.py): an artifact is small. Where the artifact sits at one place after all and
+   most of the class carries it (a text on 90% of the 0s, labels kept), the matches all lie at that place, their
+   median is the class's typical shape around it, and that grew to 22x22 px of MNIST's 28x28.
 
 Measured on the kept grid runs (VGG, 5 epochs; precision / recall against the truly tagged rows): "©" backdoor to 0
 at 2%, 5% and 10% (two seeds), chosen clusters 0.76/0.82, 0.98/0.83, 0.98/0.93 and 0.99/0.95, refined to 1.00/0.96,
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from .clusters import MAX_REGION_SHARE
 
 CANDIDATE_ROWS = 48  # sampled rows of the selection whose densest window is a candidate pattern
 EVALUATION_ROWS = 96  # rows of the selection and of the rest of its class each candidate is matched in
@@ -63,7 +68,7 @@ class Pattern:
     def figures(self) -> dict:
         return {"size": list(self.template.shape[:2]), "separation": self.separation, "threshold": self.threshold,
                 "rows": len(self.rows), "selected": self.selected, "kept": self.kept, "added": self.added,
-                "rule": f"normalised cross-correlation anywhere in the image above the {NULL_QUANTILE:.0%} quantile of other "
+                "rule": f"normalised cross-correlation anywhere in the image above the {NULL_QUANTILE:.1%} quantile of other "
                         "classes' rows (audit/pattern.py)"}
 
     def rgba(self) -> np.ndarray:
@@ -101,8 +106,8 @@ def _auc(inside: np.ndarray, outside: np.ndarray) -> float:
 
 
 def find_pattern(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, relevance: dict[int, np.ndarray],
-                 region_pixels: float, seed: int = 0) -> Pattern | None:
-    """The pattern the ``selected`` dataset rows share (module docstring), or None where none clears the bars.
+                 region_pixels: float, seed: int = 0) -> tuple[Pattern | None, str]:
+    """The pattern the ``selected`` dataset rows share (module docstring) and ""; or None and which bar it missed.
 
     ``images`` (N, C, H, W) are the audited images, ``relevance`` maps each selected row to its input relevance
     summed over channels (H, W), ``region_pixels`` is the rows' median region size in pixels."""
@@ -113,7 +118,7 @@ def find_pattern(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, r
     rest = np.setdiff1d(np.flatnonzero(classes), selected)
     others = np.flatnonzero(~classes)
     if len(rest) == 0 or len(others) == 0:
-        return None
+        return None, "their classes hold no other rows to tell them from, or no other class gives a null"
     rng = np.random.default_rng(seed)
     sample = lambda rows, count: rng.choice(rows, min(count, len(rows)), replace=False)  # noqa: E731
     inside, outside = pictures[sample(selected, EVALUATION_ROWS)], pictures[sample(rest, EVALUATION_ROWS)]
@@ -128,18 +133,23 @@ def find_pattern(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, r
             if separation > best:
                 best, template = separation, candidate
     if template is None or best < MIN_SEPARATION:
-        return None
+        return None, (f"no image patch tells the selected rows from the rest of their class (best AUC {max(best, 0):.2f}, "
+                      f"needs {MIN_SEPARATION})")
     for _ in range(REFINEMENTS):
         template = _refined(pictures, np.flatnonzero(classes), template)
         if template is None:
-            return None
+            return None, "the patch's matches share no pixels"
+    share = template.shape[0] * template.shape[1] / (height * width)
+    if share > MAX_REGION_SHARE:
+        return None, (f"the patch they share covers {share:.0%} of the image, more than an artifact's {MAX_REGION_SHARE:.0%}: "
+                      "it is the class's typical shape")
     scores = best_matches(pictures, template)[0]
     threshold = float(np.quantile(scores[others], NULL_QUANTILE))
     rows = np.flatnonzero(classes & (scores > threshold))
     kept = int(np.isin(selected, rows).sum())
     if kept < MIN_KEPT * len(selected):
-        return None
-    return Pattern(template, best, threshold, rows, len(selected), kept)
+        return None, f"the rows that show the patch hold only {kept} of the {len(selected)} selected: it describes something else"
+    return Pattern(template, best, threshold, rows, len(selected), kept), ""
 
 
 def _refined(pictures: np.ndarray, rows: np.ndarray, template: np.ndarray) -> np.ndarray | None:
@@ -177,8 +187,7 @@ def pattern_of_selection(inputs, rows: np.ndarray) -> tuple[Pattern | None, str]
         return None, ""
     relevance = {int(row): map_.sum(axis=0) for batch_rows, maps in inputs.store.rows(INPUT, np.unique(rows)) for row, map_ in zip(batch_rows, maps)}
     region_pixels = float(np.median([region(map_).sum() for map_ in relevance.values()]))
-    pattern = find_pattern(inputs.pixels, labels, rows, relevance, region_pixels)
+    pattern, why = find_pattern(inputs.pixels, labels, rows, relevance, region_pixels)
     if pattern is None:
-        return None, ("the artifact moves, but no recurring image pattern tells the selected rows from the rest of their class "
-                      f"(AUC >= {MIN_SEPARATION}, keeping {MIN_KEPT:.0%} of them): the clusters' rows are kept as they are")
+        return None, f"the artifact moves, but {why}; the clusters' rows are kept as they are"
     return pattern, ""

@@ -41,9 +41,10 @@ def test_the_tag_pattern_turns_an_impure_selection_into_the_tagged_rows(tagged_z
     clean_zeros = np.setdiff1d(np.flatnonzero(labels == 0), tagged)
     selected = np.r_[tagged[:50], clean_zeros[:SELECTED_CLEAN]]  # the cluster: 50 of 60 tagged, 12 clean (precision 0.81)
     on_tag = set(tagged[:40].tolist())  # 10 selected tagged rows explained by their digit only
-    pattern = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, on_tag), region_pixels=60)
+    pattern, why = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, on_tag), region_pixels=60)
 
-    assert pattern is not None and pattern.separation >= MIN_SEPARATION
+    assert pattern is not None, why
+    assert pattern.separation >= MIN_SEPARATION
     found = set(pattern.rows.tolist())
     hits = len(found & set(tagged.tolist()))
     assert hits / len(found) >= 0.95 and hits / TAGGED >= 0.95, pattern.figures()
@@ -58,4 +59,5 @@ def test_a_selection_that_shares_no_pattern_keeps_its_rows(tagged_zeros):
     images, labels, tagged, masks = tagged_zeros
     clean_zeros = np.setdiff1d(np.flatnonzero(labels == 0), tagged)
     selected = clean_zeros[:40]
-    assert find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, set()), region_pixels=60) is None
+    pattern, why = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, set()), region_pixels=60)
+    assert pattern is None and "no image patch" in why, why
