@@ -370,7 +370,7 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     how = {"selection": class_cluster or f"{len(np.unique(rows))} rows by id"}
     (out / PATTERN_FILE).unlink(missing_ok=True)  # a pattern of an earlier selection says nothing of this one
     if inputs is not None and class_cluster is not None and by_pattern:
-        pattern, why = pattern_of_selection(inputs, rows)
+        pattern, why = pattern_of_selection(inputs, rows, console)
         if why:
             console.print(f"[yellow]{why}[/]")
         if pattern is not None:

@@ -9,7 +9,9 @@ tenth of the grid's tagged rows had it. The grid (bench/quality.py) runs the sam
 import numpy as np
 import pytest
 
-from unhans.audit.pattern import MIN_SEPARATION, find_pattern
+from skimage.feature import match_template
+
+from unhans.audit.pattern import MIN_SEPARATION, Matcher, find_pattern
 from unhans.core.artifacts import TextTag
 
 TAGGED, SELECTED_CLEAN = 60, 12
@@ -61,3 +63,19 @@ def test_a_selection_that_shares_no_pattern_keeps_its_rows(tagged_zeros):
     selected = clean_zeros[:40]
     pattern, why = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, set()), region_pixels=60)
     assert pattern is None and "no image patch" in why, why
+
+
+@pytest.mark.parametrize("shape, side", [((28, 28, 1), 9), ((40, 36, 3), 11)])
+def test_the_matcher_gives_scikit_images_normalised_cross_correlation(shape, side):
+    """The batched FFT matcher against ``match_template`` image by image, with a cached and an uncached batch."""
+    images = np.random.default_rng(0).random((70, *shape)).astype(np.float32)  # more than one batch
+    images[5] = 0.5  # a flat image: no window has any spread, so no match
+    images[6] = 0.0
+    images[6, 9, 9] = 0.01  # nearly flat: its windows' spread is below the rounding of a float32 correlation
+    template = images[3, 4:4 + side, 6:6 + side]
+    expected = [match_template(image, template)[..., 0] for image in images]
+    for cache in (True, False):
+        scores, corners = Matcher(images, cache=cache).best(template)
+        np.testing.assert_allclose(scores, [m.max() for m in expected], atol=1e-5)
+        assert scores[3] == pytest.approx(1.0, abs=1e-5) and tuple(corners[3]) == (4, 6)
+        assert all(tuple(c) == np.unravel_index(m.argmax(), m.shape) for c, m in zip(corners, expected) if m.max() > 0)
