@@ -1,10 +1,15 @@
-"""An artifact that moves, found as a pattern: the image patch the selected rows share, matched anywhere in an image.
+"""The rows that show an artifact, found by its pixels: the image patch the selected rows share, matched anywhere in an
+image where the artifact moves, and at its place where it has one.
 
 A tag or logo pasted at a different place in every image forms no region of its own (:attr:`audit.region.Region.moves`),
 and SpRAy's cluster of it is impure: on MNIST-5k a "©" at random positions, backdoor to 0 at 2%, gave a cluster of
 precision 0.76 and recall 0.82 against the truly tagged rows, because in a tenth of the tagged rows the tag holds no
-more of the relevance than any other eighth of the image. But the pixels of such an artifact are the same wherever it
-sits. So the rows that carry it are found by what they show, not by how the model explains them:
+more of the relevance than any other eighth of the image. A fixed artifact's clusters can be impure too: a corner patch
+on 45% of the 0s, labels kept, gave two clusters with 27 clean 0s among 207 rows (precision 0.87). But an artifact's
+pixels are the same in every image that carries it. So the rows that carry it are found by what they show, not by how
+the model explains them. Where it has a place (:func:`pattern_at`), the pattern is its region's pixels (the selected
+rows' per-pixel median in the region's box), matched there only, under the bar of step 2 and those of step 4. Where it moves
+(:func:`find_pattern`):
 
 1. **Candidates**: in each of up to ``CANDIDATE_ROWS`` sampled rows of the selection, the window where its positive
    relevance is densest, at a few sizes around the side of the rows' median region (``SIDES``).
@@ -62,16 +67,19 @@ class Pattern:
     rows: np.ndarray  # dataset rows of the selection's classes whose match beats it
     selected: int  # rows in the selection it refines
     kept: int  # of them, rows that hold the pattern
+    place: tuple[int, int] | None = None  # top-left corner where a fixed artifact is matched; None: anywhere
 
     @property
     def added(self) -> int:
         return len(self.rows) - self.kept
 
     def figures(self) -> dict:
-        return {"size": list(self.template.shape[:2]), "separation": self.separation, "threshold": self.threshold,
+        where = "anywhere in the image" if self.place is None else f"at {self.place[0]},{self.place[1]}"
+        return {"size": list(self.template.shape[:2]), "matched": "anywhere" if self.place is None else list(self.place),
+                "separation": self.separation, "threshold": self.threshold,
                 "rows": len(self.rows), "selected": self.selected, "kept": self.kept, "added": self.added,
-                "rule": f"normalised cross-correlation anywhere in the image above the {NULL_QUANTILE:.1%} quantile of other "
-                        "classes' rows (audit/pattern.py)"}
+                "rule": f"normalised cross-correlation {where} above the {NULL_QUANTILE:.1%} quantile of other classes' rows' "
+                        "best match anywhere (audit/pattern.py)"}
 
     def rgba(self) -> np.ndarray:
         """The pattern as (h, w, 4) uint8, opaque (grey repeated for one channel), for the report and the user."""
@@ -159,14 +167,12 @@ def find_pattern(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, r
     ``images`` (N, C, H, W) are the audited images, ``relevance`` maps each selected row to its input relevance
     summed over channels (H, W), ``region_pixels`` is the rows' median region size in pixels; ``advance(total)``,
     where given, is called once per step of the search with the number of steps (for progress)."""
-    pictures = np.ascontiguousarray(images.transpose(0, 2, 3, 1), dtype=np.float32)
+    pictures = _pictures(images)
     height, width = pictures.shape[1:3]
     selected = np.unique(selected)
-    classes = np.isin(labels, np.unique(labels[selected]))
-    rest = np.setdiff1d(np.flatnonzero(classes), selected)
-    others = np.flatnonzero(~classes)
-    if len(rest) == 0 or len(others) == 0:
-        return None, "their classes hold no other rows to tell them from, or no other class gives a null"
+    classes, rest, why = _classes(labels, selected)
+    if why:
+        return None, why
     rng = np.random.default_rng(seed)
     sample = lambda rows, count: rng.choice(rows, min(count, len(rows)), replace=False)  # noqa: E731
     inside, outside = sample(selected, EVALUATION_ROWS), sample(rest, EVALUATION_ROWS)
@@ -195,18 +201,68 @@ def find_pattern(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, r
         template = _refined(pictures, np.flatnonzero(classes), template)
         if template is None:
             return None, "the patch's matches share no pixels"
+        if template.shape[0] > height or template.shape[1] > width:  # grown past a small image's edges: it is no patch of it
+            return None, f"the patch they share grew to {template.shape[0]}x{template.shape[1]} px, larger than the {height}x{width} image"
     share = template.shape[0] * template.shape[1] / (height * width)
     if share > MAX_REGION_SHARE:
         return None, (f"the patch they share covers {share:.0%} of the image, more than an artifact's {MAX_REGION_SHARE:.0%}: "
                       "it is the class's typical shape")
     advance(steps)
-    scores = Matcher(pictures, cache=False).best(template)[0]
-    threshold = float(np.quantile(scores[others], NULL_QUANTILE))
-    rows = np.flatnonzero(classes & (scores > threshold))
+    return _rows_showing(pictures, classes, selected, template, best)
+
+
+def pattern_at(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, template: np.ndarray,
+               place: tuple[int, int]) -> tuple[Pattern | None, str]:
+    """The rows that show an artifact with a place of its own: ``template`` (h, w, C), the selected rows' per-pixel
+    median in their region's box, matched at ``place`` (its top-left corner) only; or None and which bar it missed.
+
+    At its place the artifact is matched where it is, so a clean image with a look-alike stroke elsewhere stays out:
+    on the corner-patch backdoor at 2% matching anywhere added 2 clean 0s (precision 0.97), in place none. The bar is
+    the one of :func:`find_pattern` (other classes' best match anywhere), and so are the separation and the kept share."""
+    pictures = _pictures(images)
+    selected = np.unique(selected)
+    (top, left), (h, w) = place, template.shape[:2]
+    share = h * w / (pictures.shape[1] * pictures.shape[2])
+    if share > MAX_REGION_SHARE:
+        return None, f"their region's box covers {share:.0%} of the image, more than the {MAX_REGION_SHARE:.0%} matched as one patch"
+    if template.std() == 0:
+        return None, "their region's pixels are flat"
+    classes, rest, why = _classes(labels, selected)
+    if why:
+        return None, why
+    scores = Matcher(pictures[:, top:top + h, left:left + w], cache=False).best(template)[0]
+    separation = _auc(scores[selected], scores[rest])
+    if separation < MIN_SEPARATION:
+        return None, (f"their region's pixels do not tell them from the rest of their class (AUC {separation:.2f}, needs "
+                      f"{MIN_SEPARATION})")
+    return _rows_showing(pictures, classes, selected, template, separation, place, scores)
+
+
+def _pictures(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) images as the (N, H, W, C) float32 pictures the matcher reads."""
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
+def _classes(labels: np.ndarray, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """The mask of the selection's classes, the rest of their rows, and why no pattern can be judged ("" if it can)."""
+    classes = np.isin(labels, np.unique(labels[selected]))
+    rest = np.setdiff1d(np.flatnonzero(classes), selected)
+    if len(rest) == 0 or classes.all():
+        return classes, rest, "their classes hold no other rows to tell them from, or no other class gives a null"
+    return classes, rest, ""
+
+
+def _rows_showing(pictures: np.ndarray, classes: np.ndarray, selected: np.ndarray, template: np.ndarray, separation: float,
+                  place: tuple[int, int] | None = None, scores: np.ndarray | None = None) -> tuple[Pattern | None, str]:
+    """Step 4: the rows of the selection's classes whose ``scores`` (default: the best match anywhere) beat
+    ``NULL_QUANTILE`` of the other classes' best match anywhere, if they keep ``MIN_KEPT`` of the selection."""
+    anywhere = Matcher(pictures, cache=False).best(template)[0]
+    threshold = float(np.quantile(anywhere[~classes], NULL_QUANTILE))
+    rows = np.flatnonzero(classes & ((anywhere if scores is None else scores) > threshold))
     kept = int(np.isin(selected, rows).sum())
     if kept < MIN_KEPT * len(selected):
         return None, f"the rows that show the patch hold only {kept} of the {len(selected)} selected: it describes something else"
-    return Pattern(template, best, threshold, rows, len(selected), kept), ""
+    return Pattern(template, separation, threshold, rows, len(selected), kept, place), ""
 
 
 def _refined(pictures: np.ndarray, rows: np.ndarray, template: np.ndarray) -> np.ndarray | None:
@@ -232,17 +288,22 @@ def _refined(pictures: np.ndarray, rows: np.ndarray, template: np.ndarray) -> np
 
 
 def pattern_of_selection(inputs, rows: np.ndarray, console) -> tuple[Pattern | None, str]:
-    """For ``unhans audit --select``: the pattern of the selected rows where their artifact moves (its region has no
-    place of its own), and why not otherwise ("" where the artifact has a place: the clusters are then pure, and
-    their rows are kept as they are). ``inputs`` is the selection's :class:`audit.region.SelectionInputs`; the
-    search shows progress on ``console``."""
+    """For ``unhans audit --select``: the rows that show the selected rows' artifact, and why not where none are
+    taken. Where the artifact moves (its region has no place of its own), the pattern the rows share, matched anywhere
+    (:func:`find_pattern`, with progress on ``console``); where it has a place, its region's pixels matched there
+    (:func:`pattern_at`). ``inputs`` is the selection's :class:`audit.region.SelectionInputs`."""
     from .clusters import region
     from .region import INPUT, find_region
 
     labels = inputs.dataset.labels
     found = find_region(inputs.store, inputs.pixels, labels, rows)
-    if found is None or not found.moves:
+    if found is None:
         return None, ""
+    if not found.moves:
+        top, left, h, w = found.box
+        template = found.pixels[:, top:top + h, left:left + w].transpose(1, 2, 0)
+        pattern, why = pattern_at(inputs.pixels, labels, rows, template, (top, left))
+        return pattern, why and f"{why}; the clusters' rows are kept as they are"
     relevance = {int(row): map_.sum(axis=0) for batch_rows, maps in inputs.store.rows(INPUT, np.unique(rows)) for row, map_ in zip(batch_rows, maps)}
     region_pixels = float(np.median([region(map_).sum() for map_ in relevance.values()]))
     with Progress(console=console, transient=True) as progress:

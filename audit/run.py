@@ -333,8 +333,9 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
     the given row ids or boolean mask) and ``clean`` (every other row), the sets ``unhans export --samples`` fits the
     CAV on, with each artifact row's region and the audited data's fingerprint (audit/samples.py).
 
-    Where the clusters' artifact moves, their rows are replaced by the rows of their class that show the pattern the
-    clusters share (audit/pattern.py; ``by_pattern=False`` keeps the clusters' rows); given ids are taken as they are."""
+    The clusters' rows are replaced by the rows of their class that show the clusters' artifact: their region's pixels
+    at its place or, where it moves, the pattern they share (audit/pattern.py; ``by_pattern=False`` keeps the
+    clusters' rows); given ids are taken as they are."""
     out = Path(out_dir)
     audit_file = out / "audit.json"
     if not audit_file.exists():
@@ -378,9 +379,11 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
 
             Image.fromarray(pattern.rgba(), "RGBA").save(out / PATTERN_FILE)
             h, w = pattern.template.shape[:2]
-            console.print(f"the artifact moves, and the selected rows share a {h}x{w}-px image pattern ({out / PATTERN_FILE}; it tells them "
-                          f"from the rest of their class with an AUC of {pattern.separation:.2f}): {len(pattern.rows)} rows of their class "
-                          f"show it anywhere, {pattern.kept} of the {pattern.selected} selected and {pattern.added} more; those rows are "
+            shared, where = (("the artifact moves, and the selected rows share", "anywhere") if pattern.place is None else
+                             ("the selected rows' region is", f"at {pattern.place[0]},{pattern.place[1]}"))
+            console.print(f"{shared} a {h}x{w}-px image pattern ({out / PATTERN_FILE}; it tells them from the rest of their class "
+                          f"with an AUC of {pattern.separation:.2f}): {len(pattern.rows)} rows of their class show it {where}, "
+                          f"{pattern.kept} of the {pattern.selected} selected and {pattern.added} more; those rows are "
                           "the artifact samples (--cluster-rows keeps the clusters' rows)", markup=False, highlight=False)
             rows = pattern.rows
             how["pattern"] = {**pattern.figures(), "image": PATTERN_FILE}

@@ -48,21 +48,21 @@ class Artifact:
 
     def _offset(self, height: int, width: int, glyph_shape: tuple[int, int], rng: np.random.Generator | None):
         h, w = glyph_shape
+        position = self.position
+        if isinstance(position, (tuple, list)):  # a place given: the margin is only for the named and random ones
+            row, col = int(position[0]), int(position[1])
+            if not (0 <= row <= height - h and 0 <= col <= width - w):
+                raise InputError("position", f"{position} puts the {h}x{w} artifact outside the {height}x{width} image", "choose a position inside it")
+            return row, col
         if h + 2 * self.margin > height or w + 2 * self.margin > width:
             raise InputError(
                 f"{self.kind} artifact", f"is {h}x{w} pixels with margin {self.margin}, larger than the {height}x{width} image", "make it smaller"
             )
         low, high_r, high_c = self.margin, height - h - self.margin, width - w - self.margin
-        position = self.position
         if position == "random":
             if rng is None:
                 raise ValueError("position='random' needs a random generator")
             return int(rng.integers(low, high_r + 1)), int(rng.integers(low, high_c + 1))
-        if isinstance(position, (tuple, list)):
-            row, col = int(position[0]), int(position[1])
-            if not (0 <= row <= height - h and 0 <= col <= width - w):
-                raise InputError("position", f"{position} puts the {h}x{w} artifact outside the {height}x{width} image", "choose a position inside it")
-            return row, col
         table = {
             "top-left": (low, low),
             "top-right": (low, high_c),

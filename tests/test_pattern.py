@@ -1,5 +1,5 @@
-"""The pattern of a selection whose artifact moves (audit/pattern.py), on real MNIST digits with a "©" at a random
-place in some 0s.
+"""The rows that show a selection's artifact (audit/pattern.py), on real MNIST digits: a "©" at a random place in some
+0s (the pattern matched anywhere), and a corner patch on some (matched at its place).
 
 The relevance is drawn, not computed, so the test controls what SpRAy's cluster would hand over: most tagged rows
 with their relevance on the tag, a fifth of them (and every clean row) with it on the digit only, as the hardest
@@ -11,8 +11,8 @@ import pytest
 
 from skimage.feature import match_template
 
-from unhans.audit.pattern import MIN_SEPARATION, Matcher, find_pattern
-from unhans.core.artifacts import TextTag
+from unhans.audit.pattern import MAX_REGION_SHARE, MIN_SEPARATION, Matcher, find_pattern, pattern_at
+from unhans.core.artifacts import Frame, Patch, TextTag
 
 TAGGED, SELECTED_CLEAN = 60, 12
 
@@ -63,6 +63,33 @@ def test_a_selection_that_shares_no_pattern_keeps_its_rows(tagged_zeros):
     selected = clean_zeros[:40]
     pattern, why = find_pattern(images, labels, selected, _relevance(images, selected, tagged, masks, set()), region_pixels=60)
     assert pattern is None and "no image patch" in why, why
+
+
+def test_a_fixed_patch_is_matched_at_its_place(mnist):
+    """A corner patch on 40% of the 0s, labels kept; the selection holds every patched 0 and 30 clean ones (precision
+    0.87), as the co-occurrence clusters of the grid did: the region's median pixels at its place give back exactly the
+    patched rows."""
+    images, labels = mnist.images[:1500].copy(), mnist.labels[:1500]
+    zeros = np.flatnonzero(labels == 0)
+    patched = zeros[:round(0.4 * len(zeros))]
+    images[patched], masks = Patch().apply(images[patched])
+    top, left = np.argwhere(masks[0]).min(axis=0)
+    h, w = np.ptp(np.argwhere(masks[0]), axis=0) + 1
+    selected = np.r_[patched, np.setdiff1d(zeros, patched)[:30]]
+    box = images[selected, :, top - 1:top + h, left - 1:left + w]  # a pixel wider than the patch, as regions are
+    pattern, why = pattern_at(images, labels, selected, np.median(box, axis=0).transpose(1, 2, 0), (top - 1, left - 1))
+
+    assert pattern is not None, why
+    assert set(pattern.rows.tolist()) == set(patched.tolist()), pattern.figures()
+    assert pattern.place == (top - 1, left - 1) and pattern.figures()["matched"] == [top - 1, left - 1]
+
+
+def test_a_region_too_large_to_be_one_patch_keeps_its_rows(mnist):
+    images, labels = mnist.images[:600].copy(), mnist.labels[:600]
+    framed = np.flatnonzero(labels == 0)[:30]
+    images[framed], _ = Frame().apply(images[framed])
+    pattern, why = pattern_at(images, labels, framed, np.median(images[framed], axis=0).transpose(1, 2, 0), (0, 0))
+    assert pattern is None and f"more than the {MAX_REGION_SHARE:.0%}" in why, why
 
 
 @pytest.mark.parametrize("shape, side", [((28, 28, 1), 9), ((40, 36, 3), 11)])

@@ -115,8 +115,8 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
               help="Afterwards, write OUT/samples.npz with that cluster as the artifact set (repeatable, or 3:0,3:2; 'auto': the cluster the "
                    "audit marked, in the highest-ranked class); a finished audit of the same inputs in OUT is reused.")
 @click.option("--cluster-rows", is_flag=True,
-              help="With --select: take the clusters' rows as they are, also where their artifact moves (by default those are replaced by "
-                   "the rows of their class that show the image pattern the clusters share, audit/pattern.py).")
+              help="With --select: take the clusters' rows as they are (by default they are replaced by the rows of their class that show "
+                   "the clusters' artifact: their region's pixels at its place or, where it moves, the image pattern they share; audit/pattern.py).")
 @click.option("--select-ids", type=click.Path(dir_okay=False, exists=True), help="Afterwards, write OUT/samples.npz with these dataset rows as the artifact set: row ids (.npy or text) or a boolean .npy mask.")
 @click.option("--classes", type=click.Path(dir_okay=False, exists=True),
               help="The model's class names (one a line, or index_to_name.json): the data's class folders are matched to them by name "
