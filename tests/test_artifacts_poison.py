@@ -45,6 +45,10 @@ def test_random_position_moves_per_image_and_is_seeded():
 def test_artifact_errors_and_round_trip():
     with pytest.raises(InputError, match="larger than the 8x8 image"):
         Patch(size=9).apply(np.zeros((1, 1, 8, 8)))
+    with pytest.raises(InputError, match="with margin 1"):
+        Patch(size=8).apply(np.zeros((1, 1, 8, 8)))  # a named place keeps its margin
+    _, whole = Patch(size=8, position=(0, 0)).apply(np.zeros((1, 1, 8, 8)))  # a given place does not: the audit's frame region
+    assert whole.all()
     with pytest.raises(InputError, match="position"):
         Patch(position="left-ish").apply(np.zeros((1, 1, 8, 8)))
     with pytest.raises(InputError, match="use one of"):

@@ -164,7 +164,8 @@ def test_reactive_gate_lives_in_the_graph(runs, tmp_path):
 
 
 def test_export_falls_back_to_the_reactive_gate_where_the_plain_projection_costs_too_much(runs, tmp_path):
-    """By default a plain projection over the cost bound is replaced by the reactive one, judged on the same test set."""
+    """By default a plain projection over the cost bound is fitted again against the clean rows of the artifact rows'
+    own classes, and where that is over the bound too replaced by the reactive one, judged on the same test set."""
     from unhans.cli import main
 
     run = runs["vgg"]
@@ -176,6 +177,7 @@ def test_export_falls_back_to_the_reactive_gate_where_the_plain_projection_costs
     assert plain.exit_code == 2 and "--max-" in plain.output and not (tmp_path / "plain.onnx").exists()  # a plain projection moves some clean image
     fallback = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "gated.onnx")])
     assert fallback.exit_code == 0 and "the plain projection is refused" in fallback.output, fallback.output
+    assert "of the artifact samples' own classes" in " ".join(fallback.output.split())  # tried, and refused too, before the gate
     metadata = onnx_export.read_metadata(tmp_path / "gated.onnx")
     assert metadata["unhans.correction.reactive"] == "true" and float(metadata["unhans.cost.pt"]) <= 0
 
