@@ -109,10 +109,10 @@ def _scenario(run_dir):
 
 
 def _samples(train, samples, artifact_samples, clean_samples, known_data: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(artifact images, clean images, the clean images of the artifact rows' own classes) for fitting the CAV, from
-    the options in order of precedence; the third is None where the samples are not rows of a labelled set, or their
-    classes hold fewer than ``PROBE_ROWS`` clean rows (:func:`_within_cost`). ``known_data``: ``train``'s fingerprint
-    where already checked (:func:`_check_audited_data`)."""
+    """(artifact images, clean images, the rows of the clean images of the artifact rows' own classes) for fitting the
+    CAV, from the options in order of precedence; the third is None where the samples are not rows of a labelled set,
+    or their classes hold fewer than ``PROBE_ROWS`` clean rows (:func:`_within_cost`). ``known_data``: ``train``'s
+    fingerprint where already checked (:func:`_check_audited_data`)."""
     shape = train.image_shape if train is not None else ()
     if artifact_samples:
         artifact = _images(artifact_samples, "--artifact-samples", shape)
@@ -134,7 +134,7 @@ def _samples(train, samples, artifact_samples, clean_samples, known_data: str | 
     own = np.zeros(len(train), bool)
     own[clean] = True
     own &= np.isin(train.labels, np.unique(train.labels[artifact]))
-    return train.images[artifact], train.images[clean], train.images[own] if own.sum() >= PROBE_ROWS else None
+    return train.images[artifact], train.images[clean], np.flatnonzero(own) if own.sum() >= PROBE_ROWS else None
 
 
 def _held_out(run_dir, test, clean, clean_source: str, max_cost, max_class_cost):
@@ -270,11 +270,11 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         _, train = audited_dataset(Path(samples).parent)  # refused unless the images still hash to audit.json's inputs.data
         known_data = json.loads((Path(samples).parent / "audit.json").read_text())["inputs"]["data"]
         clean_source = "the audited images without the artifact (the CAV's own)"
-    own_clean = None
+    own_rows = None
     if paired:
         artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
     else:
-        artifact, clean, own_clean = _samples(train, samples, artifact_samples, clean_samples, known_data)
+        artifact, clean, own_rows = _samples(train, samples, artifact_samples, clean_samples, known_data)
     held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost)
     probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
     fold = not no_fold
@@ -301,6 +301,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         def fitted(contrast: np.ndarray):
             cav = fit_cav(model, layer, artifact, contrast, method, CLI_MODE, paired, n_directions)
             return cav, lambda gate: export_torch(model, layer, Correction.from_cav(cav, gate, threshold), probe, out, fold, cav.quality_, held_out)
+    own_clean = None if own_rows is None else lambda: train.images[own_rows]  # read only where the plain projection is refused
     report, reactive, cav = _within_cost(fitted, clean, own_clean, reactive, held_out)
     print_table(f"unhans export -> {report.path}", {
         "correction": "reactive (inputs the detector flags)" if reactive else "plain (every input)",
@@ -415,15 +416,15 @@ def _artifact_regions(path: str, train) -> tuple[np.ndarray, np.ndarray]:
     return rows[order], regions[order]
 
 
-def _within_cost(fitted, clean: np.ndarray, own_clean: np.ndarray | None, reactive: bool | None, held_out: HeldOut):
+def _within_cost(fitted, clean: np.ndarray, own_clean, reactive: bool | None, held_out: HeldOut):
     """(report, gate, CAV): the correction ``fitted(contrast)`` gives, as asked; by default the plain projection,
     unless its cost is refused, then the plain one fitted against the clean rows of the artifact rows' own classes
-    (``own_clean``, where given), then the reactive gate of the first.
+    (``own_clean()``, where given), then the reactive gate of the first.
 
     The plain projection touches every input. Where the artifact co-occurs with its class's own images, the direction
     from the other classes' clean images holds the class too, and removing it costs the class (MNIST, a corner patch
     on 45% of the 0s: 15 points of clean accuracy). Against the clean images of that class the direction is the
-    artifact's alone: 0 points, attack success 22% -> 0.8% (a frame: 62% -> 2.6%), where the reactive gate of the first
+    artifact's alone: 0.2 points, attack success 22% -> 0.8% (a frame: 62% -> 2.6%), where the reactive gate of the first
     direction cut only to 18%: the other classes' images carrying the patch lack the class, so its detector missed them.
     For a backdoor the artifact rows' label is the target's, not their content's, so the own-class direction holds
     the other classes' shapes, and it is the first that passes (that way round it cost 11-12 points). The cost
@@ -439,17 +440,19 @@ def _within_cost(fitted, clean: np.ndarray, own_clean: np.ndarray | None, reacti
         if refused.argument not in COST_FLAGS or held_out.labels is None:
             raise
         why = refused.problem.removesuffix("; nothing was written")
+    refused_as = "the plain projection is refused"
     if own_clean is not None:
+        contrast = own_clean()
         warn(f"the plain projection is refused ({why}): fitting it again against the clean images of the artifact samples' "
-             f"own classes ({len(own_clean)}), as for an artifact that co-occurs with its class")
-        own_cav, own_write = fitted(own_clean)
+             f"own classes ({len(contrast)}), as for an artifact that co-occurs with its class")
+        own_cav, own_write = fitted(contrast)
         try:
             return own_write(False), False, own_cav
         except InputError as refused:
             if refused.argument not in COST_FLAGS:
                 raise
-            why = refused.problem.removesuffix("; nothing was written")
-    warn(f"the plain projection is refused ({why}): writing the reactive one, "
+            why, refused_as = refused.problem.removesuffix("; nothing was written"), "the own-class projection is refused too"
+    warn(f"{refused_as} ({why}): writing the reactive one, "
          "which corrects only inputs its detector flags (--plain insists on the plain one)")
     return write(True), True, cav
 
