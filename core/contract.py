@@ -22,6 +22,8 @@ import numpy as np
 
 from .errors import InputError
 
+VIEW_MIN_SIDE = 0.6  # the smallest crop a random view takes, as a share of each side
+
 
 @dataclass
 class InputContract:
@@ -82,6 +84,20 @@ class InputContract:
             picture = picture.resize((self.width, self.height), Image.BILINEAR)
         pixels = np.asarray(picture, np.float32) / 255.0
         return pixels.reshape(self.height, self.width, self.channels).transpose(2, 0, 1)
+
+    def view(self, picture, rng: np.random.Generator, min_side: float = VIEW_MIN_SIDE) -> np.ndarray:
+        """A random view of a PIL image, then :meth:`pixels`: a crop of ``min_side``-1 of each side at a random place,
+        mirrored half the time. Honest augmentation: the same photo seen as a camera or a user's crop might show it."""
+        from PIL import Image
+
+        width, height = picture.size
+        side = rng.uniform(min_side, 1.0)
+        crop_w, crop_h = max(1, round(width * side)), max(1, round(height * side))
+        left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+        picture = picture.crop((left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
+        return self.pixels(picture)
 
     def load(self, paths) -> np.ndarray:
         """Photos on disk as (N, C, H, W) pixels in [0, 1] (not normalised); an unreadable file is named."""

@@ -104,6 +104,31 @@ def last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
     return once[-1]
 
 
+def middle_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
+    """The block halfway through ``model``'s spatial forward pass (counted in called-once modules with (N, C, H, W)
+    outputs), taken whole: the highest module holding that midpoint short of the feature extractor itself (ResNet's
+    ``layer2``, EfficientNet-Lite0's ``_blocks.7``, a small VGG's ``features.conv3``).
+
+    Where the monitor describes what a decision rests on: mid-level channels respond to patterns such as text, tags and
+    textures, wherever the object is. Measured on EfficientNet-Lite0 with the ImageNet-W watermark (BENCHMARKS.md §
+    monitor_real): the watermark's shift of the relevance per channel, in reference spreads, was 2.5-8x larger at the
+    middle blocks than at the end of the feature extractor, where the object's classes dominate."""
+    spatial = _called_once_where(model, probe, lambda _x, y: y.dim() == 4 and y.shape[2] * y.shape[3] > 1)
+    if not spatial:
+        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", "name a monitor layer")
+    middle = spatial[len(spatial) // 2]
+
+    def holds(name: str, other: str) -> bool:
+        return other == name or other.startswith(name + ".")
+
+    parts = middle.split(".")
+    for depth in range(1, len(parts) + 1):  # the highest ancestor in the list holding neither end of the pass
+        name = ".".join(parts[:depth])
+        if name in spatial and not holds(name, spatial[0]) and not holds(name, spatial[-1]):
+            return name
+    return middle
+
+
 def global_pooling_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
     """The last leaf module, called once, that pools (N, C, H, W) feature maps (H·W > 1) over every position into C
     features (ResNet's ``avgpool``, EfficientNet's ``_avg_pooling``), or None (a head that flattens the map instead).

@@ -70,7 +70,8 @@ class ServingConfig:
     """How an archive is served; written by ``unhans archive``, read by every adapter."""
 
     contract: InputContract
-    layer: str  # the layer the correction follows
+    layer: str  # the layer the correction follows ("" for an archive without a correction)
+    monitor_layer: str | None = None  # the layer whose relevance per channel sampled records carry (the monitor's evidence)
     version: str = "1.0"
     topk: int = 3  # probabilities returned per instance, unless a request asks otherwise
     intra_op_threads: int = 1  # onnxruntime and torch threads per worker

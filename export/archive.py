@@ -24,13 +24,13 @@ import yaml
 from ..core.contract import InputContract, torchserve_limits
 from ..core.data import read_class_names
 from ..core.errors import InputError
-from ..core.layers import insert_after
+from ..core.layers import get_layer, insert_after, middle_spatial_layer
 from ..core.models import load_model
 from ..core.serving import FILES, METRICS, TORCHSERVE_CONFIG, ServingConfig
 from ..core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 from ..core.training import load_run
 from .correction import load_correction
-from .onnx import META, TOLERANCE, correction_path, load_onnx
+from .onnx import META, TOLERANCE, correction_path, load_onnx, read_metadata, torch_to_onnx
 from .runtime import run_batched, session
 from ..output import warn
 
@@ -38,10 +38,12 @@ HANDLER_MODULE = "unhans.handlers.unhans_handler"
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")  # what TorchServe accepts in /predictions/NAME
 
 
-def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, model_store: str | Path, *,
+def build_archive(onnx_file: str | Path | None, run_dir: str | Path | None, name: str, model_store: str | Path, *,
                   force: bool = False, model_file: str | Path | None = None, weights: str | Path | None = None,
-                  classes: str | Path | None = None, contract: InputContract | None = None, **settings) -> Path:
-    """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file``.
+                  classes: str | Path | None = None, contract: InputContract | None = None, monitor_layer: str | None = None,
+                  **settings) -> Path:
+    """Write ``model_store/NAME.mar`` for the corrected graph ``onnx_file``, or, with ``onnx_file`` None, for the
+    model itself with no correction (exported here): a model a team watches before it patches it.
 
     The model comes from the run ``run_dir`` it was exported from (twin, classes, input shape), or from the user:
     ``model_file``/``weights`` (the PyTorch twin, optional: without it and without an explain graph the archive serves
@@ -52,9 +54,11 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
     onnxruntime session (TorchServe's own ONNX loader would take every core per worker). ``sample_fraction`` of served instances are recorded with their relevance to ``sink`` (a folder or fsspec URL;
     default ``$UNHANS_SINK``, else ``unhans-sink`` in TorchServe's working directory) for ``unhans monitor``, in shards
     closed after ``max_shard_seconds`` (the monitor reads closed shards only), using at most ``sample_cpu_budget`` of one
-    core per worker for their relevance (beyond it, samples are dropped and counted).
+    core per worker for their relevance (beyond it, samples are dropped and counted). Sampled records carry the relevance
+    per channel at ``monitor_layer`` (default: the explain graph's layer, else the block halfway through the model,
+    :func:`unhans.core.layers.middle_spatial_layer`), which the monitor compares across classes.
     """
-    onnx_file, model_store = Path(onnx_file), Path(model_store)
+    model_store = Path(model_store)
     if not NAME_PATTERN.match(name):
         raise InputError("--name", f"{name!r} is not a valid model name", "use letters, digits, '_' and '-', starting with a letter")
     if not model_store.is_dir():
@@ -70,38 +74,52 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
             if not (run_dir / needed).is_file():
                 raise InputError("--run", f"{run_dir / needed} is missing", "pass the run folder the graph was exported from")
         model_file, weights = run_dir / MODEL_FILE, run_dir / WEIGHTS_FILE
-    graph = load_onnx(onnx_file)
-    spec_file = correction_path(onnx_file)
-    if not spec_file.is_file():
-        raise InputError("--onnx", f"{spec_file} is missing", "export the graph with 'unhans export', which writes the spec beside it")
-    correction, layer = load_correction(spec_file)
-    recorded = {p.key: p.value for p in graph.metadata_props}.get(META + "cav.fingerprint")
-    if recorded != correction.fingerprint():
-        raise InputError("--onnx", f"{spec_file.name} (fingerprint {correction.fingerprint()}) is not the correction in the graph ({recorded})",
-                         "export again so graph and spec match")
+    if onnx_file is None and model_file is None:
+        raise InputError("--onnx", "is missing, and so is the model", "pass the graph 'unhans export' wrote, or --model/--weights "
+                         "(or --run) to archive the model as it is, with no correction")
     if run_dir is not None:
         model, train, test, *_ = load_run(run_dir)
-        class_names, probe = list(train.classes), test.images[:32]
-        config = ServingConfig.of(contract or InputContract(*map(int, train.image_shape)), layer, **settings)
+        probe = test.images[:32]
+        contract = contract or InputContract(*map(int, train.image_shape))
     else:
-        config = ServingConfig.of(contract or _contract_of(graph), layer, **settings)
-        contract = config.contract
-        probe = contract.normalise(np.random.default_rng(0).random((8, *contract.shape), dtype=np.float32))
-        class_names = read_class_names(classes, run_batched(session(graph.SerializeToString(), cuda=False), probe[:2])[0].shape[1])
         model = load_model(model_file, weights) if model_file is not None else None
-    if model is not None:
-        _check_twin(graph, model, layer, correction, probe)
-    explain = onnx_file.with_name(f"{onnx_file.stem}.explain.onnx")  # written by 'unhans export --explain'
-    if model is None and not explain.is_file():
+    if onnx_file is None:  # watch before patching: the model as it is, no correction spec, no detector
+        contract = contract or _contract_of(None)
+        probe = probe if run_dir is not None else contract.normalise(np.random.default_rng(0).random((8, *contract.shape), dtype=np.float32))
+        graph, spec_file, layer, explain = torch_to_onnx(model, probe), None, "", None
+    else:
+        onnx_file = Path(onnx_file)
+        graph = load_onnx(onnx_file)
+        spec_file = correction_path(onnx_file)
+        if not spec_file.is_file():
+            raise InputError("--onnx", f"{spec_file} is missing", "export the graph with 'unhans export', which writes the spec beside it")
+        correction, layer = load_correction(spec_file)
+        recorded = {p.key: p.value for p in graph.metadata_props}.get(META + "cav.fingerprint")
+        if recorded != correction.fingerprint():
+            raise InputError("--onnx", f"{spec_file.name} (fingerprint {correction.fingerprint()}) is not the correction in the graph ({recorded})",
+                             "export again so graph and spec match")
+        contract = contract or _contract_of(graph)
+        if run_dir is None:
+            probe = contract.normalise(np.random.default_rng(0).random((8, *contract.shape), dtype=np.float32))
+        if model is not None:
+            _check_twin(graph, model, layer, correction, probe)
+        explain = onnx_file.with_name(f"{onnx_file.stem}.explain.onnx")  # written by 'unhans export --explain'
+        explain = explain if explain.is_file() else None
+    class_names = list(train.classes) if run_dir is not None else read_class_names(
+        classes, run_batched(session(graph.SerializeToString(), cuda=False), probe[:2])[0].shape[1])
+    if model is None and explain is None:
         warn(f"{onnx_file.name} has no explain graph and no PyTorch twin was given: the archive serves predictions and "
              "artifact scores, and refuses relevance (pass --model/--weights, or export with --explain)")
+    monitor_layer = _monitor_layer(monitor_layer, explain, model, layer, probe)
+    config = ServingConfig.of(contract, layer, monitor_layer=monitor_layer, **settings)
 
     staging = Path(tempfile.mkdtemp(prefix=".unhans-archive-", dir=model_store))
     try:
         files = staging / "files"
         files.mkdir()
-        shutil.copyfile(onnx_file, files / FILES.graph)
-        shutil.copyfile(spec_file, files / FILES.correction)
+        (files / FILES.graph).write_bytes(graph.SerializeToString())
+        if spec_file is not None:
+            shutil.copyfile(spec_file, files / FILES.correction)
         twin = [FILES.model, FILES.weights] if model is not None else []
         if model is not None:
             shutil.copyfile(model_file, files / FILES.model)
@@ -109,8 +127,8 @@ def build_archive(onnx_file: str | Path, run_dir: str | Path | None, name: str, 
         (files / FILES.classes).write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}))
         (files / FILES.metrics).write_text(yaml.safe_dump(_metrics_config(), sort_keys=False))
         (files / FILES.config).write_text(config.to_yaml())
-        extra = [files / n for n in (*twin, FILES.correction, FILES.classes, FILES.metrics)]
-        if explain.is_file():
+        extra = [files / n for n in (*twin, *([FILES.correction] if spec_file else []), FILES.classes, FILES.metrics)]
+        if explain is not None:
             shutil.copyfile(explain, files / FILES.explain)
             extra.append(files / FILES.explain)
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", config.version,
@@ -151,8 +169,31 @@ def _configure_torchserve(config_file: Path, contract: InputContract) -> None:
              "v1 and v2 itself, and TorchServe's envelopes fail every request of a batch but the first")
 
 
+def _monitor_layer(asked: str | None, explain: Path | None, model, layer: str, probe: np.ndarray) -> str | None:
+    """The layer whose relevance per channel the archive's sampled records carry: the explain graph's (the only one it
+    can give), else ``asked``, else the block halfway through the twin; None where nothing can explain."""
+    if explain is not None:
+        recorded = read_metadata(explain).get(META + "explain.layer") or None
+        if asked and asked != recorded:
+            raise InputError("--monitor-layer", f"{asked!r} is not the layer of {explain.name} ({recorded!r})",
+                             f"export with --explain --monitor-layer {asked} again, or leave --monitor-layer out")
+        if recorded is None:
+            warn(f"{explain.name} gives no relevance at a monitor layer: the monitor's cross-class test will be off "
+                 "(export with --explain again)")
+        return recorded
+    if model is None:
+        return None
+    twin = insert_after(model, layer, torch.nn.Identity()) if layer else model
+    if asked:
+        get_layer(twin, asked)
+        return asked
+    return middle_spatial_layer(twin, torch.from_numpy(probe[:2]))
+
+
 def _contract_of(graph) -> InputContract:
     """The input contract a graph's own input shape implies (pixels in [0, 1], no resize)."""
+    if graph is None:
+        raise InputError("--size", "is needed to archive a model without a graph", "pass --size H,W (and --resize, --mean, --std)")
     dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not all(dims[1:]):
         raise InputError("--size", f"the graph's input has no static (C, H, W) shape ({dims})", "pass --size H,W (and --channels)")

@@ -318,10 +318,10 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     _print_cost(report.cost)
     if explain:  # after the prediction graph is written: an unexplainable model still gets that
         from ..core.layers import insert_after
-        from .explain import explain_path, export_explain
+        from .explain import MONITOR_LAYER, explain_path, export_explain
 
         correction = Correction.from_cav(cav, reactive, threshold)
-        explained = export_explain(insert_after(model, layer, correction.module()), explain_path(out), composite, layer,
+        explained = export_explain(insert_after(model, layer, correction.module()), explain_path(out), composite, MONITOR_LAYER,
                                    probe=probe, detector=correction)
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
@@ -511,7 +511,8 @@ def inspect_command(onnx_file, as_json):
 
 
 @click.command("archive")
-@click.option("--onnx", "onnx_file", required=True, type=click.Path(dir_okay=False), help="Graph written by 'unhans export'.")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False),
+              help="Graph written by 'unhans export'; without it, the model (--model/--weights or --run) is archived as it is, with no correction, to watch it before patching.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder the graph was exported from (or --model/--weights, or neither).")
 @click.option("--model", "model_file", type=click.Path(dir_okay=False), help="The PyTorch twin: your model file (relevance without an explain graph).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Its state_dict (with --model).")
@@ -531,9 +532,10 @@ def inspect_command(onnx_file, as_json):
               help="Close a sink shard after this long: the monitor reads closed shards only, so this bounds its delay.")
 @click.option("--sample-cpu-budget", type=float, default=SampleConfig.cpu_budget, show_default=True,
               help="Share of one core each worker may spend on relevance for sampled instances (1 = no cap); beyond it samples are dropped and counted.")
+@click.option("--monitor-layer", help="Layer whose relevance per channel sampled records carry for the monitor (default: the explain graph's, else the block halfway through the model).")
 @click.option("--force", is_flag=True, help="Replace an archive of the same name.")
 def archive_command(onnx_file, run_dir, model_file, weights, classes, size, channels, resize, mean, std, name, model_store, batch_size,
-                    max_batch_delay, workers, threads, topk, sample_fraction, sink, max_shard_seconds, sample_cpu_budget, force):
+                    max_batch_delay, workers, threads, topk, sample_fraction, sink, max_shard_seconds, sample_cpu_budget, monitor_layer, force):
     """Package a corrected graph, its PyTorch twin and a handler as MODEL_STORE/NAME.mar for TorchServe.
 
     The input contract (--size, --resize, --mean, --std) is what the handler applies to every PNG/JPEG body.
@@ -545,7 +547,7 @@ def archive_command(onnx_file, run_dir, model_file, weights, classes, size, chan
     path = build_archive(onnx_file, run_dir, name, model_store, force=force, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
                          workers=workers, topk=topk, threads=threads, sample_fraction=sample_fraction, sink=sink, max_shard_seconds=max_shard_seconds,
                          sample_cpu_budget=sample_cpu_budget, model_file=model_file, weights=weights, classes=classes,
-                         contract=contract_from_options(size, channels, resize, mean, std))
+                         contract=contract_from_options(size, channels, resize, mean, std), monitor_layer=monitor_layer)
     print_table(f"unhans archive -> {path}", {
         "serve": f"torchserve --start --ncs --model-store {model_store} --models {name}={path.name} --ts-config {model_store}/config.properties",
         "predict": f"curl -H 'Authorization: Bearer <inference key from key_file.json>' http://127.0.0.1:8080/predictions/{name} -T image.png",

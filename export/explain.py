@@ -41,9 +41,9 @@ from ..core.attribution import LRP, _composite_key
 from ..core.canonize import Activate, PassProduct, Pool, Reduction, Tap
 from ..core.clarc import PClArC
 from ..core.errors import InputError
-from ..core.layers import Corrected, activations, get_layer
+from ..core.layers import Corrected, activations, get_layer, middle_spatial_layer
 from .correction import Correction
-from .graph import SCORE_OUTPUT
+from .graph import LAYER_OUTPUT, SCORE_OUTPUT
 from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
 from .runtime import session
 
@@ -54,7 +54,8 @@ SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, Activation, nn.MaxPool2d, nn.AvgPool2d
 RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zennit
 LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
-OUTPUTS = ("logits", "relevance", "layer_relevance")
+OUTPUTS = ("logits", "relevance", LAYER_OUTPUT)
+MONITOR_LAYER = "monitor"  # as ``layer``: the block halfway through the model (core.layers.middle_spatial_layer)
 
 
 def explain_path(onnx_path: str | Path) -> Path:
@@ -472,6 +473,7 @@ def explain_graph(model: nn.Module, composite: str = "epsilon_plus_flat", layer:
     """The explain graph of ``model`` (plain or corrected), verified in onnxruntime against zennit on ``probe``.
 
     ``probe`` is a batch of real inputs (≥ 2 rows). ``low``/``high`` bound the input for ``epsilon_gamma_box``.
+    ``layer``: a module whose relevance the graph also outputs, or :data:`MONITOR_LAYER` for the archive's monitor layer.
     ``detector``: the correction inserted in ``model``; when it has a detector, the graph also outputs its score.
     Raises :class:`InputError` for an unsupported layer, a failed trace or export, or a mismatch with zennit or the
     detector; the verification figures are in the graph's metadata.
@@ -483,9 +485,11 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
            high: float, detector: Correction | None = None) -> tuple[onnx.ModelProto, ExplainReport]:
     started = time.perf_counter()
     key = _composite_key(composite)
+    probe = np.ascontiguousarray(probe, np.float32)
+    if layer == MONITOR_LAYER:  # what an archive's sampled records carry for the monitor
+        layer = middle_spatial_layer(model, torch.from_numpy(probe[:2]))
     if layer is not None:
         get_layer(model, layer)
-    probe = np.ascontiguousarray(probe, np.float32)
     if probe.ndim != 4 or len(probe) < 2:
         raise InputError("probe", f"has shape {probe.shape}", "pass at least 2 real images (N, C, H, W)")
     layers = (layer,) if layer else ()

@@ -24,6 +24,7 @@ from .correction import Correction
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 SCORE_OUTPUT = "artifact_score"
+LAYER_OUTPUT = "layer_relevance"  # the explain graph's relevance at its named layer (the archive's monitor layer)
 PREFIX = "unhans.pclarc"
 DENSE_CHANNELS_MAX = 256  # C×C 1×1 Conv + Add (2 nodes) up to here, 3 rank-k nodes beyond (C² MACs per position)
 

@@ -24,11 +24,11 @@ import torch
 
 from unhans.core.attribution import LRP
 from unhans.core.errors import InputError
-from unhans.core.serving import DEFAULT_CPU_BUDGET, FILES
+from unhans.core.serving import DEFAULT_CPU_BUDGET, FILES, ServingConfig
 from unhans.core.layers import insert_after
 from unhans.core.models import load_model
 from unhans.export.correction import load_correction
-from unhans.export.graph import SCORE_OUTPUT
+from unhans.export.graph import LAYER_OUTPUT, SCORE_OUTPUT
 from unhans.export.onnx import META
 from unhans.export.runtime import session
 
@@ -36,7 +36,9 @@ from .sink import Journal, Record, ShardReader, ShardWriter, claim_journal, orph
 
 logger = logging.getLogger(__name__)
 RECOVER_EVERY_S = 10.0  # how often a sampler looks for journals of dead writers on its host
-THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
+THUMBNAIL_SIDE = 64  # the monitor's evidence pages show what was served, small (a 28-px digit stays 28 px)
+MAX_PENDING_BYTES = 64 << 20  # model inputs waiting for their relevance (and in the journal), per worker
+BEHIND_WARNING_S = 60.0  # at most one "sampling cannot keep up" warning a minute
 # DEFAULT_CPU_BUDGET, the share of one core a worker's sampler may use: on a saturated 2-core machine
 # (bench/serving.py) the sampled worker spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the
 # VGG explain graph still records about 3.5 relevance maps a second per worker (12,000 an hour) for the monitor.
@@ -44,7 +46,11 @@ THUMBNAIL_SIDE = 16  # the monitor's evidence pages show what was served, small
 
 class Explainer:
     """``explainer(inputs, targets) -> (logits, relevance, scores)``, ``scores`` the artifact detector's where
-    :attr:`scores` says the explainer has them, else None; thread-safe (one call at a time)."""
+    :attr:`scores` says the explainer has them, else None; thread-safe (one call at a time).
+
+    :meth:`with_latent` also gives the relevance at the archive's monitor layer (``ServingConfig.monitor_layer``)
+    summed over positions, per channel: what sampled records carry for the monitor. :attr:`monitor_layer` is None
+    where the explainer cannot give it (an explain graph exported without that layer)."""
 
     @staticmethod
     def available(model_dir: str) -> bool:
@@ -54,21 +60,33 @@ class Explainer:
     def __init__(self, model_dir: str, composite: str = "epsilon_plus_flat", threads: int = 1):
         self._lock = threading.Lock()
         explain = os.path.join(model_dir, FILES.explain)
+        config = os.path.join(model_dir, FILES.config)
+        wanted = ServingConfig.from_yaml(config).monitor_layer if os.path.isfile(config) else None
         self.scores = False
         if os.path.isfile(explain):
             self.kind = "onnx explain graph"
             self._graph = session(explain, threads=threads)
-            self._outputs = ["logits", "relevance"] + [o.name for o in self._graph.get_outputs() if o.name == SCORE_OUTPUT]
+            names = [o.name for o in self._graph.get_outputs()]
+            metadata = self._graph.get_modelmeta().custom_metadata_map
+            self.monitor_layer = wanted if wanted and metadata.get(f"{META}explain.layer") == wanted and LAYER_OUTPUT in names else None
+            if wanted and self.monitor_layer is None:
+                logger.warning("unhans: the explain graph has no relevance at the monitor layer %s: sampled records carry no "
+                               "latent relevance (export with --explain again)", wanted)
+            self._outputs = ["logits", "relevance"] + [n for n in names if n == SCORE_OUTPUT]
             self.scores = SCORE_OUTPUT in self._outputs
             self._lrp = None
-            recorded = self._graph.get_modelmeta().custom_metadata_map.get(f"{META}verify.conservation_rel_err")
+            recorded = metadata.get(f"{META}verify.conservation_rel_err")
             self._conservation = (f"relevance conservation error {recorded} (bias-free, measured at export)" if recorded
                                   else "relevance conservation not recorded in this explain graph (exported before it was measured)")
         else:
             self.kind = "zennit on the PyTorch twin"
-            correction, layer = load_correction(os.path.join(model_dir, FILES.correction))
             model = load_model(os.path.join(model_dir, FILES.model), os.path.join(model_dir, FILES.weights))
-            self._lrp = LRP(insert_after(model, layer, correction.module()), composite)
+            spec = os.path.join(model_dir, FILES.correction)
+            if os.path.isfile(spec):  # an archive without a correction (watched before it is patched) has none
+                correction, layer = load_correction(spec)
+                model = insert_after(model, layer, correction.module())
+            self.monitor_layer = wanted
+            self._lrp = LRP(model, composite, layers=(wanted,) if wanted else ())
 
     @property
     def conservation(self) -> str:
@@ -81,15 +99,32 @@ class Explainer:
     def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Logits, relevance and scores of ``inputs``; no targets explain the predicted classes, and so does a negative
         target on the explain graph (the PyTorch twin takes classes only)."""
+        return self._explain(inputs, targets, latent=False)[:3]
+
+    def with_latent(self, inputs: np.ndarray, targets: np.ndarray | None = None):
+        """As a call, plus the relevance at :attr:`monitor_layer` summed over positions, (N, C) (None without one)."""
+        return self._explain(inputs, targets, latent=self.monitor_layer is not None)
+
+    def _explain(self, inputs: np.ndarray, targets, latent: bool):
         with self._lock:
             if self._lrp is not None:
                 explanation = self._lrp(torch.from_numpy(inputs), targets)
-                return explanation.logits, explanation.relevance, None
+                layer = explanation.layer_relevance.get(self.monitor_layer) if latent else None
+                return explanation.logits, explanation.relevance, None, _per_channel(layer)
             target = np.full(len(inputs), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
-            logits, relevance, *scores = self._graph.run(self._outputs, {"input": inputs, "target": target})
+            outputs = self._outputs + ([LAYER_OUTPUT] if latent else [])
+            logits, relevance, *rest = self._graph.run(outputs, {"input": inputs, "target": target})
         if target.size and target.max() >= logits.shape[1]:  # the graph would explain no class: a zero map
             raise InputError("target", f"class {int(target.max())} is out of range", f"use 0-{logits.shape[1] - 1}")
-        return logits, relevance, scores[0] if scores else None
+        scores = rest[0] if self.scores else None
+        return logits, relevance, scores, _per_channel(rest[-1]) if latent else None
+
+
+def _per_channel(layer: np.ndarray | None) -> np.ndarray | None:
+    """Relevance at a layer summed over its positions: (N, C) from (N, C, H, W) (or (N, C) as it is)."""
+    if layer is None:
+        return None
+    return layer.reshape(len(layer), layer.shape[1], -1).sum(axis=2).astype(np.float32)
 
 
 @dataclass
@@ -114,16 +149,20 @@ class Sampler:
     """
 
     def __init__(self, writer: ShardWriter, explainer: Explainer, fraction: float, model: str, version: str,
-                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = DEFAULT_CPU_BUDGET, journal: Journal | None = None):
+                 queue_size: int = 1024, batch: int = 32, cpu_budget: float = DEFAULT_CPU_BUDGET, journal: Journal | None = None,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, pixels=None):
         if not 0.0 < cpu_budget <= 1.0:
             raise ValueError(f"cpu_budget {cpu_budget} is outside (0, 1]: give the share of one core sampling may use")
         self.cpu_budget = cpu_budget
         self.writer, self.explainer, self.fraction, self.journal = writer, explainer, fraction, journal
-        self.model, self.version, self.batch = model, version, batch
+        self.model, self.version, self.batch, self.max_pending_bytes = model, version, batch, max_pending_bytes
+        self.pixels = pixels  # model input -> [0, 1] pixels for thumbnails (the archive's contract.denormalise)
         self._queue: queue.Queue[_Pending] = queue.Queue(queue_size)
         self._rng = np.random.default_rng()
         self._counts = {"sampled": 0, "dropped": 0, "errors": 0, "recovered": 0}
         self._counts_lock = threading.Lock()
+        self._behind = {"dropped": 0, "offered": 0, "since": time.monotonic()}  # for the warning that sampling cannot keep up
+        self._cpu_per_instance = 0.0  # seconds of CPU one recorded instance costs (moving average)
         threading.Thread(target=self._drain, name="unhans-sampler", daemon=True).start()
 
     def pick(self, n: int) -> np.ndarray:
@@ -136,14 +175,16 @@ class Sampler:
         (one thread: the handler's), never blocks and never raises: what it cannot take is counted."""
         dropped = errors = 0
         for k in range(len(inputs)):
-            if self._queue.full():  # only this thread adds: a free slot stays free until the put
+            # only this thread adds: a free slot stays free until the put; pending inputs are bounded in bytes too (a
+            # 224-px photo is 0.6 MB as float32: a queue of 1,024 would hold 600 MB, in memory and in the journal)
+            if self._queue.full() or (self._queue.qsize() + 1) * inputs[k].nbytes > self.max_pending_bytes:
                 dropped += 1
                 continue
             item = _Pending(inputs[k].copy(), int(predicted[k]), probabilities[k].tolist(),
                             None if scores is None else float(scores[k]), time.time(), request_ids[k])
             if self.journal is not None:
                 try:
-                    item.generation = self.journal.append(_record(item, self.model, self.version, journaled=True))
+                    item.generation = self.journal.append(_record(item, self.model, self.version, journaled=True, pixels=self.pixels))
                 except OSError as error:
                     logger.warning("unhans: the sampler's journal failed (%s): this instance is recorded unjournaled", error)
                     errors += 1
@@ -152,6 +193,24 @@ class Sampler:
             self._count("dropped", dropped)
         if errors:
             self._count("errors", errors)
+        self._warn_if_behind(len(inputs), dropped)
+
+    def _warn_if_behind(self, offered: int, dropped: int) -> None:
+        """Say, at most once a minute, that sampling cannot keep up, with what one instance costs and what would help."""
+        behind = self._behind
+        behind["offered"] += offered
+        behind["dropped"] += dropped
+        if time.monotonic() - behind["since"] < BEHIND_WARNING_S:
+            return
+        if behind["dropped"]:
+            cost = self._cpu_per_instance
+            rate = f"about {self.cpu_budget / cost:.2g} instances a second" if cost else "too few to measure yet"
+            logger.warning("unhans: sampling cannot keep up: %d of %d picked instances dropped in the last %.0f s; relevance "
+                           "costs %.0f ms of CPU an instance and the budget of %.2g of a core allows %s: raise "
+                           "sample_cpu_budget (unhans archive --sample-cpu-budget) or lower --sample-fraction",
+                           behind["dropped"], behind["offered"], time.monotonic() - behind["since"], 1000 * cost,
+                           self.cpu_budget, rate)
+        self._behind = {"dropped": 0, "offered": 0, "since": time.monotonic()}
 
     def take_counts(self) -> dict[str, int]:
         """Counts since the last call (the handler turns them into metrics on the request path)."""
@@ -164,6 +223,10 @@ class Sampler:
             self._counts[key] += n
 
     def _drain(self) -> None:
+        try:  # the lowest priority: idle cores record samples, requests keep the busy ones (Linux: per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         recover_due = 0.0
         while True:
             if time.monotonic() >= recover_due:  # a writer on this host may die at any time, not only before we start
@@ -183,7 +246,9 @@ class Sampler:
                     if self.journal is not None:  # durable in the shard: the journal before this batch may go
                         self.writer.flush()
                         self.journal.release(items[-1].generation)
-                    time.sleep((time.thread_time() - started) * (1.0 / self.cpu_budget - 1.0))  # stay within the budget
+                    spent = time.thread_time() - started
+                    self._cpu_per_instance = 0.8 * self._cpu_per_instance + 0.2 * spent / len(items) if self._cpu_per_instance else spent / len(items)
+                    time.sleep(spent * (1.0 / self.cpu_budget - 1.0))  # stay within the budget
                 self.writer.poll()  # time-based flush and rotation happen here even when traffic stops
             except Exception as error:  # the sampler must outlive any failure; losses are counted
                 logger.warning("unhans: sampling failed (%s)", error)
@@ -216,17 +281,20 @@ class Sampler:
     def _write(self, items: list[_Pending]) -> None:
         images = np.stack([item.image for item in items])
         targets = np.array([item.prediction for item in items])
-        _, relevance, _ = self.explainer(images, targets)
-        for item, heat in zip(items, relevance):
-            self.writer.append(_record(item, self.model, self.version, relevance=heat.sum(axis=0)))
+        _, relevance, _, latent = self.explainer.with_latent(images, targets)
+        for k, (item, heat) in enumerate(zip(items, relevance)):
+            self.writer.append(_record(item, self.model, self.version, relevance=heat.sum(axis=0),
+                                       latent=None if latent is None else latent[k], pixels=self.pixels))
         self._count("sampled", len(items))
 
 
-def _record(item: _Pending, model: str, version: str, relevance: np.ndarray | None = None, journaled: bool = False) -> Record:
+def _record(item: _Pending, model: str, version: str, relevance: np.ndarray | None = None, journaled: bool = False,
+            latent: np.ndarray | None = None, pixels=None) -> Record:
     """The sink's record of a sampled instance: with its relevance for a shard, with its model input for the journal."""
+    picture = item.image if pixels is None else pixels(item.image[None])[0]
     return Record(prediction=item.prediction, target=item.prediction, probabilities=item.probabilities, relevance=relevance,
-                  thumbnail=thumbnail(item.image), score=item.score, timestamp=item.timestamp, model=model, version=version,
-                  request_id=item.request_id, input=item.image if journaled else None)
+                  thumbnail=thumbnail(picture), score=item.score, timestamp=item.timestamp, model=model, version=version,
+                  request_id=item.request_id, input=item.image if journaled else None, latent=latent)
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:

@@ -112,7 +112,7 @@ class Service:
             logger.warning("unhans: %s is not a local folder: sampled instances are not journaled, a killed worker loses "
                            "those it had not yet recorded", url)
         self.sampler = Sampler(writer, Explainer(folder, self.config.composite, threads=1), sample.fraction, self.name,
-                               self.version, cpu_budget=sample.cpu_budget, journal=journal)
+                               self.version, cpu_budget=sample.cpu_budget, journal=journal, pixels=self.contract.denormalise)
         logger.info("unhans: sampling %.1f%% of instances to %s as %s", 100 * sample.fraction, url, writer_id)
 
     def _check_agreement(self) -> int:

@@ -81,7 +81,9 @@ class Record:
     ``relevance`` is stored as float16 (precision enough for clustering relevance maps, half the bytes), divided by its
     largest magnitude first (header ``relevance_scale``): a real model's maps, about 1e-8 a pixel, would underflow
     float16 to zeros; it is read back as float32 at its own scale. ``thumbnail`` is stored as uint8. Either may be None
-    when the handler had none to record.
+    when the handler had none to record. ``latent`` is the relevance at the archive's monitor layer summed over positions,
+    one value per channel (float32: a few hundred values, exact), which the monitor compares across classes; records
+    written before it existed, or by an explainer without a monitor layer, have None.
     """
 
     prediction: int
@@ -95,6 +97,7 @@ class Record:
     version: str
     request_id: str
     input: np.ndarray | None = None  # the model input itself, float32: journal entries only (see :class:`Journal`)
+    latent: np.ndarray | None = None  # (C,) relevance per channel at the monitor layer
 
     def to_bytes(self) -> bytes:
         """The framed record (magic, length, CRC, payload), ready to append to a shard."""
@@ -107,6 +110,8 @@ class Record:
             arrays.append(("thumbnail", np.ascontiguousarray(self.thumbnail, dtype=np.uint8)))
         if self.input is not None:
             arrays.append(("input", np.ascontiguousarray(self.input, dtype="<f4")))
+        if self.latent is not None:
+            arrays.append(("latent", np.ascontiguousarray(self.latent, dtype="<f4").ravel()))
         header = {
             "format": FORMAT,
             "prediction": int(self.prediction),
@@ -161,7 +166,7 @@ class Record:
                        probabilities=[float(p) for p in header["probabilities"]], relevance=relevance,
                        thumbnail=arrays.get("thumbnail"), score=header["score"], timestamp=float(header["timestamp"]),
                        model=header["model"], version=header["version"], request_id=header["request_id"],
-                       input=arrays.get("input"))
+                       input=arrays.get("input"), latent=arrays.get("latent"))
         except CorruptRecord:
             raise
         except (ValueError, KeyError, TypeError, struct.error) as error:

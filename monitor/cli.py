@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..core.contract import IMAGE_SUFFIXES
 from ..core.errors import InputError
 from ..output import console, print_table
 
@@ -18,47 +19,96 @@ def monitor_group():
 
 @monitor_group.command("reference")
 @click.option("--archive", required=True, type=click.Path(), help="The served model: NAME.mar from 'unhans archive' (or its unpacked folder).")
-@click.option("--data", required=True, help="Trusted data: an .npz file of model inputs, an image folder (read through the archive's input contract), a run folder's dataset.npz (its clean test set), 'mnist' or 'digits'.")
+@click.option("--data", required=True, help="Trusted data: a folder of photos (any classes, sub-folders included, no labels needed; read through the archive's input contract), an .npz file of model inputs, a run folder's dataset.npz (its clean test set), 'mnist' or 'digits'.")
 @click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False), help="The monitor's state folder to create.")
 @click.option("--pooling", type=click.IntRange(1), default=2, show_default=True, help="Sum-pool maps PxP before SpRAy.")
-def reference_command(archive, data, state_dir, pooling):
+@click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
+              help="Random views (crops of 60-100%% of each side, mirrored half the time) added per photo of a folder; a photo's views count as one.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images read and explained at a time.")
+def reference_command(archive, data, state_dir, pooling, augment, batch_size):
     """Explain trusted data with the served model: the reference that windows of traffic are compared with."""
     from ..core.serving import unpacked
-    from .reference import REFERENCE_FILE, Reference, explain_with_archive
+    from .crossclass import MIN_REFERENCE
+    from .detector import DriftDetector
+    from .reference import REFERENCE_FILE, explain_with_archive
 
     with unpacked(archive) as folder:  # once: the contract and the model both come from it
-        images = _trusted_images(data, folder)
-        console.print(f"explaining {len(images)} trusted images with the model in {archive}")
-        explained = explain_with_archive(folder, images)
-    reference = Reference.from_relevance(explained["relevance"], explained["predictions"], explained["classes"], explained["model"],
-                                         explained["version"], explained["scores"], pooling)
+        batches, total, skipped = _trusted_batches(data, folder, augment, batch_size)
+        console.print(f"explaining {total} trusted images with the model in {archive}")
+        reference = explain_with_archive(folder, batches, pooling, show_progress=True, total=total)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     path = reference.save(Path(state_dir) / REFERENCE_FILE)
     counts = np.bincount(reference.predictions, minlength=len(reference.classes))
+    per_class = DriftDetector()
+    capacity = int(np.ceil(per_class.min_samples / per_class.max_reference_share))
+    covered = int((counts >= capacity).sum())
+    if reference.latent is None:
+        cross = "off: the archive has no monitor layer (archive it again with this version of unhans)"
+    elif len(reference.latent) < MIN_REFERENCE:
+        cross = f"off: {len(reference.latent)} samples, it needs {MIN_REFERENCE}"
+    else:
+        cross = f"every class, on relevance per channel at {reference.monitor_layer} ({reference.latent.shape[1]} channels)"
     print_table(f"unhans monitor reference -> {path}", {
-        "model": f"{reference.model} {reference.version}", "trusted samples": len(images),
-        "samples per predicted class (min / max)": f"{counts.min()} / {counts.max()}",
+        "model": f"{reference.model} {reference.version}",
+        "trusted samples": f"{len(reference.predictions)} from {reference.photos} photos" + (f" ({skipped[0]} unreadable files skipped)" if skipped[0] else ""),
+        "classes predicted": f"{int((counts > 0).sum())} of {len(reference.classes)} (samples per class: max {counts.max()})",
+        "cross-class test (new strategies in any class)": cross,
+        "per-class SpRAy test": f"{covered} classes with at least {capacity} samples; the other classes are watched by the cross-class test only",
         "artifact detector flags": "no detector" if reference.scores is None else f"{(reference.scores > 0).mean():.2%}",
     })
 
 
-def _trusted_images(data: str, archive: Path) -> np.ndarray:
-    """Images of the trusted data; a run's dataset.npz gives its clean test set, never its poisoned training set. An
-    image folder is brought to the model's input by the contract of the (unpacked) ``archive``, as the handler brings
-    served photos."""
+def _trusted_batches(data: str, archive: Path, augment: int, batch_size: int):
+    """(batches of (model inputs, photo ids), how many rows they hold, [unreadable files]) of the trusted data.
+
+    A folder is read lazily, photo by photo, through the (unpacked) ``archive``'s input contract, as the handler reads
+    served photos, each photo plain and in ``augment`` random views; unreadable files are skipped and counted (the
+    count fills in as the batches are read). Arrays (a run's dataset.npz gives its clean test set, never its poisoned
+    training set; an .npz of model inputs; mnist/digits) are cut into batches as they are."""
     from ..core.data import load_dataset
     from ..core.serving import FILES, ServingConfig
+    from .reference import in_batches
 
     path = Path(data)
+    skipped = [0]
     if path.is_dir():
-        return load_dataset(data, contract=ServingConfig.from_yaml(Path(archive) / FILES.config).contract).images
+        contract = ServingConfig.from_yaml(Path(archive) / FILES.config).contract
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise InputError(str(path), "holds no PNG/JPEG images", "pass a folder of trusted photos (sub-folders are read too)")
+
+        def batches():
+            from PIL import Image, UnidentifiedImageError
+
+            rng = np.random.default_rng(0)
+            images, groups = [], []
+            for photo, file in enumerate(files):
+                try:
+                    with Image.open(file) as picture:
+                        picture.load()
+                        views = [contract.pixels(picture)] + [contract.view(picture, rng) for _ in range(augment)]
+                except (UnidentifiedImageError, OSError, ValueError):
+                    skipped[0] += 1
+                    continue
+                images += views
+                groups += [photo] * len(views)
+                if len(images) >= batch_size:
+                    yield contract.normalise(np.stack(images)), np.array(groups)
+                    images, groups = [], []
+            if images:
+                yield contract.normalise(np.stack(images)), np.array(groups)
+
+        return batches(), len(files) * (1 + augment), skipped
+    images = None
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as z:
             if "test_images" in z:  # a run's scenario file (unhans train)
                 from ..core.poison import load_scenario
 
-                return load_scenario(path)[1].images
-    return load_dataset(data).images
+                images = load_scenario(path)[1].images
+    if images is None:
+        images = load_dataset(data).images
+    return in_batches(images, batch_size), len(images), skipped
 
 
 @monitor_group.command("run")

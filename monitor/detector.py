@@ -57,7 +57,7 @@ class NullModel:
     draws: int
 
     def z(self, statistics: dict[str, float]) -> dict[str, float]:
-        return {k: (statistics[k] - self.location[k]) / self.scale[k] for k in EVIDENCE}
+        return {k: (statistics[k] - self.location[k]) / self.scale[k] for k in self.location}
 
     def to_dict(self) -> dict:
         return {"size": self.size, "location": self.location, "scale": self.scale, "threshold": self.threshold, "draws": self.draws}
@@ -114,7 +114,7 @@ def _statistics(spray: SpRAy, features: np.ndarray, reference_mean: np.ndarray, 
     }
 
 
-def _tail_threshold(drift_scores: np.ndarray, alpha: float) -> float:
+def tail_threshold(drift_scores: np.ndarray, alpha: float) -> float:
     """The drift score exceeded with probability ``alpha`` under the null: exponential tail over the top draws."""
     scores = np.sort(drift_scores)
     if alpha * len(scores) >= 5:  # enough draws to read the quantile directly
@@ -124,6 +124,17 @@ def _tail_threshold(drift_scores: np.ndarray, alpha: float) -> float:
     excess = scores[start:] - base
     beta = max(float(excess.mean()), 1e-6)  # exponential mean excess; a heavier tail than the draws show is not modelled
     return max(float(base + beta * math.log(TAIL_SHARE / alpha)), MIN_THRESHOLD)
+
+
+def known_artifact_share(scores: np.ndarray, reference_scores: np.ndarray, alpha: float) -> tuple[float, float, bool]:
+    """Share of a window's samples the known artifact's detector flags, the reference's share, and whether the window's
+    exceeds it beyond chance (one-sided binomial z at ``alpha``, at least 3 flagged)."""
+    flagged = np.isfinite(scores) & (scores > 0)
+    share = float(flagged.mean()) if len(scores) else 0.0
+    base = float((reference_scores > 0).mean()) if len(reference_scores) else 0.0
+    p0 = min(max(base, 0.5 / max(len(reference_scores), 1)), 1 - 1e-9)  # a reference with no flagged sample still has a rate
+    z = (share - p0) / math.sqrt(p0 * (1 - p0) / max(len(scores), 1))
+    return share, base, bool(z > norm.isf(alpha) and flagged.sum() >= 3)
 
 
 class DriftDetector(BaseEstimator):
@@ -232,7 +243,7 @@ class DriftDetector(BaseEstimator):
             # ``distance`` needs no correction: its draws are compared with the held-out rest of the pool.
             widen = 1.0 / math.sqrt(1.0 - size / len(pool))
             scale = {k: spread[k] * (1.0 if k == "distance" else widen) for k in EVIDENCE}
-            self.null_[key] = NullModel(size, location, scale, _tail_threshold(drift, self.class_alpha), self.n_resamples)
+            self.null_[key] = NullModel(size, location, scale, tail_threshold(drift, self.class_alpha), self.n_resamples)
         return self.null_[key]
 
     def analyse(self, relevance_features: np.ndarray, predictions: np.ndarray, scores: np.ndarray | None = None,
@@ -269,13 +280,8 @@ class DriftDetector(BaseEstimator):
 
     def _artifact_share(self, result: ClassDrift, scores: np.ndarray) -> None:
         """Share of the class's window samples the artifact detector flags, and whether it exceeds the reference's."""
-        flagged = np.isfinite(scores) & (scores > 0)
-        result.artifact_share = float(flagged.mean())
         if self.reference_.scores is None:
+            result.artifact_share = float((np.isfinite(scores) & (scores > 0)).mean())
             return
         pool = self.reference_.scores[self.reference_.pool(result.class_index)]
-        base = float((pool > 0).mean()) if len(pool) else 0.0
-        result.artifact_share_reference = base
-        p0 = min(max(base, 0.5 / max(len(pool), 1)), 1 - 1e-9)  # a reference with no flagged sample still has a rate
-        z = (result.artifact_share - p0) / math.sqrt(p0 * (1 - p0) / len(scores))
-        result.artifact_alert = bool(z > norm.isf(self.class_alpha) and flagged.sum() >= 3)
+        result.artifact_share, result.artifact_share_reference, result.artifact_alert = known_artifact_share(scores, pool, self.class_alpha)

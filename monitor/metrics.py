@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from .evidence import LATEST, class_slug
 
 SKIP_REASONS = ("torn", "corrupt", "other_version", "missing_shard", "no_relevance", "wrong_shape", "not_finite", "constant_map",
-                "unknown_class")
+                "unknown_class", "no_latent")  # no_latent: left out of the cross-class test only
 CLASS_SKIP_REASONS = ("too_few_samples", "reference_too_small")
 ALERT_KINDS = ("new_strategy", "known_artifact")
 
@@ -48,6 +48,8 @@ class MonitorMetrics:
         self.drift_score = Gauge("unhans_monitor_drift_score", "Largest z-score of the class's evidence against resampled reference windows",
                                  per_class, registry=r)
         self.drift_threshold = Gauge("unhans_monitor_drift_threshold", "Drift score above which the class alerts (calibrated)", per_class, registry=r)
+        self.crossclass = Gauge("unhans_monitor_crossclass_evidence", "Cross-class evidence of the last window, by statistic "
+                                "(shift, channel_shift, novelty)", [*base, "statistic"], registry=r)
         self.artifact_share = Gauge("unhans_monitor_artifact_share", "Share of the class's samples the artifact detector flags", per_class, registry=r)
         self.alert = Gauge("unhans_monitor_alert", "1 while the class alerts, by kind", [*per_class, "kind"], registry=r)
         self.last_window = Gauge("unhans_monitor_last_window_timestamp_seconds", "When the last window was analysed (Unix time)", base, registry=r)

@@ -15,11 +15,12 @@ from unhans.handlers.sink import Record, ShardWriter
 
 def replay(sink: str, model: str, version: str, images: np.ndarray, relevance: np.ndarray, logits: np.ndarray,
            scores: np.ndarray | None = None, request_ids: list[str] | None = None, timestamps: np.ndarray | None = None,
-           writers: int = 2, max_shard_bytes: int = 4 << 20) -> list[str]:
+           writers: int = 2, max_shard_bytes: int = 4 << 20, latent: np.ndarray | None = None) -> list[str]:
     """Write one record per row (round-robin over ``writers``) and close the shards; returns the request ids.
 
     ``relevance`` (N, C, H, W) or (N, H, W) is summed over channels as the sampler does; ``logits`` (N, classes) give
-    the prediction and probabilities.
+    the prediction and probabilities; ``latent`` (N, C, ...) is the relevance at the monitor layer, summed over
+    positions as the sampler does.
     """
     relevance = np.asarray(relevance)
     heat = relevance.sum(axis=1) if relevance.ndim == 4 else relevance
@@ -35,7 +36,8 @@ def replay(sink: str, model: str, version: str, images: np.ndarray, relevance: n
             shards[i % writers].append(Record(
                 prediction=prediction, target=prediction, probabilities=probabilities[i].round(6).tolist(), relevance=heat[i],
                 thumbnail=thumbnail(images[i]), score=None if scores is None else float(scores[i]), timestamp=float(base[i]),
-                model=model, version=version, request_id=ids[i]))
+                model=model, version=version, request_id=ids[i],
+                latent=None if latent is None else np.asarray(latent[i], np.float32).reshape(np.shape(latent[i])[0], -1).sum(axis=1)))
     finally:
         for shard in shards:
             shard.close()

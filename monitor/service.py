@@ -28,12 +28,14 @@ from unhans.core.spray import preprocess
 from unhans.handlers.sink import Position, Record, ShardReader, seal_stale
 from unhans.output import console
 
-from .detector import ClassDrift, DriftDetector
-from .evidence import write_evidence
+from .crossclass import MIN_REFERENCE, CrossClassDetector, CrossClassDrift, describe
+from .detector import ClassDrift, DriftDetector, known_artifact_share
+from .evidence import write_crossclass_evidence, write_evidence
 from .metrics import MonitorMetrics, serve
 from .reference import REFERENCE_FILE, Reference
 
 STATE_FILE, CALIBRATION_FILE, LEDGER_FILE, EVIDENCE_DIR = "state.json", "calibration.json", "windows.jsonl", "evidence"
+ALL_CLASSES = "(all)"  # the class label of the cross-class test's metrics, alerts and evidence
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -67,8 +69,9 @@ class Monitor:
         self.sink = sink
         self.reference = Reference.load(self.state_dir / REFERENCE_FILE)
         calibration_file = self.state_dir / CALIBRATION_FILE
-        calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
+        calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else {}
         self.detector = detector.fit(self.reference, calibration)
+        self.crossclass = self._crossclass(detector, calibration.get("cross_class"))
         self.window_size, self.window_seconds, self.seal_after_seconds = window_size, window_seconds, seal_after_seconds
         self.metrics = metrics or MonitorMetrics(self.reference.model, self.reference.version)
         self.metrics.false_alarm_rate.labels(**self.metrics.labels).set(detector.false_alarm_rate)
@@ -77,12 +80,28 @@ class Monitor:
         state_file = self.state_dir / STATE_FILE
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
         self.window_index = int(state.get("window_index", 0))
+        self.alert_since = state.get("crossclass_alert_since")  # first window of the cross-class alert now running
         self.committed = Position.of(state.get("position"))
         self._drop_uncommitted_ledger()
         self._buffer: list[Record] = []
         self._read_to = Position.of(self.committed)  # past everything read, committed or not
         self._committed_at = time.time()
         self.stop = threading.Event()
+
+    def _crossclass(self, detector: DriftDetector, calibration: dict | None) -> CrossClassDetector | None:
+        """The cross-class test on the reference's relevance at the monitor layer, or None where the reference has too
+        little of it; samples the known artifact's detector flags are left out (they are reported as a warning)."""
+        reference = self.reference
+        if reference.latent is None:
+            return None
+        kept = np.ones(len(reference.latent), bool) if reference.scores is None else ~(reference.scores > 0)
+        if kept.sum() < MIN_REFERENCE:
+            console.print(f"[yellow]cross-class test off[/]: the reference has {int(kept.sum())} samples with relevance at the "
+                          f"monitor layer, it needs {MIN_REFERENCE}")
+            return None
+        cross = CrossClassDetector(false_alarm_rate=detector.false_alarm_rate, n_resamples=detector.n_resamples,
+                                   random_state=detector.random_state)
+        return cross.fit(describe(reference.latent[kept]), reference.groups[kept], calibration, key=self.detector.reference_fingerprint_)
 
     def _drop_uncommitted_ledger(self) -> None:
         ledger = self.state_dir / LEDGER_FILE
@@ -105,17 +124,25 @@ class Monitor:
             if n >= self.detector.min_samples and capacity >= self.detector.min_samples:
                 wanted.append((c, min(self.detector.bucket(n), capacity)))
         todo = [key for key in wanted if key not in self.detector.null_]
-        if not todo:
+        cross = self.crossclass is not None and self.crossclass.null_ is None
+        if not todo and not cross:
             return
         with Progress(console=console, disable=not show_progress) as progress:
-            task = progress.add_task(f"calibrating on resampled reference windows ({self.detector.n_resamples} per class)", total=len(todo))
+            task = progress.add_task(f"calibrating on resampled reference windows ({self.detector.n_resamples} per test)",
+                                     total=len(todo) + cross)
             for c, size in todo:
                 self.detector.null_model(c, size)
+                progress.advance(task)
+            if cross:
+                self.crossclass.calibrate()
                 progress.advance(task)
         self._save_calibration()
 
     def _save_calibration(self) -> None:
-        _atomic_json(self.state_dir / CALIBRATION_FILE, self.detector.calibration_to_dict())
+        calibration = self.detector.calibration_to_dict()
+        if self.crossclass is not None and self.crossclass.null_ is not None:
+            calibration["cross_class"] = self.crossclass.calibration_to_dict()
+        _atomic_json(self.state_dir / CALIBRATION_FILE, calibration)
 
     # reading -------------------------------------------------------------------------------------------------------
     def _windows(self, follow: bool):
@@ -190,7 +217,9 @@ class Monitor:
         m, labels, classes = self.metrics, self.metrics.labels, self.reference.classes
         records = window.records
         results: list[ClassDrift] = []
-        page = None
+        cross: CrossClassDrift | None = None
+        known_all: tuple[float, bool] | None = None
+        pages = []
         if not records:
             m.windows_empty.labels(**labels).inc()
         else:
@@ -200,27 +229,61 @@ class Monitor:
             known = len(self.detector.null_)
             results = self.detector.analyse(preprocess(raw, self.reference.pooling), predictions,
                                             None if np.isnan(scores).all() else scores, seed=self.window_index)
+            cross = self._analyse_across_classes(records, scores)
+            known_all = self._known_artifact(scores)
             if len(self.detector.null_) != known:
                 self._save_calibration()
             alerting = [r for r in results if r.alert]
+            title = f"unhans monitor: {self.reference.model} {self.reference.version}, window {self.window_index}"
+            thumbnails, ids = [r.thumbnail for r in records], [r.request_id for r in records]
             if alerting:
                 means = {r.class_index: self._reference_mean(r.class_index) for r in alerting}
-                page = write_evidence(self.evidence_root, self.window_index, f"unhans monitor: {self.reference.model} "
-                                      f"{self.reference.version}, window {self.window_index}", classes, alerting, raw,
-                                      [r.thumbnail for r in records], [r.request_id for r in records], means)
-            self._export(results)
+                pages.append(write_evidence(self.evidence_root, self.window_index, title, classes, alerting, raw, thumbnails, ids, means))
+            if cross is not None and cross.alert:
+                since = self.window_index if self.alert_since is None else self.alert_since
+                pages.append(write_crossclass_evidence(self.evidence_root, self.window_index, title, ALL_CLASSES, classes, cross, raw,
+                                                       thumbnails, ids, predictions, since, records[0].timestamp))
+            self._export(results, cross, known_all)
+        self.alert_since = (self.window_index if self.alert_since is None else self.alert_since) if cross is not None and cross.alert else None
         seconds = time.perf_counter() - started
-        self._commit(window, results, page, seconds)
+        self._commit(window, results, cross, known_all is not None and known_all[1], pages[-1] if pages else None, seconds)
         m.windows.labels(**labels).inc()
         m.samples.labels(**labels).inc(len(records))
         m.duration.labels(**labels).observe(seconds)
         m.last_window.labels(**labels).set(time.time())
-        alerts = ", ".join(f"class {classes[r.class_index]} (drift {r.drift_score:.1f} > {r.threshold:.1f})" for r in results if r.alert)
-        known = ", ".join(f"class {classes[r.class_index]} ({r.artifact_share:.0%} flagged)" for r in results if r.artifact_alert)
+        alerts = [f"class {classes[r.class_index]} (drift {r.drift_score:.1f} > {r.threshold:.1f})" for r in results if r.alert]
+        if cross is not None and cross.alert:
+            alerts.append(f"across classes (drift {cross.drift_score:.1f} > {cross.threshold:.1f})")
+        known = [f"class {classes[r.class_index]} ({r.artifact_share:.0%} flagged)" for r in results if r.artifact_alert]
+        if known_all is not None and known_all[1]:
+            known.append(f"all classes ({known_all[0]:.0%} flagged)")
+        known = ", ".join(known)
         console.print(f"window {self.window_index - 1}: {len(records)} records ({window.closed_by}), {seconds:.1f} s"
-                      + (f"; [bold red]new strategy[/]: {alerts} -> {page}" if alerts else "; no new strategy")
+                      + (f"; [bold red]new strategy[/]: {', '.join(alerts)} -> {pages[-1]}" if alerts else "; no new strategy")
                       + (f"; [yellow]known artifact[/]: {known}" if known else ""), soft_wrap=True)
         return results
+
+    def _known_artifact(self, scores: np.ndarray) -> tuple[float, bool] | None:
+        """The known artifact's share in the whole window and whether it exceeds the reference's beyond chance (a
+        1,000-class model's traffic is too thin per class for the per-class warning)."""
+        if np.isnan(scores).all() or self.reference.scores is None:
+            return None
+        share, _, alert = known_artifact_share(scores, self.reference.scores, self.detector.false_alarm_rate)
+        return share, alert
+
+    def _analyse_across_classes(self, records: list[Record], scores: np.ndarray) -> CrossClassDrift | None:
+        """The cross-class test on the window's records that carry relevance at the monitor layer and that the known
+        artifact's detector does not flag; records without it are counted."""
+        if self.crossclass is None:
+            return None
+        width = self.reference.latent.shape[1]
+        usable = np.array([r.latent is not None and np.size(r.latent) == width and np.isfinite(r.latent).all() for r in records])
+        missing = int((~usable).sum())
+        if missing:
+            self.metrics.records_skipped.labels(**self.metrics.labels, reason="no_latent").inc(missing)
+        tested = np.flatnonzero(usable & ~(scores > 0))
+        latent = np.stack([np.asarray(records[i].latent, np.float32).ravel() for i in tested]) if len(tested) else np.zeros((0, width))
+        return self.crossclass.analyse(describe(latent), tested)
 
     def _reference_mean(self, class_index: int) -> np.ndarray:
         """The reference's mean map of a class at the pooled resolution, scaled back up to the raw map size."""
@@ -229,7 +292,7 @@ class Monitor:
         height, width = self.reference.map_shape
         return np.kron(mean, np.ones((pooling, pooling)))[:height, :width] / pooling**2
 
-    def _export(self, results: list[ClassDrift]) -> None:
+    def _export(self, results: list[ClassDrift], cross: CrossClassDrift | None, known_all: tuple[float, bool] | None) -> None:
         m = self.metrics
         for result in results:
             name = self.reference.classes[result.class_index]
@@ -249,14 +312,31 @@ class Monitor:
             m.of_class(m.drift_score, name).set(result.drift_score)
             m.of_class(m.drift_threshold, name).set(result.threshold)
             m.of_class(m.alert, name, kind="new_strategy").set(int(result.alert))
+        if known_all is not None:
+            m.of_class(m.artifact_share, ALL_CLASSES).set(known_all[0])
+            m.of_class(m.alert, ALL_CLASSES, kind="known_artifact").set(int(known_all[1]))
+        if cross is None:
+            return
+        m.of_class(m.class_samples, ALL_CLASSES).set(len(cross.rows))
+        if cross.skipped:
+            m.of_class(m.classes_skipped, ALL_CLASSES, reason="too_few_samples").inc()
+            return
+        for statistic, value in cross.statistics.items():
+            m.crossclass.labels(**m.labels, statistic=statistic).set(value)
+        m.of_class(m.drift_score, ALL_CLASSES).set(cross.drift_score)
+        m.of_class(m.drift_threshold, ALL_CLASSES).set(cross.threshold)
+        m.of_class(m.alert, ALL_CLASSES, kind="new_strategy").set(int(cross.alert))
 
-    def _commit(self, window: Window, results: list[ClassDrift], page: Path | None, seconds: float) -> None:
+    def _commit(self, window: Window, results: list[ClassDrift], cross: CrossClassDrift | None, known_all: bool,
+                page: Path | None, seconds: float) -> None:
         entry = {"index": self.window_index, "closed_by": window.closed_by, "n": len(window.records), "seconds": round(seconds, 3),
                  "first_timestamp": window.records[0].timestamp if window.records else None,
-                 "alerts": [self.reference.classes[r.class_index] for r in results if r.alert],
-                 "known_artifact_alerts": [self.reference.classes[r.class_index] for r in results if r.artifact_alert],
+                 "alerts": [self.reference.classes[r.class_index] for r in results if r.alert] + ([ALL_CLASSES] if cross and cross.alert else []),
+                 "known_artifact_alerts": [self.reference.classes[r.class_index] for r in results if r.artifact_alert]
+                                          + ([ALL_CLASSES] if known_all else []),
                  "evidence": None if page is None else str(page.relative_to(self.state_dir)),
-                 "classes": [r.summary() for r in results], "request_ids": [r.request_id for r in window.records],
+                 "classes": [r.summary() for r in results], "cross_class": None if cross is None else cross.summary(),
+                 "analysed": self._analysed(results, cross), "request_ids": [r.request_id for r in window.records],
                  "end": window.end.to_dict()}
         with open(self.state_dir / LEDGER_FILE, "a") as ledger:
             ledger.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -265,7 +345,15 @@ class Monitor:
         self.window_index += 1
         self.committed, self._committed_at = window.end, time.time()
         _atomic_json(self.state_dir / STATE_FILE, {"window_index": self.window_index, "position": window.end.to_dict(),
-                                                   "reference": self.detector.reference_fingerprint_})
+                                                   "reference": self.detector.reference_fingerprint_,
+                                                   "crossclass_alert_since": self.alert_since})
+
+    def _analysed(self, results: list[ClassDrift], cross: CrossClassDrift | None) -> int:
+        """How many of the window's records entered some test (the cross-class one, or their class's SpRAy)."""
+        rows = {int(i) for r in results if not r.skipped for i in r.analysed}
+        if cross is not None and not cross.skipped:
+            rows.update(int(i) for i in cross.rows)
+        return len(rows)
 
 
 def run_monitor(state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int, window_seconds: float | None,

@@ -61,7 +61,7 @@ def _archive(backdoored_vgg, root, explain_graph: bool):
     from unhans.core.layers import insert_after
     from unhans.export.archive import build_archive
     from unhans.export.correction import Correction
-    from unhans.export.explain import explain_path, export_explain
+    from unhans.export.explain import MONITOR_LAYER, explain_path, export_explain
     from unhans.export.onnx import export_torch
 
     model, train = backdoored_vgg["model"], backdoored_vgg["train"]
@@ -69,8 +69,8 @@ def _archive(backdoored_vgg, root, explain_graph: bool):
     correction = Correction.from_cav(cav)
     graph = export_torch(model, "features.pool2", correction, train.images[:64], root / "vgg.onnx").path
     if explain_graph:
-        export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), probe=train.images[:64],
-                       detector=correction)
+        export_explain(insert_after(model, "features.pool2", correction.module()), explain_path(graph), layer=MONITOR_LAYER,
+                       probe=train.images[:64], detector=correction)
     (root / "store").mkdir()
     build_archive(graph, backdoored_vgg["run"], "vgg", root / "store", batch_size=8, max_batch_delay_ms=300)
     return root, pclarc(model, "features.pool2", cav)

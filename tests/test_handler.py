@@ -418,9 +418,15 @@ def test_sampled_requests_reach_the_sink(backdoored_vgg, served_archive, torchse
             time.sleep(0.2)
             records = [record for _, record in ShardReader(str(sink), "vgg", include_open=True).read()]
     assert len(records) == 6
-    expected = LRP(corrected).explain(images).relevance.sum(axis=1)
+    from unhans.core.layers import middle_spatial_layer
+
+    layer = middle_spatial_layer(corrected, torch.from_numpy(images[:2]))  # the archive's monitor layer
+    explained = LRP(corrected, layers=(layer,)).explain(images)
+    expected = explained.relevance.sum(axis=1)
     assert np.allclose(records[0].relevance, expected[0], atol=2e-3 * max(1.0, np.abs(expected[0]).max()))
-    assert records[0].thumbnail.shape[:2] == (16, 16) and records[0].score is not None and records[0].version == "1.0"
+    assert records[0].thumbnail.shape[:2] == (28, 28) and records[0].score is not None and records[0].version == "1.0"
+    latent = explained.layer_relevance[layer][0].sum(axis=(1, 2))  # the relevance per channel at the monitor layer
+    assert np.allclose(records[0].latent, latent, atol=2e-3 * np.abs(latent).max())
     assert len({record.request_id for record in records}) == 5  # each HTTP request keeps its own id
 
 

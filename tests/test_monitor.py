@@ -16,15 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unhans.core.attribution import LRP
+from unhans.core.layers import middle_spatial_layer
 from unhans.core.poison import attacked
+from unhans.export.archive import build_archive
 from unhans.handlers.sink import Record, ShardWriter
 from unhans.monitor.detector import DriftDetector
 from unhans.monitor.metrics import MonitorMetrics, serve
-from unhans.monitor.reference import REFERENCE_FILE, Reference, explain_with_archive
+from unhans.core.spray import preprocess
+from unhans.monitor.reference import REFERENCE_FILE, Reference, explain_with_archive, in_batches
 from unhans.monitor.replay import mixed_windows, replay
-from unhans.monitor.service import CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor
+from unhans.monitor.service import ALL_CLASSES, CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor
 
 RULES = Path(__file__).resolve().parents[1] / "monitor" / "prometheus"
 MODEL, VERSION, WINDOW = "vgg", "1.0", 400
@@ -42,16 +46,19 @@ def traffic(backdoored_vgg):
     model, train, test = backdoored_vgg["model"], backdoored_vgg["train"], backdoored_vgg["test"]
     clean = np.concatenate([train.images[~train.has_artifact][:1600], test.images])
     order = np.random.default_rng(0).permutation(len(clean))
-    lrp = LRP(model)
+    layer = middle_spatial_layer(model, torch.from_numpy(clean[:2]))  # the monitor layer an archive of it records
+    lrp = LRP(model, layers=(layer,))
     explained = lrp.explain(clean)
     attack = attacked(test, backdoored_vgg["artifact"], train.target).images[:300]
     explained_attack = lrp.explain(attack)
     reference_rows, traffic_rows = order[:1500], order[1500:]
+    latent = explained.layer_relevance[layer].sum(axis=(2, 3))
     reference = Reference.from_relevance(explained.relevance[reference_rows], explained.logits[reference_rows].argmax(1),
-                                         train.classes, MODEL, VERSION)
+                                         train.classes, MODEL, VERSION, latent=latent[reference_rows], monitor_layer=layer)
     return {"reference": reference, "images": clean[traffic_rows], "relevance": explained.relevance[traffic_rows],
-            "logits": explained.logits[traffic_rows], "attack_images": attack, "attack_relevance": explained_attack.relevance,
-            "attack_logits": explained_attack.logits, "target": train.target}
+            "logits": explained.logits[traffic_rows], "latent": latent[traffic_rows], "attack_images": attack,
+            "attack_relevance": explained_attack.relevance, "attack_logits": explained_attack.logits,
+            "attack_latent": explained_attack.layer_relevance[layer].sum(axis=(2, 3)), "target": train.target}
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +80,14 @@ def _state(calibrated, tmp_path) -> Path:
 
 def _windows(traffic, windows: int, artifact_share: float, seed: int, first_id: int = 0) -> dict:
     """``windows`` windows of WINDOW records, ``artifact_share`` of each attacked, with unique request ids."""
-    keys = ("images", "relevance", "logits")
+    keys = ("images", "relevance", "logits", "latent")
     return mixed_windows({k: traffic[k] for k in keys}, {k: traffic["attack_" + k] for k in keys}, windows, WINDOW,
                          artifact_share, np.random.default_rng(seed), first_id)
 
 
 def _replay(sink, batch, writers=1):
-    return replay(str(sink), MODEL, VERSION, batch["images"], batch["relevance"], batch["logits"], request_ids=batch["ids"], writers=writers)
+    return replay(str(sink), MODEL, VERSION, batch["images"], batch["relevance"], batch["logits"], request_ids=batch["ids"], writers=writers,
+                  latent=batch["latent"])
 
 
 def _concat(*batches):
@@ -112,7 +120,8 @@ def test_new_strategy_alerts_with_evidence_and_clean_traffic_does_not(traffic, c
     monitor = Monitor(state, str(tmp_path / "sink"), _detector(), WINDOW, metrics=metrics)
     assert monitor.run(follow=False) == 5
     ledger = _ledger(state)
-    assert [w["alerts"] for w in ledger] == [[], [], [], ["0"], ["0"]]  # the patch sends its images to class 0
+    # the patch sends its images to class 0; the cross-class test sees the new strategy too
+    assert [w["alerts"] for w in ledger] == [[], [], [], ["0", ALL_CLASSES], ["0", ALL_CLASSES]]
     target = next(c for c in ledger[3]["classes"] if c["class_index"] == traffic["target"])
     assert target["drift_score"] > 2 * target["threshold"] and target["n_clusters"] >= 2
     value = lambda name, **labels: metrics.registry.get_sample_value(name, {"model": MODEL, "version": VERSION, **labels})
@@ -163,7 +172,7 @@ def test_bad_records_are_skipped_and_counted_never_alerted_on(traffic, calibrate
         writer.append(Record(relevance=np.eye(28), **{**good, "version": "2.0"}))
     shard = next((sink / MODEL / VERSION).glob("replay-0-*.shard"))
     data = bytearray(shard.read_bytes())
-    data[5000:5010] = b"\x00" * 10  # corrupt one record in the middle
+    data[5000:5010] = b"\xff" * 10  # corrupt one record in the middle (0xff: no part of a record is all 0xff)
     shard.write_bytes(bytes(data[:-100]))  # and tear the last one
     metrics = MonitorMetrics(MODEL, VERSION)
     monitor = Monitor(state, str(sink), _detector(), WINDOW - 4, metrics=metrics)  # the surviving records make one window
@@ -215,13 +224,16 @@ def test_sigkill_and_restart_lose_and_double_count_nothing(traffic, calibrated, 
 def test_reference_is_explained_by_the_served_archive(served_archive, backdoored_vgg):
     root, corrected = served_archive
     images = backdoored_vgg["test"].images[:40]
-    explained = explain_with_archive(root / "store" / "vgg.mar", images)
-    expected = LRP(corrected).explain(images)
-    assert explained["model"] == "vgg" and explained["version"] == "1.0" and explained["classes"][:2] == ["0", "1"]
-    assert np.array_equal(explained["predictions"], expected.logits.argmax(1))
-    scale = np.abs(expected.relevance).max()
-    assert np.abs(explained["relevance"] - expected.relevance.sum(1)).max() <= 2e-3 * scale
-    assert explained["scores"].shape == (40,)
+    reference = explain_with_archive(root / "store" / "vgg.mar", in_batches(images, 16))
+    layer = reference.monitor_layer
+    expected = LRP(corrected, layers=(layer,)).explain(images)
+    assert reference.model == "vgg" and reference.version == "1.0" and reference.classes[:2] == ["0", "1"]
+    assert np.array_equal(reference.predictions, expected.logits.argmax(1))
+    want = preprocess(expected.relevance.sum(1), reference.pooling)
+    assert np.abs(reference.features - want).max() <= 2e-3 * np.abs(want).max()
+    assert reference.scores.shape == (40,) and np.array_equal(reference.groups, np.arange(40))
+    latent = expected.layer_relevance[layer].sum(axis=(2, 3))  # relevance per channel at the monitor layer
+    assert reference.latent.shape == latent.shape and np.abs(reference.latent - latent).max() <= 2e-3 * np.abs(latent).max()
 
 
 def test_cli_errors_name_the_problem(tmp_path):
@@ -240,7 +252,7 @@ def test_trusted_photos_are_read_through_the_archives_input_contract(tmp_path):
 
     from unhans.core.contract import InputContract
     from unhans.core.serving import FILES, ServingConfig
-    from unhans.monitor.cli import _trusted_images
+    from unhans.monitor.cli import _trusted_batches
 
     contract = InputContract(3, 8, 8, mean=[0.5], std=[0.25], resize=10)
     archive = tmp_path / "archive"
@@ -251,11 +263,15 @@ def test_trusted_photos_are_read_through_the_archives_input_contract(tmp_path):
     for c, side in enumerate(((20, 14), (9, 31))):
         (tmp_path / "photos" / str(c)).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 256, (*side, 3), dtype=np.uint8)).save(tmp_path / "photos" / str(c) / "a.png")
-    images = _trusted_images(str(tmp_path / "photos"), str(archive))
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
+    batches, total, skipped = _trusted_batches(str(tmp_path / "photos"), archive, augment=2, batch_size=4)
+    images, groups = map(np.concatenate, zip(*batches))
     with Image.open(tmp_path / "photos" / "1" / "a.png") as photo:
         expected = contract.normalise(contract.pixels(photo))
-    assert images.shape == (2, 3, 8, 8)
-    np.testing.assert_allclose(images[1], expected, atol=1e-6)
+    assert total == 9 and skipped == [1]  # 3 files, each plain and in 2 random views; the broken one skipped and counted
+    assert images.shape == (6, 3, 8, 8) and groups.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_allclose(images[3], expected, atol=1e-6)  # a photo's first view is the handler's own
+    assert not np.allclose(images[4], images[3])  # the others are random crops and mirrors of it
 
 
 def test_alert_rules_pass_promtool():
@@ -315,3 +331,72 @@ def test_real_prometheus_scrapes_the_monitor_and_the_alert_fires(traffic, calibr
             except subprocess.TimeoutExpired:
                 process.kill()
     assert monitor.returncode == 0  # SIGTERM stops the monitor cleanly
+
+
+def test_across_classes_a_shortcut_alerts_with_evidence_and_clean_traffic_does_not(traffic, calibrated, tmp_path):
+    """The cross-class test (relevance per channel at the monitor layer, all classes together): clean windows stay
+    quiet, the patch in 10% of the traffic alerts in its first window, with an evidence page of the served samples that
+    carry the drift, most of them patched ones, and the metrics under class "(all)"."""
+    state = _state(calibrated, tmp_path)
+    clean, onset = _windows(traffic, 3, 0.0, seed=11), _windows(traffic, 1, 0.1, seed=12, first_id=10**6)
+    _replay(tmp_path / "sink", _concat(clean, onset))
+    metrics = MonitorMetrics(MODEL, VERSION)
+    Monitor(state, str(tmp_path / "sink"), _detector(), WINDOW, metrics=metrics).run(follow=False)
+    ledger = _ledger(state)
+    assert [ALL_CLASSES in w["alerts"] for w in ledger] == [False, False, False, True], [w["cross_class"] for w in ledger]
+    assert all(w["analysed"] == w["n"] for w in ledger[:3])  # every clean record entered a test
+    cross = ledger[3]["cross_class"]
+    assert cross["drift_score"] > cross["threshold"] and cross["n"] == WINDOW
+    value = lambda name, **labels: metrics.registry.get_sample_value(name, {"model": MODEL, "version": VERSION, **labels})
+    assert value("unhans_monitor_alert", **{"class": ALL_CLASSES, "kind": "new_strategy"}) == 1
+    assert value("unhans_monitor_crossclass_evidence", statistic="shift") == cross["statistics"]["shift"]
+    page = state / ledger[3]["evidence"]
+    text = page.read_text()
+    assert "a new strategy across classes" in text and "alerting since window 3" in text
+    shown = re.findall(r"served photos \(requests ([^)]*)\)", text)[0].split(", ")
+    assert sum(i.startswith(f"r{10**6}") or int(i[1:]) >= 10**6 for i in shown) >= len(shown) // 2  # mostly the patched requests
+    assert (page.parent / "class-_all_-photos.png").is_file() and (state / "evidence" / "latest" / "class-_all_.html").is_file()
+
+
+def test_a_request_repeated_verbatim_counts_once(traffic, calibrated, tmp_path):
+    """n identical records are one sample to the cross-class test, not n: too few to test, and no alert."""
+    state = _state(calibrated, tmp_path)
+    batch = _windows(traffic, 1, 0.0, seed=13)
+    same = {k: [v[0]] * WINDOW if k == "ids" else np.repeat(v[:1], WINDOW, axis=0) for k, v in batch.items()}
+    same["ids"] = [f"again-{k}" for k in range(WINDOW)]
+    _replay(tmp_path / "sink", same)
+    Monitor(state, str(tmp_path / "sink"), _detector(), WINDOW).run(follow=False)
+    cross = _ledger(state)[0]["cross_class"]
+    assert cross["n"] == 1 and "at least" in cross["skipped"] and ALL_CLASSES not in _ledger(state)[0]["alerts"]
+
+
+def test_a_model_is_archived_without_a_correction_and_its_traffic_is_recorded_for_the_monitor(backdoored_vgg, tmp_path):
+    """'unhans archive' with no --onnx: the model as it is (predictions equal PyTorch's), no correction, no detector;
+    sampled records carry the relevance per channel at the monitor layer, and the reference is built from it."""
+    from unhans.core.serving import FILES, ServingConfig, unpacked
+    from unhans.handlers.service import Row, Service
+    from unhans.handlers.sink import ShardReader
+
+    model, test = backdoored_vgg["model"], backdoored_vgg["test"]
+    (tmp_path / "store").mkdir()
+    sink = tmp_path / "sink"
+    archive = build_archive(None, backdoored_vgg["run"], "watched", tmp_path / "store", sample_fraction=1.0, sink=str(sink),
+                            sample_cpu_budget=1.0)
+    images = test.images[:6]
+    layer = middle_spatial_layer(model, torch.from_numpy(images[:2]))
+    with unpacked(archive) as folder:
+        assert not (folder / FILES.correction).exists() and ServingConfig.from_yaml(folder / FILES.config).monitor_layer == layer
+        service = Service(folder)
+        answers = service.answer([Row(json.dumps({"instances": images.tolist()}), "req")])
+        deadline, records = time.monotonic() + 30, []
+        while len(records) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            records = [r for _, r in ShardReader(str(sink), "watched", include_open=True).read()]
+        reference = explain_with_archive(folder, in_batches(images))
+    expected = LRP(model, layers=(layer,)).explain(images)
+    assert answers[0].status == 200 and [p["label"] for p in answers[0].body["predictions"]] == expected.logits.argmax(1).tolist()
+    assert len(records) == 6 and all(r.score is None for r in records)
+    latent = expected.layer_relevance[layer].sum(axis=(2, 3))
+    got = np.stack([r.latent for r in sorted(records, key=lambda r: r.timestamp)])
+    assert np.allclose(np.sort(got, axis=0), np.sort(latent, axis=0), atol=2e-3 * np.abs(latent).max())
+    assert reference.monitor_layer == layer and reference.scores is None and reference.latent.shape == latent.shape

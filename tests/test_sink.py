@@ -324,9 +324,10 @@ import socket, sys, time, numpy as np
 from unhans.handlers.relevance import Sampler
 from unhans.handlers.sink import Journal, ShardWriter
 sink, writer_id = sys.argv[1], f"{socket.gethostname()}-{__import__('os').getpid()}-1"
-def never_done(images, targets):  # the relevance of a killed worker's sampler is never finished
-    time.sleep(3600)
-sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), never_done, 1.0, "m", "1", batch=2, cpu_budget=1.0,
+class NeverDone:  # the relevance of a killed worker's sampler is never finished
+    def with_latent(self, images, targets):
+        time.sleep(3600)
+sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), NeverDone(), 1.0, "m", "1", batch=2, cpu_budget=1.0,
                   journal=Journal(sink, "m", "1", writer_id, max_entries=3))
 inputs = np.random.default_rng(0).random((7, 1, 4, 4), dtype=np.float32)
 sampler.offer(inputs, np.arange(7) % 3, np.full((7, 3), 1 / 3), None, [f"req-{k}" for k in range(7)])
@@ -361,11 +362,12 @@ def test_instances_a_killed_sampler_had_accepted_are_recorded_by_the_next(tmp_pa
     sealed = seal_stale(sink, "m", older_than_s=300)  # the monitor's call: the dead writer's shard is final at once
     assert [os.path.basename(p) for p in sealed] == [f"{dead_id}-00000000{CLOSED}"]
 
-    def explain(images, targets):
-        return None, np.ones((len(images), 1, 4, 4), np.float32), None
+    class Explain:  # the explainer's interface the sampler uses: relevance and the monitor layer's per channel
+        def with_latent(self, images, targets):
+            return None, np.ones((len(images), 1, 4, 4), np.float32), None, np.ones((len(images), 5), np.float32)
 
     writer_id = f"{__import__('socket').gethostname()}-{os.getpid()}-2"
-    sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), explain, 1.0, "m", "1", cpu_budget=1.0,
+    sampler = Sampler(ShardWriter(sink, "m", "1", writer_id), Explain(), 1.0, "m", "1", cpu_budget=1.0,
                       journal=Journal(sink, "m", "1", writer_id))
     deadline, records = time.monotonic() + 30, []
     while len(records) < 8 and time.monotonic() < deadline:  # the dead writer's first, the live one's, 6 recovered
@@ -374,4 +376,5 @@ def test_instances_a_killed_sampler_had_accepted_are_recorded_by_the_next(tmp_pa
     assert not orphaned_journals(sink, "m", "1") and not list((tmp_path / "sink" / "m" / "1").glob("*.journal*"))
     assert sorted(r.request_id for r in records if r.request_id.startswith("req")) == [f"req-{k}" for k in range(7)]
     assert all(r.relevance is not None and r.input is None for r in records) and len(records) == 8
+    assert sorted(r.latent.shape for r in records if r.latent is not None) == [(5,)] * 6  # the recovered ones, with their latent
     assert sampler.take_counts()["recovered"] == 6

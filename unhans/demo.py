@@ -42,7 +42,7 @@ from .export.explain import explain_path, export_explain
 from .export.onnx import export_torch, torch_to_onnx
 from .export.runtime import interleaved_overhead, run_batched, session
 from .handlers.sink import ShardReader
-from .monitor.reference import REFERENCE_FILE, Reference, explain_with_archive
+from .monitor.reference import REFERENCE_FILE, explain_with_archive, in_batches
 from .monitor.service import LEDGER_FILE
 from .output import console
 from .torchserve import LocalTorchServe
@@ -207,9 +207,7 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
     state = out / "monitor"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    explained = explain_with_archive(archive, test.images[reference_rows])
-    Reference.from_relevance(explained["relevance"], explained["predictions"], explained["classes"], explained["model"],
-                             explained["version"], explained["scores"]).save(state / REFERENCE_FILE)
+    explain_with_archive(archive, in_batches(test.images[reference_rows])).save(state / REFERENCE_FILE)
 
     _step(5, "starting TorchServe and the monitor on loopback ports; sending traffic")
     phases = []
