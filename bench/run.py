@@ -38,6 +38,7 @@ BENCHMARKS = {
     "imagenet": [],
     "serving": ["--run", str(RUNS / "vgg")],
     "monitor": ["--run", str(RUNS / "vgg")],
+    "monitor_real": [],  # reads ../shared/imagenet-sample; explains ~5,000 224-px images (about 30 min on 2 cores)
     "kserve": ["--run", str(RUNS / "vgg")],
     "reliability": ["--run", str(RUNS / "vgg")],
     "quality": [],  # issue 18's scenario grid: trains its own 24 models (30-45 min on 2 cores)

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 RECOVER_EVERY_S = 10.0  # how often a sampler looks for journals of dead writers on its host
 THUMBNAIL_SIDE = 64  # the monitor's evidence pages show what was served, small (a 28-px digit stays 28 px)
 MAX_PENDING_BYTES = 64 << 20  # model inputs waiting for their relevance (and in the journal), per worker
+BATCH_INPUT_BYTES = 4 << 20  # model inputs explained together by the sampler (6 photos at 224 px, 32 MNIST digits)
 BEHIND_WARNING_S = 60.0  # at most one "sampling cannot keep up" warning a minute
 # DEFAULT_CPU_BUDGET, the share of one core a worker's sampler may use: on a saturated 2-core machine
 # (bench/serving.py) the sampled worker spent 4.6-5.7% more CPU per request at 0.02, 2.8-3.9% at 0.01. At 0.01 the
@@ -235,7 +236,9 @@ class Sampler:
             items = []
             try:
                 items.append(self._queue.get(timeout=0.5))
-                while len(items) < self.batch:
+                # LRP keeps every activation of a batch (about 250x the input for a 224-px CNN): large inputs go fewer at a time
+                batch = max(1, min(self.batch, BATCH_INPUT_BYTES // items[0].image.nbytes))
+                while len(items) < batch:
                     items.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
