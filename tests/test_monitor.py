@@ -400,3 +400,65 @@ def test_a_model_is_archived_without_a_correction_and_its_traffic_is_recorded_fo
     got = np.stack([r.latent for r in sorted(records, key=lambda r: r.timestamp)])
     assert np.allclose(np.sort(got, axis=0), np.sort(latent, axis=0), atol=2e-3 * np.abs(latent).max())
     assert reference.monitor_layer == layer and reference.scores is None and reference.latent.shape == latent.shape
+
+
+def test_a_real_model_is_watched_across_classes_before_it_is_patched(tmp_path):
+    """EfficientNet-Lite0 (real ImageNet weights, 1,000 classes) archived as it is, its reference built by the CLI from
+    13 of the 26 real photos that ship in packages (foolbox's ImageNet JPEGs, scikit-image's) in 5 views each, and
+    traffic from the other 13 in 4 views: clean traffic stays quiet across classes, and ImageNet-W's watermark (the
+    real overlay: 捷径捷径捷径, 50% white) on every request moves the window's explanations away from the reference
+    though they spread over many classes. (13 photos are too few to alert at 0.001; bench/monitor_real.py measures
+    the alert on 500 real ImageNet photos.)"""
+    import importlib.util
+
+    import skimage.data
+    from click.testing import CliRunner
+    from imagenet_w import AddWatermark
+    from PIL import Image
+
+    from unhans.cli import main
+    from unhans.core.contract import InputContract
+    from unhans.core.models.zoo import IMAGENET_MEAN, IMAGENET_STD, PHOTOS, write_efficientnet_lite0
+    from unhans.core.serving import unpacked
+    from unhans.handlers.relevance import Explainer
+
+    spec = importlib.util.find_spec("foolbox")
+    files = sorted(Path(spec.submodule_search_locations[0], "data").glob("imagenet_*.jpg"))
+    for name in PHOTOS:
+        files.append(tmp_path / f"{name}.jpg")
+        Image.fromarray(getattr(skimage.data, name)()[..., :3]).save(files[-1], quality=92)
+    (tmp_path / "trusted").mkdir()
+    for file in files[0::2]:
+        (tmp_path / "trusted" / file.name).symlink_to(file)
+    model_file, weights = write_efficientnet_lite0(tmp_path / "lite0")
+    (tmp_path / "store").mkdir()
+    contract = InputContract(3, 224, 224, list(IMAGENET_MEAN), list(IMAGENET_STD), resize=256)
+    imagenet = ["--size", "224", "--resize", "256", "--mean", ",".join(map(str, IMAGENET_MEAN)), "--std", ",".join(map(str, IMAGENET_STD))]
+    runner = CliRunner()
+    for command in (["archive", "--model", model_file, "--weights", weights, *imagenet, "--name", "lite0", "--model-store", tmp_path / "store"],
+                    ["monitor", "reference", "--archive", tmp_path / "store" / "lite0.mar", "--data", tmp_path / "trusted",
+                     "--augment", "4", "--state", tmp_path / "state"]):
+        result = runner.invoke(main, [str(a) for a in command])
+        assert result.exit_code == 0, result.output
+    reference = Reference.load(tmp_path / "state" / REFERENCE_FILE)
+    assert (len(reference.predictions), reference.photos, reference.monitor_layer, reference.latent.shape) == (65, 13, "_blocks.8", (65, 112))
+
+    rng, mark = np.random.default_rng(0), AddWatermark(224)
+    views = []
+    for file in files[1::2]:
+        with Image.open(file) as picture:
+            views += [contract.view(picture.convert("RGB"), rng) for _ in range(4)]
+    clean = np.stack(views)
+    marked = np.stack([np.asarray(mark(Image.fromarray((v.transpose(1, 2, 0) * 255).round().astype(np.uint8))), np.float32) / 255
+                       for v in views]).transpose(0, 3, 1, 2)
+    with unpacked(tmp_path / "store" / "lite0.mar") as folder:
+        explainer = Explainer(str(folder), threads=2)
+        explained = [explainer.with_latent(contract.normalise(pixels)) for pixels in (clean, marked)]
+    logits, heat, latent = (np.concatenate([e[k] for e in explained]) for k in (0, 1, 3))
+    replay(str(tmp_path / "sink"), "lite0", "1.0", np.concatenate([clean, marked]), heat, logits, writers=1, latent=latent)
+    Monitor(tmp_path / "state", str(tmp_path / "sink"), _detector(), len(clean)).run(follow=False)
+    ledger = _ledger(tmp_path / "state")
+    assert [w["alerts"] for w in ledger] == [[], []] and [w["analysed"] for w in ledger] == [len(clean)] * 2
+    clean_window, marked_window = (w["cross_class"]["statistics"]["shift"] for w in ledger)
+    assert marked_window > 1.2 * clean_window, (clean_window, marked_window)
+    assert len(set(explained[1][0].argmax(1).tolist())) > 10  # the watermarked photos are predicted as many classes
