@@ -8,7 +8,9 @@ explained with LRP, is the trusted reference; the other half is traffic. Records
 format (one writer, so windows are exact): ``--clean-windows`` windows of clean traffic, then windows where 5% of
 the traffic carries the patch (attacked test images). Figures:
 
-* ``false_alerts_clean_windows``: clean windows that raised a new-strategy alert (target 0);
+* ``false_alerts_clean_windows``: clean windows that raised a new-strategy alert, per class or across classes (target 0);
+  ``crossclass_false_alerts_clean_windows`` / ``crossclass_windows_to_alert``: the cross-class test's share of it
+  (records carry the relevance per channel at the model's monitor layer, as an archive's sampler writes them);
 * ``windows_to_alert``: windows after the onset until the first alert, 1 = the first window with the artifact (<= 2);
 * ``window_seconds_5000``: analysing one window of 5,000 records, calibration done (<= 10);
 * ``samples_lost_after_restart`` / ``samples_double_counted_after_restart``: ``unhans monitor run`` killed with
@@ -35,13 +37,14 @@ from common import report
 
 from unhans.core.artifacts import Patch
 from unhans.core.attribution import LRP
+from unhans.core.layers import middle_spatial_layer
 from unhans.core.poison import attacked
 from unhans.core.training import TrainSpec, load_run, train_run
 from unhans.handlers.sink import ShardReader
 from unhans.monitor.detector import DriftDetector
 from unhans.monitor.reference import REFERENCE_FILE, Reference
 from unhans.monitor.replay import mixed_windows, replay
-from unhans.monitor.service import CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor, Window
+from unhans.monitor.service import ALL_CLASSES, CALIBRATION_FILE, LEDGER_FILE, STATE_FILE, Monitor, Window
 
 TARGETS = {"false_alerts_clean_windows": "0", "windows_to_alert": "<= 2", "window_seconds_5000": "<= 10",
            "samples_lost_after_restart": "0", "samples_double_counted_after_restart": "0"}
@@ -53,17 +56,20 @@ def explain(run: Path, seed: int = 0) -> dict:
     clean = np.concatenate([train.images[~train.has_artifact], test.images])
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(clean))
-    lrp = LRP(model)
+    layer = middle_spatial_layer(model, torch.from_numpy(clean[:2]))  # what an archive of the model records per channel
+    lrp = LRP(model, layers=(layer,))
     explained = lrp.explain(clean, batch_size=256, show_progress=True, description="relevance of clean images")
     attack = attacked(test, artifact, train.target, seed=seed)  # the images of every other class, tagged
     explained_attack = lrp.explain(attack.images, batch_size=256, show_progress=True, description="relevance of attacked images")
     half = len(order) // 2
     return {"classes": train.classes, "target": train.target, "images": clean, "relevance": explained.relevance.sum(1),
-            "logits": explained.logits, "reference": order[:half], "traffic": order[half:], "attack_images": attack.images,
-            "attack_relevance": explained_attack.relevance.sum(1), "attack_logits": explained_attack.logits}
+            "logits": explained.logits, "latent": explained.layer_relevance[layer].sum(axis=(2, 3)), "layer": layer,
+            "reference": order[:half], "traffic": order[half:], "attack_images": attack.images,
+            "attack_relevance": explained_attack.relevance.sum(1), "attack_logits": explained_attack.logits,
+            "attack_latent": explained_attack.layer_relevance[layer].sum(axis=(2, 3))}
 
 
-KEYS = ("images", "relevance", "logits")
+KEYS = ("images", "relevance", "logits", "latent")
 
 
 def traffic(data: dict, windows: int, window_size: int, artifact_share: float, rng, start_id: int) -> dict:
@@ -76,7 +82,7 @@ def traffic(data: dict, windows: int, window_size: int, artifact_share: float, r
 
 def write(sink: str, batch: dict, writers: int, timestamps=None) -> list[str]:
     return replay(sink, MODEL, VERSION, batch["images"], batch["relevance"], batch["logits"], request_ids=batch["ids"],
-                  timestamps=timestamps, writers=writers)
+                  timestamps=timestamps, writers=writers, latent=batch["latent"])
 
 
 def detection(data: dict, state: Path, sink: Path, clean_windows: int, window_size: int, detector: DriftDetector) -> dict:
@@ -99,7 +105,9 @@ def detection(data: dict, state: Path, sink: Path, clean_windows: int, window_si
             "false_alarm_rate_stated": detector.false_alarm_rate,
             "max_clean_drift_over_threshold": round(max(ratios), 3),
             "windows_to_alert": alerting[0] if alerting else None,
-            "alerted_class_is_target": bool(first and first["alerts"] == [target_class]),
+            "alerted_class_is_target": bool(first and target_class in first["alerts"]),
+            "crossclass_false_alerts_clean_windows": sum(ALL_CLASSES in w["alerts"] for w in ledger[:clean_windows]),
+            "crossclass_windows_to_alert": next((w["index"] - clean_windows + 1 for w in ledger[clean_windows:] if ALL_CLASSES in w["alerts"]), None),
             "onset_drift_over_threshold": round(next(c["drift_score"] / c["threshold"] for c in ledger[clean_windows]["classes"]
                                                      if c["class_index"] == data["target"]), 2),
             "calibration_seconds": round(calibration_seconds, 1),
@@ -173,7 +181,8 @@ def main() -> None:
         state = work / "state"
         state.mkdir()
         reference = Reference.from_relevance(data["relevance"][data["reference"]], data["logits"][data["reference"]].argmax(1),
-                                             data["classes"], MODEL, VERSION)
+                                             data["classes"], MODEL, VERSION, latent=data["latent"][data["reference"]],
+                                             monitor_layer=data["layer"])
         reference.save(state / REFERENCE_FILE)
         detector = DriftDetector()
         figures = detection(data, state, work / "sink", args.clean_windows, args.window_size, detector)

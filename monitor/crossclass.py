@@ -39,7 +39,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from unhans.core.errors import InputError
 
-from .detector import MAD_TO_SIGMA, NullModel, tail_threshold
+from .detector import MAD_TO_SIGMA, NullModel, Verdict, tail_threshold
 
 EVIDENCE = ("shift", "channel_shift", "novelty")
 NOVEL_QUANTILE = 0.95  # a sample is novel beyond this quantile of the reference's own distances
@@ -106,16 +106,10 @@ def _leave_group_out_distance(neighbours: NearestNeighbors, features: np.ndarray
 
 
 @dataclass
-class CrossClassDrift:
-    """One window, all classes together: the evidence, its z-scores, the verdict, and which rows carry the shift."""
+class CrossClassDrift(Verdict):
+    """One window, all classes together (see :class:`Verdict`), and which rows carry the shift."""
 
     rows: np.ndarray = field(repr=False)  # window rows tested (with a descriptor, not flagged by the known detector)
-    skipped: str | None = None
-    statistics: dict[str, float] = field(default_factory=dict)
-    z: dict[str, float] = field(default_factory=dict)
-    drift_score: float | None = None
-    threshold: float | None = None
-    alert: bool = False
     contributions: np.ndarray | None = field(default=None, repr=False)  # per tested row, see _Fit.contributions
     distances: np.ndarray | None = field(default=None, repr=False)  # per tested row, to its k-th nearest reference sample
 
@@ -204,12 +198,7 @@ class CrossClassDetector(BaseEstimator):
         if len(rows) < MIN_WINDOW:
             result.skipped = f"{len(rows)} samples with relevance at the monitor layer; at least {MIN_WINDOW} are needed"
             return result
-        null = self.calibrate()
-        result.statistics = self.fit_.statistics(features)
-        result.z = null.z(result.statistics)
-        result.drift_score = max(result.z.values())
-        result.threshold = null.threshold
-        result.alert = result.drift_score > null.threshold
+        result.judge(self.fit_.statistics(features), self.calibrate())
         result.contributions = self.fit_.contributions(features)
         result.distances = self.fit_.neighbours.kneighbors(features)[0][:, -1]
         return result

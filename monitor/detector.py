@@ -67,19 +67,31 @@ class NullModel:
         return cls(int(data["size"]), dict(data["location"]), dict(data["scale"]), float(data["threshold"]), int(data["draws"]))
 
 
-@dataclass
-class ClassDrift:
-    """One class in one window: the evidence, its z-scores, the verdicts, or why the class was skipped."""
+@dataclass(kw_only=True)
+class Verdict:
+    """One test in one window: its evidence, their z-scores against the calibration, the verdict, or why it was skipped."""
 
-    class_index: int
-    rows: np.ndarray = field(repr=False)  # window rows predicted as this class
-    analysed: np.ndarray | None = field(default=None, repr=False)  # the rows SpRAy ran on (a subsample of a large class)
     skipped: str | None = None
     statistics: dict[str, float] = field(default_factory=dict)
     z: dict[str, float] = field(default_factory=dict)
     drift_score: float | None = None
     threshold: float | None = None
     alert: bool = False
+
+    def judge(self, statistics: dict[str, float], null: NullModel) -> None:
+        """The drift score is the largest z-score; it alerts above the calibrated threshold."""
+        self.statistics, self.z = statistics, null.z(statistics)
+        self.drift_score, self.threshold = max(self.z.values()), null.threshold
+        self.alert = self.drift_score > null.threshold
+
+
+@dataclass
+class ClassDrift(Verdict):
+    """One class in one window (see :class:`Verdict`), with the artifact detector's share."""
+
+    class_index: int
+    rows: np.ndarray = field(repr=False)  # window rows predicted as this class
+    analysed: np.ndarray | None = field(default=None, repr=False)  # the rows SpRAy ran on (a subsample of a large class)
     artifact_share: float | None = None
     artifact_share_reference: float | None = None
     artifact_alert: bool = False
@@ -271,11 +283,8 @@ class DriftDetector(BaseEstimator):
             result.analysed = np.sort(rng.choice(rows, size=capacity, replace=False)) if len(rows) > capacity else rows
             null = self.null_model(c, min(self.bucket(len(result.analysed)), capacity))
             with _thread_limit(1):
-                result.spray, result.statistics = self._measure(c, relevance_features[result.analysed], self.reference_mean_[c])
-            result.z = null.z(result.statistics)
-            result.drift_score = max(result.z.values())
-            result.threshold = null.threshold
-            result.alert = result.drift_score > null.threshold
+                result.spray, statistics = self._measure(c, relevance_features[result.analysed], self.reference_mean_[c])
+            result.judge(statistics, null)
         return results
 
     def _artifact_share(self, result: ClassDrift, scores: np.ndarray) -> None:
