@@ -24,7 +24,7 @@ from .detector import EVIDENCE, ClassDrift
 
 LATEST = "latest"
 PICTURE_SIDE = 112  # pictures on a page are enlarged to about this many pixels high (never shrunk)
-PROTOTYPES_SHOWN = 10  # served samples shown for a cross-class alert
+PROTOTYPES_SHOWN = 8  # served samples shown for a cross-class alert (a row of 8 at 112 px fits a page)
 
 
 def class_slug(name: str) -> str:
