@@ -79,7 +79,7 @@ class ServingConfig:
     max_batch_delay_ms: int = 20  # TorchServe waits this long to fill a batch
     workers: int = 1
     response_timeout_s: int = 120  # TorchServe's responseTimeout; the KServe predictor answers 503 past it
-    max_queued_requests: int = 64  # the KServe predictor's requests waiting for an answer; more are answered 503
+    max_queued_requests: int = 512  # the KServe predictor's requests waiting for an answer; more are answered 503
     max_queued_bytes: int = 128 * 1024 * 1024  # ... and the bodies they hold (4 of the largest the contract takes)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

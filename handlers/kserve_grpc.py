@@ -3,8 +3,9 @@
 A ``ModelInferRequest`` becomes the core's row without KServe's decoding: raw input contents are the binary
 extension's bytes (the same parser as HTTP reads them, BYTES images included), typed contents a JSON-like v2 request.
 A refusal is ``INVALID_ARGUMENT`` (``NOT_FOUND`` for another model, ``UNAUTHENTICATED`` without the token,
-``UNAVAILABLE`` when busy) whose details are the same JSON body HTTP answers, logged as one line; messages larger than
-the archive's ``max_payload_bytes`` are refused by gRPC itself (``RESOURCE_EXHAUSTED``) before they are read.
+``UNAVAILABLE`` when busy) whose details are the same JSON body HTTP answers, logged as one line. Messages up to 4 MiB
+over the archive's ``max_payload_bytes`` reach the core (its JSON 413 as ``RESOURCE_EXHAUSTED``); larger ones are
+refused by gRPC itself (``RESOURCE_EXHAUSTED``, its own text) before they are read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
+from unhans.core.contract import torchserve_limits
 from unhans.handlers.kserve_http import authorized, tensor_bytes
 from unhans.handlers.kserve_model import UnhansModel, error
 from unhans.handlers.requests import V2_BINARY_HEADER
@@ -54,8 +56,8 @@ def row(request: pb.ModelInferRequest, headers: dict) -> Row:
     for k, tensor in enumerate(request.inputs):
         fields = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype,
                   "parameters": {name: _parameter(value) for name, value in tensor.parameters.items()}}
-        if raw:
-            fields["parameters"]["binary_data_size"] = len(raw[k])
+        if raw:  # a size the client declares is checked against the bytes, as over HTTP
+            fields["parameters"].setdefault("binary_data_size", len(raw[k]))
         elif tensor.datatype in CONTENTS:
             fields["data"] = list(getattr(tensor.contents, CONTENTS[tensor.datatype]))
         tensors.append(fields)
@@ -146,7 +148,7 @@ class GRPCServer:
         self.grace_period, self._server = grace_period, None
 
     async def start(self, max_workers: int) -> None:
-        limit = self.model.service.contract.max_payload_bytes
+        limit = torchserve_limits(self.model.service.contract)["max_request_size"]  # room above ours: the core answers the JSON 413
         # the first is the outermost: a call without the token is refused before anything else runs
         interceptors = ([TokenInterceptor(self.token)] if self.token else []) + [LoggingInterceptor(), StatusInterceptor()]
         self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,

@@ -13,7 +13,8 @@ archive's limits and hand the bytes to the core, which parses them as under Torc
 Nothing runs on the event loop but I/O: a :class:`Scheduler` answers on two threads, small requests batched on one
 (the next batch takes what queued while the previous one ran, up to the archive's ``batch_size``), large ones (bodies
 over :data:`LARGE_BODY_BYTES`, or more instances than a batch) one at a time on the other with an explainer of their
-own, so a large request never holds up health checks or small requests. Waiting requests are bounded (count and
+own, at a lower CPU priority, its bodies parsed in a process of their own (:class:`ParsingProcess`), so a large
+request never holds up health checks or small requests. Waiting requests are bounded (count and
 bytes, the archive's ``max_queued_requests`` / ``max_queued_bytes``: more are answered 503 at once) and each is
 answered within the archive's ``response_timeout_s`` (a 503 past it). The server listens on 127.0.0.1 unless ``--host``
 says otherwise; with ``--token-file`` every call but the health probes needs ``Authorization: Bearer <token>``.
@@ -27,10 +28,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import queue
 import secrets
+import sys
 import threading
-import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +43,13 @@ import kserve
 from prometheus_client import Counter, Histogram
 
 from unhans.core.serving import METRICS, manifest, unpacked
-from unhans.handlers.requests import Request
+from unhans.handlers.requests import Request, parse
 from unhans.handlers.service import Answer, Row, Service
 
 logger = logging.getLogger(__name__)
 LARGE_BODY_BYTES = 1 << 20  # parsing a body this large holds the interpreter for ~10 ms: it goes to the large lane
 SMALL, LARGE = 0, 1  # the lanes, and the Service explainer each one uses
+LARGE_NICENESS = 10  # the large lane's thread and parsing process yield the CPU to the small lane and the event loop
 
 
 def error(status: int, field: str | None, problem: str) -> Answer:
@@ -68,6 +74,45 @@ def _settle(future: asyncio.Future, answer: Answer) -> None:
         future.set_result(answer)
 
 
+class ParsingProcess:
+    """:func:`~unhans.handlers.requests.parse` in a process of its own, for the large lane: decoding a large body
+    (``json.loads`` of 4 MB holds the interpreter for ~0.1 s in one call) would otherwise stall the event loop and the
+    small lane. A process that dies (its request answered 500) is replaced for the next one."""
+
+    def __init__(self):
+        self._pool = self._start()
+
+    @staticmethod
+    def _start() -> ProcessPoolExecutor:
+        # spawned, not forked (a threaded server), and at the large lane's lower CPU priority
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice, initargs=(LARGE_NICENESS,))
+        with _main_module_hidden():
+            pool.submit(int).result()  # started now, not at the first large request
+        return pool
+
+    def __call__(self, *args, **kwargs) -> Request:
+        try:
+            return self._pool.submit(parse, *args, **kwargs).result()
+        except BrokenProcessPool:
+            self._pool = self._start()
+            raise
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Within the block, processes spawned do not import this process's main module: multiprocessing would, for
+    functions defined there, and the predictor's (this module) imports torch and KServe, 0.9 GB the parsing process
+    does not need (it imports unhans.handlers.requests alone)."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
 class Scheduler:
     """Answers rows off the event loop on two lanes (small requests batched, large ones alone), within a bounded
     queue and a deadline per request."""
@@ -77,7 +122,7 @@ class Scheduler:
         self.service, self.batch_size, self.deadline_s = service, max(config.batch_size, 1), config.response_timeout_s
         self.max_requests, self.max_bytes = config.max_queued_requests, config.max_queued_bytes
         self.waiting = self.waiting_bytes = 0  # touched on the event loop only
-        self._lanes = (queue.SimpleQueue(), queue.SimpleQueue())
+        self._lanes, self._parse_large = (queue.SimpleQueue(), queue.SimpleQueue()), ParsingProcess()
         for lane, work in ((SMALL, self._small_lane), (LARGE, self._large_lane)):
             threading.Thread(target=work, name=f"unhans-lane-{lane}", daemon=True).start()
 
@@ -123,11 +168,12 @@ class Scheduler:
             self._answer([job for job in jobs if job not in large], SMALL)
 
     def _large_lane(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_NICENESS)  # Linux: this thread alone
         while True:
             job = self._lanes[LARGE].get()
             if not job.abandoned:
                 if job.read is None:
-                    job.read = self.service.read(job.row)
+                    job.read = self.service.read(job.row, self._parse_large)
                 self._answer([job], LARGE)
 
     def _answer(self, jobs: list[_Job], lane: int) -> None:

@@ -35,6 +35,9 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": {"field": self.field, "problem": self.problem, "status": self.status}}
 
+    def __reduce__(self):  # raised in a parsing process, re-raised in the server's
+        return RequestError, (self.field, self.problem, self.status, self.reason)
+
 
 @dataclass
 class Request:

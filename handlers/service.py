@@ -144,10 +144,11 @@ class Service:
         logger.info("unhans: %s: %s", self.explainer.kind, self.explainer.conservation)
         return outputs["logits"].shape[1]
 
-    def read(self, row: Row) -> Request | Answer:
-        """One row parsed into its request, or its answer when it cannot be: a 4xx naming the field, or our 500."""
+    def read(self, row: Row, parser: Callable[..., Request] = parse) -> Request | Answer:
+        """One row parsed into its request, or its answer when it cannot be: a 4xx naming the field, or our 500.
+        ``parser``: :func:`~unhans.handlers.requests.parse`, or a function that runs it elsewhere (another process)."""
         try:
-            return self._parse(row)
+            return self._parse(row, parser)
         except RequestError as error:
             return self._reject(error)
         except Exception:
@@ -164,8 +165,8 @@ class Service:
             self._emit_sampler_counts()
         return answers
 
-    def _parse(self, row: Row) -> Request:
-        request = parse({"body": row.body}, self.contract, explain_header=row.explain, classes=self.num_classes,
+    def _parse(self, row: Row, parser: Callable[..., Request] = parse) -> Request:
+        request = parser({"body": row.body}, self.contract, explain_header=row.explain, classes=self.num_classes,
                         binary_header_length=row.headers.get(V2_BINARY_HEADER.lower()), topk=self.config.topk)
         if _wants_relevance(request) and self.explainer is None:
             raise RequestError("explain", "this archive serves no relevance (it has no explain graph and no PyTorch twin); "

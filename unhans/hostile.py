@@ -373,6 +373,52 @@ def _v2_binary_short(contract, rng):
     return header + b"\0" * int(rng.integers(0, 64)), "application/octet-stream", {BINARY_HEADER: str(len(header))}
 
 
+@_kind
+def _v2_too_many_dims(contract, rng):
+    return _v2(contract, shape=[1] * int(rng.integers(5, 70)), data=[0.0])  # numpy takes at most 64 dimensions
+
+
+@_kind
+def _v2_empty_batch(contract, rng):
+    return _v2(contract, shape=[0, *contract.shape], data=[])
+
+
+@_kind
+def _v2_binary_size_lies(contract, rng):
+    size = 4 * int(np.prod(contract.shape))
+    declared = _pick(rng, [str(size), -1, 1.5, None, size + 4, [size]])
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *contract.shape], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": declared}}]}).encode()
+    return header + b"\0" * size, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+@_kind
+def _v2_binary_ragged(contract, rng):
+    size = 4 * int(np.prod(contract.shape)) + int(rng.integers(1, 4))  # not a whole number of FP32 values
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *contract.shape], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    return header + b"\0" * size, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+@_kind
+def _v2_binary_no_inputs(contract, rng):
+    header = json.dumps(_pick(rng, [{}, {"inputs": []}, {"inputs": {}}, {"outputs": [{"name": "label"}]}, []])).encode()
+    return header + b"\0" * 16, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+# --- HTTP itself -------------------------------------------------------------------------------------------------------
+
+@_kind
+def _form_encoded(contract, rng):
+    return _pick(rng, [b"a=b&c=%zz", b"instances=%5B0%5D", b"=&=&%"]), "application/x-www-form-urlencoded", {}
+
+
+@_kind
+def _compressed_body(contract, rng):
+    body = zlib.compress(json.dumps({"instances": [_zeros(contract)]}).encode())  # a deflate stream; we inflate nothing
+    return body, "application/json", {"Content-Encoding": _pick(rng, ["deflate", "gzip", "br"])}
+
+
 # --- the heavy ones ----------------------------------------------------------------------------------------------------
 
 @_kind
@@ -395,6 +441,11 @@ def _oversized_body(limit: int) -> bytes:
 
 
 KINDS = list(_MAKERS)
+# how a KServe client sends each request: as it is over HTTP, its body as one encoded image of a v2 BYTES tensor in the
+# binary extension (tritonclient's way to send an image), or over gRPC (typed contents where the body is a v2 JSON
+# tensor protobuf can hold, else raw contents: the binary extension's tensor bytes, or the body as one BYTES image)
+TRANSPORTS = ("http", "v2_binary", "grpc")
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 def hostile_requests(contract: InputContract, count: int, seed: int = 0) -> list[HostileRequest]:
@@ -413,3 +464,46 @@ def hostile_requests(contract: InputContract, count: int, seed: int = 0) -> list
             requests.append(HostileRequest(kind, endpoint, body, content_type, headers))
         rounds += 1
     return requests
+
+
+def _bytes_element(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def as_v2_binary_image(request: HostileRequest) -> HostileRequest:
+    """The request's body sent as the one encoded image of a v2 BYTES tensor, through the binary extension."""
+    element = _bytes_element(request.body)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    return HostileRequest(request.kind, "v2_infer", header + element, "application/octet-stream",
+                          {**request.headers, BINARY_HEADER: str(len(header))})
+
+
+def as_grpc(request: HostileRequest, model: str):
+    """The request as a gRPC v2 ``ModelInferRequest`` (see :data:`TRANSPORTS`), tritonclient's message of it."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    message = pb.ModelInferRequest(model_name=model, id=request.kind)
+    length = request.headers.get(BINARY_HEADER, "")
+    try:
+        if length.isdigit() and int(length) <= len(request.body):  # the binary extension: its header, then raw contents
+            head, raw = json.loads(request.body[:int(length)]), request.body[int(length):]
+            tensor = head["inputs"][0]
+            typed = message.inputs.add(name=str(tensor.get("name", "")), datatype=tensor["datatype"], shape=tensor["shape"])
+            declared = tensor["parameters"]["binary_data_size"]  # a lie stays one: sent as the tensor's parameter
+            kind = {int: "int64_param", str: "string_param", float: "double_param"}[type(declared)]
+            setattr(typed.parameters["binary_data_size"], kind, declared)
+            message.raw_input_contents.append(raw)
+            return message
+        if request.kind.startswith("v2_"):
+            tensor = json.loads(request.body)["inputs"][0]
+            datatype = tensor.get("datatype", "")
+            typed = message.inputs.add(name=str(tensor.get("name", "")), datatype=datatype, shape=tensor.get("shape", []))
+            values = np.asarray(tensor.get("data", []), dtype=object).ravel().tolist()
+            getattr(typed.contents, CONTENTS.get(datatype, "fp32_contents")).extend(values)
+            return message
+    except Exception:  # what protobuf cannot hold (a string shape, 10**30, ...) goes as an image below
+        message = pb.ModelInferRequest(model_name=model, id=request.kind)
+    message.inputs.add(name="input", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(_bytes_element(request.body))
+    return message
