@@ -26,6 +26,7 @@ from fastapi.responses import ORJSONResponse
 from kserve.logging import logger as kserve_logger
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, UnsupportedProtocol
 from kserve.protocol.rest.server import RESTServer
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -98,6 +99,8 @@ def install_routes(app, model: UnhansModel, limit: int) -> None:
                 body = await read_body(request, limit)
             except BodyTooLarge:
                 return refusal(too_large(None, limit), {"Connection": "close"})  # stop reading a stream without end
+            except ClientDisconnect:  # the client left mid-body: no one reads this answer, nothing is logged
+                return refusal(error(400, "body", "ended before its Content-Length"))
             request_id = request.headers.get(REQUEST_ID) or str(uuid.uuid4())
             headers = {name.lower(): value for name, value in request.headers.items()}
             row = Row(body, request_id, explain=request.url.path.endswith(":explain"), headers=headers)

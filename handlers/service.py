@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class Service:
         The sampler gets an explainer of its own: sharing the request path's (one call at a time) would make requests
         that ask for relevance wait behind a batch of sampled ones."""
         self.sampler, self._counts_due, sample = None, 0.0, self.config.sample
+        self._sampler_lock = threading.Lock()
         if sample.fraction <= 0:
             return
         if self.explainer is None:
@@ -204,7 +206,8 @@ class Service:
             results.append((i, rows, self._v2_answer(rows_in[i], request, logits[rows], request_scores, heat) if request.protocol == "v2"
                             else self._unhans_answer(request, logits[rows], request_scores, heat)))
         if self.sampler is not None:
-            self._offer(inputs, logits, scores, [(rows_in[i], rows) for i, rows, _ in results])
+            with self._sampler_lock:  # the sampler takes one thread at a time; lanes answer on several
+                self._offer(inputs, logits, scores, [(rows_in[i], rows) for i, rows, _ in results])
         for i, _, answer in results:  # only now: a fault above leaves no request half answered
             answers[i] = Answer(200, answer, accepted_by_row[i].binary_outputs)
 

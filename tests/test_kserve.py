@@ -96,11 +96,11 @@ def test_open_inference_protocol_client(kserve_server, backdoored_vgg):
     tensor = triton.InferInput("x", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images, binary_data=True)
     result = client.infer("vgg", [tensor], outputs=[triton.InferRequestedOutput(name, binary_data=True) for name in ("probabilities", "label")],
-                          headers=token)
+                          headers=dict(token))
     expected = torch.softmax(corrected(torch.from_numpy(images)), 1).detach().numpy()
     assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
     assert result.as_numpy("label").dtype == np.int64 and result.as_numpy("label").tolist() == expected.argmax(1).tolist()
-    explained = client.infer("vgg", [tensor], parameters={"explain": True, "target": 3}, headers=token)
+    explained = client.infer("vgg", [tensor], parameters={"explain": True, "target": 3}, headers=dict(token))
     relevance = explained.as_numpy("relevance")
     assert relevance.shape == (5, 28, 28) and np.abs(relevance).sum() > 0
 
@@ -258,7 +258,7 @@ def test_tritonclient_in_every_mode(kserve_server, backdoored_vgg):
     for binary, version in ((False, ""), (True, ""), (True, "1")):
         tensor = triton_http.InferInput("x", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images, binary_data=binary)
-        assert client.infer("vgg", [tensor], model_version=version, headers=token).as_numpy("label").tolist() == expected, (binary, version)
+        assert client.infer("vgg", [tensor], model_version=version, headers=dict(token)).as_numpy("label").tolist() == expected, (binary, version)
     assert client.is_model_ready("vgg", "1") and client.get_model_metadata("vgg", "1", headers=token)["name"] == "vgg"
     pngs = []
     for image in images:
@@ -267,7 +267,7 @@ def test_tritonclient_in_every_mode(kserve_server, backdoored_vgg):
         pngs.append(buffer.getvalue())
     tensor = triton_http.InferInput("x", [4], "BYTES")
     tensor.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)
-    assert client.infer("vgg", [tensor], headers=token).as_numpy("label").tolist() == expected
+    assert client.infer("vgg", [tensor], headers=dict(token)).as_numpy("label").tolist() == expected  # it writes into the dict
     grpc_client = triton_grpc.InferenceServerClient(server.grpc_address)
     tensor = triton_grpc.InferInput("x", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
