@@ -87,12 +87,12 @@ from rich.console import Console
 from rich.table import Table
 
 from unhans.core.contract import InputContract
+from unhans.core.serving import SERVERS
 from unhans.handlers.sink import ShardReader
 from unhans.hostile import MAY_SUCCEED, TRANSPORTS, as_grpc, as_v2_binary_image, hostile_requests, path
 from unhans.kserve_server import LocalKServe
 from unhans.torchserve import LocalTorchServe
 
-SERVERS = ("kserve", "torchserve")
 TARGETS = {"fuzz_requests": ">= 10000", "fuzz_5xx": "0", "fuzz_non_json": "0", "fuzz_accepted": "0", "canary_failures": "0",
            "fuzz_peak_worker_rss_mb": "<= 1500", "envelope_concurrent_errors": "0", "request_id_mismatches": "0",
            "tritonclient_modes_failing": "0", "oversized_body_seconds": "<= 1", "stall_p99_ratio": "<= 5", "load_errors": "0",

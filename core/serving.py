@@ -41,6 +41,7 @@ class ArchiveFiles:
 FILES = ArchiveFiles()
 # the TorchServe configuration unhans ships (package data): loopback, token auth, gRPC ports named, file URLs only
 TORCHSERVE_CONFIG = importlib.resources.files("unhans.model_store") / "config.properties"
+SERVERS = ("kserve", "torchserve")  # what serves an archive: the KServe predictor (the default) or the TorchServe handler
 DEFAULT_CPU_BUDGET = 0.01  # share of one core a worker's sampler may use (handlers.relevance.Sampler measures why)
 
 
