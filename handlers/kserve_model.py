@@ -12,14 +12,13 @@ archive's limits and hand the bytes to the core, which parses them as under Torc
 
 Nothing runs on the event loop but I/O: a :class:`Scheduler` answers on two threads, small requests batched on one
 (the next batch takes what queued while the previous one ran, up to the archive's ``batch_size``), large ones (bodies
-over :data:`LARGE_BODY_BYTES`, or more instances than a batch) one at a time on the other with an explainer of their
-own, at a lower CPU priority, its bodies parsed in a process of their own (:class:`ParsingProcess`), so a large
-request never holds up health checks or small requests. Waiting requests are bounded (count and
-bytes, the archive's ``max_queued_requests`` / ``max_queued_bytes``: more are answered 503 at once) and each is
-answered within the archive's ``response_timeout_s`` (a 503 past it). The server listens on 127.0.0.1 unless ``--host``
-says otherwise; with ``--token-file`` every call but the health probes needs ``Authorization: Bearer <token>``.
-Metrics are the core's, as prometheus_client metrics on the server's ``/metrics``; sampling writes to the same sink as
-under TorchServe.
+over :data:`LARGE_BODY_BYTES`, or more instances than a batch) one at a time on the other, with an explainer of their
+own, at a lower CPU priority, their bodies parsed in a process of their own (:class:`ParsingProcess`): a large request
+never holds up health checks or small requests. Waiting requests are bounded (count and bytes, the archive's
+``max_queued_requests`` / ``max_queued_bytes``: more are answered 503 at once) and each is answered within the
+archive's ``response_timeout_s`` (a 503 past it). The server listens on 127.0.0.1 unless ``--host`` says otherwise;
+with ``--token-file`` every call but the health probes needs ``Authorization: Bearer <token>``. Metrics are the
+core's, as prometheus_client metrics on the server's ``/metrics``; sampling writes to the same sink as under TorchServe.
 """
 
 from __future__ import annotations
