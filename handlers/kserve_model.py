@@ -65,7 +65,10 @@ class _Job:
     abandoned: bool = False  # its client stopped waiting: no work is spent on it
 
     def deliver(self, answer: Answer) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.done, answer)
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.done, answer)
+        except RuntimeError:  # its event loop is closed: no one waits for this answer
+            pass
 
 
 def _settle(future: asyncio.Future, answer: Answer) -> None:
