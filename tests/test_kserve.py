@@ -280,13 +280,19 @@ def test_tritonclient_in_every_mode(kserve_server, backdoored_vgg):
 
 
 def _raw_http(server, request: bytes, read: int = 4096) -> bytes:
+    """The answer to raw bytes, read while they are sent (as a streaming client does: the server answers a stream
+    cut at the limit before it ends, and closes the connection)."""
     import socket
+    import threading
 
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as connection:
-        try:
-            connection.sendall(request)
-        except OSError:  # the server closed the connection after its answer (a stream cut at the limit)
-            pass
+        def send():
+            try:
+                connection.sendall(request)
+            except OSError:
+                pass
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             try:
