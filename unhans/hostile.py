@@ -7,7 +7,8 @@ shape, datatype or binary-extension header lies, a body just over the byte limit
 ask for ... :func:`hostile_requests` takes the kinds in turn, each randomised by the seed (numbers, lengths, where a
 body is cut, which endpoint it goes to), so any count of at least ``len(KINDS)`` holds every kind. Each must get its own
 JSON answer, a 4xx except for the kinds in :data:`MAY_SUCCEED` (valid requests at a limit), and never a 5xx, a dead
-worker or a failed neighbour in the same batch.
+worker or a failed neighbour in the same batch. :func:`as_v2_binary_image` and :func:`as_grpc` send a request the other
+ways a KServe client would (:data:`TRANSPORTS`).
 """
 
 from __future__ import annotations
