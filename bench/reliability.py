@@ -81,7 +81,7 @@ import numpy as np
 import psutil
 import torch
 from common import paired_loss_pct, report, throughput, vgg_archives
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -284,7 +284,7 @@ def _send(served: Served, request, k: int, model: str) -> Reply:
     transports = TRANSPORTS if served.grpc else tuple(t for t in TRANSPORTS if t != "grpc")
     transport = transports[k % len(transports)]
     if transport == "grpc":
-        return served.grpc.infer(as_grpc(request, model))
+        return served.grpc.infer(as_grpc(request, model, service_pb2))  # kserve is bench/kserve.py here: tritonclient's
     if transport == "v2_binary":
         request = as_v2_binary_image(request)
     return served.http.post(served.paths(request.endpoint, model), request.body, request.content_type, request.headers)

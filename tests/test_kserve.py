@@ -186,10 +186,11 @@ def test_grpc_v2(kserve_server, backdoored_vgg):
 
 
 def _grpc_stub(server):
+    """A gRPC v2 stub of KServe's generated code (tritonclient.grpc's clashes with it in one process) and the token."""
     import grpc
-    from tritonclient.grpc import service_pb2_grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
-    return service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_address)), [("authorization", f"Bearer {server.key}")]
+    return grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_address)), [("authorization", f"Bearer {server.key}")]
 
 
 @pytest.mark.integration
@@ -198,6 +199,7 @@ def test_every_hostile_kind_over_every_transport_is_a_json_4xx(kserve_server, ba
     gRPC, concurrently with valid requests: each hostile one gets a JSON 4xx (gRPC: INVALID_ARGUMENT and the like with
     the JSON as details), each valid one its label, and nothing is logged with a traceback."""
     import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
     from unhans.core.contract import InputContract
     from unhans.hostile import KINDS, MAY_SUCCEED, TRANSPORTS, as_grpc, as_v2_binary_image, hostile_requests, path
@@ -216,7 +218,7 @@ def test_every_hostile_kind_over_every_transport_is_a_json_4xx(kserve_server, ba
             return None, transport, status, answer
         if transport == "grpc":
             try:
-                stub.ModelInfer(as_grpc(request, "vgg"), metadata=metadata, timeout=60)
+                stub.ModelInfer(as_grpc(request, "vgg", pb), metadata=metadata, timeout=60)
                 return request.kind, transport, 200, {}
             except grpc.RpcError as error:
                 return request.kind, transport, error.code(), json.loads(error.details())
@@ -246,7 +248,6 @@ def test_tritonclient_in_every_mode(kserve_server, backdoored_vgg):
     archive's version in the model's name ("1" names "1.0"); another version is a 404 naming the one served."""
     import io
 
-    import tritonclient.grpc as triton_grpc
     import tritonclient.http as triton_http
     from PIL import Image
 
@@ -268,15 +269,40 @@ def test_tritonclient_in_every_mode(kserve_server, backdoored_vgg):
     tensor = triton_http.InferInput("x", [4], "BYTES")
     tensor.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)
     assert client.infer("vgg", [tensor], headers=dict(token)).as_numpy("label").tolist() == expected  # it writes into the dict
-    grpc_client = triton_grpc.InferenceServerClient(server.grpc_address)
-    tensor = triton_grpc.InferInput("x", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images)
-    assert grpc_client.infer("vgg", [tensor], model_version="1", headers=token).as_numpy("label").tolist() == expected
-    tensor = triton_grpc.InferInput("x", [4], "BYTES")
-    tensor.set_data_from_numpy(np.array(pngs, dtype=object))
-    assert grpc_client.infer("vgg", [tensor], headers=token).as_numpy("label").tolist() == expected
+    assert _tritonclient_grpc_labels(server, images, pngs) == [expected, expected]
     status, answer = server.post("/v2/models/vgg/versions/2/infer", b"{}", "application/json")
     assert status == 404 and answer["error"]["field"] == "model_version" and "'1.0'" in answer["error"]["problem"]
+
+
+TRITON_GRPC = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+address, token, images, pngs = sys.argv[1], sys.argv[2], np.load(sys.argv[3]), np.load(sys.argv[4], allow_pickle=True)
+client, headers = triton.InferenceServerClient(address), {"authorization": "Bearer " + token}
+tensor = triton.InferInput("x", list(images.shape), "FP32")
+tensor.set_data_from_numpy(images)
+pixels = client.infer("vgg", [tensor], model_version="1", headers=headers).as_numpy("label").tolist()
+tensor = triton.InferInput("x", [len(pngs)], "BYTES")
+tensor.set_data_from_numpy(pngs)
+print(json.dumps([pixels, client.infer("vgg", [tensor], headers=headers).as_numpy("label").tolist()]))
+"""
+
+
+def _tritonclient_grpc_labels(server, images: np.ndarray, pngs: list[bytes]) -> list:
+    """tritonclient.grpc's labels for pixels (a versioned name) and for PNGs as BYTES, called in a process of its own:
+    its generated protobuf code clashes with KServe's, which this process has loaded."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        np.save(f"{scratch}/images.npy", images)
+        np.save(f"{scratch}/pngs.npy", np.array(pngs, dtype=object), allow_pickle=True)
+        done = subprocess.run([sys.executable, "-c", TRITON_GRPC, server.grpc_address, server.key, f"{scratch}/images.npy",
+                               f"{scratch}/pngs.npy"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
 
 
 def _raw_http(server, request: bytes, read: int = 4096) -> bytes:
@@ -346,7 +372,7 @@ def test_a_token_is_required_but_not_by_probes_and_only_loopback_listens(kserve_
     for probe in ("/v2/health/ready", "/v2/health/live", "/v2/models/vgg/ready", "/v1/models/vgg"):
         assert server.call(server.url, "GET", probe, None, {})[0] == 200, probe
     stub, _ = _grpc_stub(server)
-    from tritonclient.grpc import service_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     with pytest.raises(grpc.RpcError) as refused:
         stub.ModelInfer(pb.ModelInferRequest(model_name="vgg"), timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and json.loads(refused.value.details())["error"]["status"] == 401

@@ -483,10 +483,10 @@ def as_v2_binary_image(request: HostileRequest) -> HostileRequest:
                           {**request.headers, BINARY_HEADER: str(len(header))})
 
 
-def as_grpc(request: HostileRequest, model: str):
-    """The request as a gRPC v2 ``ModelInferRequest`` (see :data:`TRANSPORTS`), tritonclient's message of it."""
-    from tritonclient.grpc import service_pb2 as pb
-
+def as_grpc(request: HostileRequest, model: str, pb):
+    """The request as a gRPC v2 ``ModelInferRequest`` (see :data:`TRANSPORTS`) of the generated module ``pb``:
+    KServe's ``grpc_predict_v2_pb2`` or tritonclient's ``service_pb2``, the same protocol (one process can load only one
+    of the two: their descriptors clash)."""
     message = pb.ModelInferRequest(model_name=model, id=request.kind)
     length = request.headers.get(BINARY_HEADER, "")
     try:
