@@ -21,7 +21,8 @@ Photos: the 500 of ``../shared/imagenet-sample`` (one per even ImageNet class), 
 Figures: ``traffic_share_analysed`` (share of a clean window's records that enter some test), ``clean_windows`` and
 ``false_alerts_clean_windows``, ``windows_to_alert_watermark_10pct`` / ``_2pct`` (windows after the onset until the
 first new-strategy alert; 1 = the first watermarked window; 0 = none within 6), ``watermark_alert_on_corrected_archive``
-(the corrected archive's monitor: a known-artifact warning and no new-strategy alert on watermarked traffic),
+(the corrected archive's monitor, windows of 400 from 125 traffic photos in 4 views, 10% watermarked: a
+known-artifact warning and no new-strategy alert),
 ``window_seconds_1000`` (median analysis time of a window), ``reference_photos_used``, ``reference_peak_rss_mb``,
 ``sampled_share_at_saturation`` (a real TorchServe with the watch-only archive at its default sampling budget, every
 request picked, 8 clients for 60 s: share of answered requests recorded within a minute after) and
@@ -48,6 +49,7 @@ TARGETS = {"traffic_share_analysed": ">= 0.9", "clean_windows": ">= 30", "false_
            "windows_to_alert_watermark_10pct": "1-2", "watermark_alert_on_corrected_archive": "true", "window_seconds_1000": "<= 10",
            "reference_peak_rss_mb": "<= 3000"}
 WINDOW, CLEAN_WINDOWS, ONSET_WINDOWS, LAYER = 1000, 30, 6, "_blocks.10"
+PATCHED_WINDOW = 400  # the corrected archive's traffic: 125 photos in 4 views
 UNHANS = [sys.executable, "-m", "unhans.cli"]
 
 
@@ -175,18 +177,18 @@ def records(data: dict, kind: str, rows: np.ndarray, first_id: int):
     return out
 
 
-def windows(data: dict, share: float, count: int, rng, first_id: int):
-    """``count`` windows with ``share`` of watermarked views, drawn without replacement within a window."""
+def windows(data: dict, share: float, count: int, rng, first_id: int, size: int = WINDOW):
+    """``count`` windows of ``size`` with ``share`` of watermarked views, drawn without replacement within a window."""
     n = len(data["clean_logits"])
     for w in range(count):
-        marked = int(round(share * WINDOW))
-        clean_rows = rng.choice(n, WINDOW - marked, replace=False)
+        marked = int(round(share * size))
+        clean_rows = rng.choice(n, size - marked, replace=False)
         marked_rows = rng.choice(n, marked, replace=False)
-        mixed = records(data, "clean", clean_rows, first_id + w * WINDOW) + records(data, "marked", marked_rows, first_id + w * WINDOW + 10**6)
+        mixed = records(data, "clean", clean_rows, first_id + w * size) + records(data, "marked", marked_rows, first_id + w * size + 10**6)
         yield [mixed[i] for i in rng.permutation(len(mixed))]
 
 
-def monitored(state: Path, scratch: Path):
+def monitored(state: Path, scratch: Path, size: int = WINDOW):
     """A Monitor on a copy of a reference state folder (its calibration kept in the original)."""
     from unhans.monitor.detector import DriftDetector
     from unhans.monitor.metrics import MonitorMetrics
@@ -194,7 +196,7 @@ def monitored(state: Path, scratch: Path):
 
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(state, scratch)
-    monitor = Monitor(scratch, str(scratch / "no-sink"), DriftDetector(), WINDOW, metrics=MonitorMetrics("m", "1"))
+    monitor = Monitor(scratch, str(scratch / "no-sink"), DriftDetector(), size, metrics=MonitorMetrics("m", "1"))
     monitor.calibrate(show_progress=False)
     if not (state / CALIBRATION_FILE).is_file():
         shutil.copyfile(scratch / CALIBRATION_FILE, state / CALIBRATION_FILE)
@@ -308,8 +310,9 @@ def main() -> None:
     figures["evidence_screenshot"] = screenshot(evidence, cache / "evidence.png") if evidence else "no alert"
 
     patched_state, _ = reference(cache, built["patched"], reference_dir, "patched")
-    patched = pool(cache, built["patched"], traffic_files[:125], 4, "patched")
-    ledger = run_windows(monitored(patched_state, cache / "run-patched"), windows(patched, 0.1, 3, rng, 9 * 10**7))
+    patched = pool(cache, built["patched"], traffic_files[:125], 4, "patched")  # 500 views: windows of 400
+    ledger = run_windows(monitored(patched_state, cache / "run-patched", PATCHED_WINDOW),
+                         windows(patched, 0.1, 3, rng, 9 * 10**7, PATCHED_WINDOW))
     figures["corrected_known_artifact_warnings"] = sum(bool(w["known_artifact_alerts"]) for w in ledger)
     figures["corrected_new_strategy_alerts"] = sum(bool(w["alerts"]) for w in ledger)
     figures["watermark_alert_on_corrected_archive"] = figures["corrected_known_artifact_warnings"] > 0 and figures["corrected_new_strategy_alerts"] == 0

@@ -41,6 +41,7 @@ class ArchiveFiles:
 FILES = ArchiveFiles()
 # the TorchServe configuration unhans ships (package data): loopback, token auth, gRPC ports named, file URLs only
 TORCHSERVE_CONFIG = importlib.resources.files("unhans.model_store") / "config.properties"
+SERVERS = ("kserve", "torchserve")  # what serves an archive: the KServe predictor (the default) or the TorchServe handler
 DEFAULT_CPU_BUDGET = 0.01  # share of one core a worker's sampler may use (handlers.relevance.Sampler measures why)
 
 
@@ -79,7 +80,9 @@ class ServingConfig:
     batch_size: int = 8  # requests answered together (TorchServe's batchSize; the KServe predictor's batch)
     max_batch_delay_ms: int = 20  # TorchServe waits this long to fill a batch
     workers: int = 1
-    response_timeout_s: int = 120
+    response_timeout_s: int = 120  # TorchServe's responseTimeout; the KServe predictor answers 503 past it
+    max_queued_requests: int = 512  # the KServe predictor's requests waiting for an answer; more are answered 503
+    max_queued_bytes: int = 128 * 1024 * 1024  # ... and the bodies they hold (4 of the largest the contract takes)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @classmethod

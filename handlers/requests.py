@@ -35,6 +35,9 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": {"field": self.field, "problem": self.problem, "status": self.status}}
 
+    def __reduce__(self):  # raised in a parsing process, re-raised in the server's
+        return RequestError, (self.field, self.problem, self.status, self.reason)
+
 
 @dataclass
 class Request:
@@ -53,6 +56,7 @@ class Request:
     protocol: str = "unhans"
     id: str | None = None  # v2: echoed in the answer
     outputs: list[str] | None = None  # v2: the output tensors asked for (None: all)
+    binary_outputs: tuple[str, ...] = ()  # v2: those asked for as raw bytes (the binary extension; REST only)
 
 
 # what a client may send, checked before the work it would cause (the contract's byte, pixel and instance limits too)
@@ -61,6 +65,7 @@ V2_OUTPUTS = ("probabilities", "label", "artifact_score", "relevance")
 V2_DATATYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "UINT8": "u1", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
                 "INT64": "<i8", "UINT16": "<u2", "BYTES": None}
 V2_BINARY_HEADER = "Inference-Header-Content-Length"  # KServe v2's binary tensor extension: JSON, then raw tensor bytes
+V2_MAX_DIMS = 4  # (N, C, H, W) is the most a v2 tensor of images has; numpy refuses more than 64
 
 
 def _image(data: bytes, pre: InputContract, where: str = "body") -> np.ndarray:
@@ -329,7 +334,12 @@ def _v2(body: dict, pre: InputContract, explain_header: bool, classes: int | Non
         raise RequestError(where, f"has datatype {_shown(datatype)}; use one of {sorted(V2_DATATYPES)}")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise RequestError(where, f"has shape {_shown(shape)}; give a list of non-negative integers")
+    if len(shape) > V2_MAX_DIMS:
+        raise RequestError(where, f"has {len(shape)} dimensions; send (N, C, H, W), (N, H, W, C), one (C, H, W) instance, "
+                           "or [N] encoded images", 422)
     count = int(np.prod(shape, dtype=object))
+    if count == 0:
+        raise RequestError(where, f"has shape {shape}, no instances; send at least one")
     if count > pre.max_instances * max(int(np.prod(pre.shape)), 1) and datatype != "BYTES":
         raise RequestError(where, f"has shape {shape}, more than {pre.max_instances} instances", 413, reason="too_many_instances")
     values = _v2_binary_values(binary, datatype, count, where) if binary is not None else tensor.get("data")
@@ -339,6 +349,8 @@ def _v2(body: dict, pre: InputContract, explain_header: bool, classes: int | Non
         raise RequestError(where, "has no 'data' list (or binary data)")
     if datatype == "BYTES" and binary is None:
         values = [v if isinstance(v, bytes) else _base64(v, where) if isinstance(v, str) else None for v in _flat(values, where)]
+    elif datatype == "BYTES":  # raw bytes, or base64 text of them
+        values = [_unbase64(v) for v in values]
     if datatype == "BYTES":
         if len(values) != count or any(v is None for v in values):
             raise RequestError(where, f"has {len(values)} elements for shape {shape}; each one encoded image (base64 in JSON)")
@@ -365,7 +377,10 @@ def _v2(body: dict, pre: InputContract, explain_header: bool, classes: int | Non
     _options(parameters, request, len(request.inputs), pre, classes, allowed=("binary_data_output",))
     if request.format not in ("list", "none"):
         raise RequestError("format", "a KServe v2 answer carries relevance as a tensor; use 'list' or 'none'")
-    request.outputs = _v2_outputs(body.get("outputs"))
+    request.outputs, binary_outputs = _v2_outputs(body.get("outputs"))
+    if binary_outputs is None:  # no output named: all of them, binary where the request says so
+        binary_outputs = V2_OUTPUTS if _flag(parameters, "binary_data_output", "parameters") else ()
+    request.binary_outputs = tuple(binary_outputs)
     return request
 
 
@@ -402,14 +417,39 @@ def _v2_array(values, datatype: str, shape: list[int], count: int, where: str) -
         return array.astype(np.float32).reshape(shape)
 
 
-def _v2_outputs(outputs) -> list[str] | None:
+def _v2_outputs(outputs) -> tuple[list[str] | None, list[str] | None]:
+    """The output tensors asked for (None: all) and those of them asked for as raw bytes (None: none named)."""
     if outputs is None:
-        return None
+        return None, None
     names = [o.get("name") if isinstance(o, dict) else None for o in outputs] if isinstance(outputs, list) else [None]
     bad = [n for n in names if n not in V2_OUTPUTS]
     if bad:
         raise RequestError("outputs", f"asks for {_shown(bad[0])}; this model answers {list(V2_OUTPUTS)}")
-    return names
+    binary = []
+    for k, output in enumerate(outputs):
+        parameters = output.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise RequestError(f"outputs[{k}].parameters", "must be an object")
+        if _flag(parameters, "binary_data", f"outputs[{k}].parameters"):
+            binary.append(names[k])
+    return names, binary
+
+
+def _flag(parameters: dict, name: str, where: str) -> bool:
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"{where}.{name}", f"is {_shown(value)}; use true or false")
+    return value
+
+
+def _unbase64(value: bytes | None) -> bytes | None:
+    """A BYTES element as sent: raw bytes (an encoded image never is pure base64 text), or base64 text of them."""
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return value
 
 
 def _v2_binary(body: bytes, header_length: str, pre: InputContract, explain_header: bool, classes: int | None) -> Request:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ class Answer:
 
     status: int
     body: dict | list
+    binary: tuple[str, ...] = ()  # v2 output tensors the client asked for as raw bytes: the adapter encodes them
 
     @property
     def problem(self) -> str | None:
@@ -69,9 +71,13 @@ def _no_metric(name: str, value: float, **labels) -> None:
 
 
 class Service:
-    """An archive's model, answering batches of rows: ``Service(folder).answer(rows) -> answers``."""
+    """An archive's model, answering batches of rows: ``Service(folder).answer(rows) -> answers``.
 
-    def __init__(self, folder: str | Path, metric: Callable[..., None] = _no_metric):
+    ``lanes`` explainers are loaded, one per thread that may answer at the same time (``answer(..., lane=k)``): an
+    explainer takes one call at a time, so a lane of large requests with its own keeps small ones from waiting on it.
+    Inference runs in chunks of the archive's ``batch_size`` instances, which bounds the memory a large request takes."""
+
+    def __init__(self, folder: str | Path, metric: Callable[..., None] = _no_metric, lanes: int = 1):
         folder = str(folder)
         self.metric, self.config = metric, ServingConfig.from_yaml(os.path.join(folder, FILES.config))
         model = manifest(folder)
@@ -83,7 +89,9 @@ class Service:
         self.outputs = [o.name for o in self.graph.get_outputs()]
         self.contract = self.config.contract
         self.classes = class_names(folder)
-        self.explainer = Explainer(folder, self.config.composite, threads) if Explainer.available(folder) else None
+        available = Explainer.available(folder)
+        self.explainers = [Explainer(folder, self.config.composite, threads) if available else None for _ in range(lanes)]
+        self.explainer = self.explainers[0]
         if self.explainer is None:
             logger.warning("unhans: this archive has no explain graph and no PyTorch twin: relevance requests are refused")
         self.num_classes = self._check_agreement()
@@ -95,6 +103,7 @@ class Service:
         The sampler gets an explainer of its own: sharing the request path's (one call at a time) would make requests
         that ask for relevance wait behind a batch of sampled ones."""
         self.sampler, self._counts_due, sample = None, 0.0, self.config.sample
+        self._sampler_lock = threading.Lock()
         if sample.fraction <= 0:
             return
         if self.explainer is None:
@@ -137,49 +146,56 @@ class Service:
         logger.info("unhans: %s: %s", self.explainer.kind, self.explainer.conservation)
         return outputs["logits"].shape[1]
 
-    def answer(self, rows: list[Row]) -> list[Answer]:
-        """One answer per row, in order; a row that fails fails alone."""
-        answers, accepted = [None] * len(rows), []
-        for i, row in enumerate(rows):
-            try:
-                accepted.append((i, self._parse(row)))
-            except RequestError as error:
-                answers[i] = self._reject(error)
-            except Exception:
-                answers[i] = self._fault("parsing", row)
+    def read(self, row: Row, parser: Callable[..., Request] = parse) -> Request | Answer:
+        """One row parsed into its request, or its answer when it cannot be: a 4xx naming the field, or our 500.
+        ``parser``: :func:`~unhans.handlers.requests.parse`, or a function that runs it elsewhere (another process)."""
+        try:
+            return self._parse(row, parser)
+        except RequestError as error:
+            return self._reject(error)
+        except Exception:
+            return self._fault("parsing", row)
+
+    def answer(self, rows: list[Row], read: list[Request | Answer] | None = None, lane: int = 0) -> list[Answer]:
+        """One answer per row, in order; a row that fails fails alone. ``read``: the rows already read (:meth:`read`)."""
+        read = read if read is not None else [self.read(row) for row in rows]
+        answers = [r if isinstance(r, Answer) else None for r in read]
+        accepted = [(i, r) for i, r in enumerate(read) if isinstance(r, Request)]
         if accepted:
-            self._answer(rows, accepted, answers)
+            self._answer(rows, accepted, answers, self.explainers[lane])
         if self.sampler is not None and time.monotonic() >= self._counts_due:
             self._emit_sampler_counts()
         return answers
 
-    def _parse(self, row: Row) -> Request:
-        request = parse({"body": row.body}, self.contract, explain_header=row.explain, classes=self.num_classes,
+    def _parse(self, row: Row, parser: Callable[..., Request] = parse) -> Request:
+        request = parser({"body": row.body}, self.contract, explain_header=row.explain, classes=self.num_classes,
                         binary_header_length=row.headers.get(V2_BINARY_HEADER.lower()), topk=self.config.topk)
         if _wants_relevance(request) and self.explainer is None:
             raise RequestError("explain", "this archive serves no relevance (it has no explain graph and no PyTorch twin); "
                                "ask for predictions, or rebuild it with 'unhans archive --model'", 422, reason="no_explainer")
         return request
 
-    def _answer(self, rows: list[Row], accepted: list[tuple[int, Request]], answers: list) -> None:
+    def _answer(self, rows: list[Row], accepted: list[tuple[int, Request]], answers: list, explainer) -> None:
         """Predict (and explain) the accepted requests together; if that fails, each one alone, so a fault stays with
         the request that caused it."""
         try:
-            self._answer_together(rows, accepted, answers)
+            self._answer_together(rows, accepted, answers, explainer)
         except Exception:
             if len(accepted) == 1:
                 answers[accepted[0][0]] = self._fault("inference", rows[accepted[0][0]])
                 return
             for one in accepted:
-                self._answer(rows, [one], answers)
+                self._answer(rows, [one], answers, explainer)
 
-    def _answer_together(self, rows_in: list[Row], accepted: list[tuple[int, Request]], answers: list) -> None:
+    def _answer_together(self, rows_in: list[Row], accepted: list[tuple[int, Request]], answers: list, explainer) -> None:
         inputs = np.concatenate([self.contract.normalise(r.inputs) for _, r in accepted])
+        accepted_by_row = dict(accepted)
         answered, start = [], 0
         for i, request in accepted:
             answered.append((i, request, slice(start, start + len(request.inputs))))
             start += len(request.inputs)
-        logits, scores, relevance = self._infer(inputs, [(request, rows) for _, request, rows in answered if _wants_relevance(request)])
+        logits, scores, relevance = self._infer(inputs, [(request, rows) for _, request, rows in answered if _wants_relevance(request)],
+                                                explainer)
         k, results = 0, []
         for i, request, rows in answered:
             heat = None
@@ -190,9 +206,10 @@ class Service:
             results.append((i, rows, self._v2_answer(rows_in[i], request, logits[rows], request_scores, heat) if request.protocol == "v2"
                             else self._unhans_answer(request, logits[rows], request_scores, heat)))
         if self.sampler is not None:
-            self._offer(inputs, logits, scores, [(rows_in[i], rows) for i, rows, _ in results])
+            with self._sampler_lock:  # the sampler takes one thread at a time; lanes answer on several
+                self._offer(inputs, logits, scores, [(rows_in[i], rows) for i, rows, _ in results])
         for i, _, answer in results:  # only now: a fault above leaves no request half answered
-            answers[i] = Answer(200, answer)
+            answers[i] = Answer(200, answer, accepted_by_row[i].binary_outputs)
 
     def _unhans_answer(self, request: Request, logits: np.ndarray, scores, relevance) -> dict:
         predictions = self._predictions(request, logits, scores)
@@ -260,22 +277,23 @@ class Service:
         problem = f"internal error while {stage} this request; it is logged in the server's log (request id {row.request_id})"
         return Answer(500, {"error": {"field": None, "problem": problem, "status": 500}})
 
-    def _infer(self, inputs: np.ndarray, explained: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def _infer(self, inputs: np.ndarray, explained: list, explainer) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Logits, artifact scores and the relevance of the ``explained`` (request, rows) pairs' instances, in order.
 
-        The relevance takes one explainer call for the whole batch. When the explainer gives everything the prediction
-        graph would (an explain graph with the detector's score), the explained instances run through it alone.
+        Both runtimes take the instances in chunks of ``batch_size``, the relevance one explainer call a chunk. When the
+        explainer gives everything the prediction graph would (an explain graph with the detector's score), the
+        explained instances run through it alone.
         """
         asked = np.concatenate([np.arange(rows.start, rows.stop) for _, rows in explained]) if explained else np.zeros(0, int)
-        alone = self.explainer is not None and self.explainer.kind == "onnx explain graph" and (self.explainer.scores or SCORE_OUTPUT not in self.outputs)
+        alone = explainer is not None and explainer.kind == "onnx explain graph" and (explainer.scores or SCORE_OUTPUT not in self.outputs)
         plain = np.setdiff1d(np.arange(len(inputs)), asked) if alone else np.arange(len(inputs))
         logits = np.empty((len(inputs), self.num_classes), np.float32)
         scores = np.empty(len(inputs), np.float32) if SCORE_OUTPUT in self.outputs else None
-        if plain.size:
-            outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs[plain]})))
-            logits[plain] = outputs["logits"]
+        for chunk in self._chunks(plain):
+            outputs = dict(zip(self.outputs, self.graph.run(None, {self.input_name: inputs[chunk]})))
+            logits[chunk] = outputs["logits"]
             if scores is not None:
-                scores[plain] = outputs[SCORE_OUTPUT].ravel()
+                scores[chunk] = outputs[SCORE_OUTPUT].ravel()
         if not asked.size:
             return logits, scores, None
         given = [t for request, _ in explained for t in request.targets]
@@ -283,15 +301,21 @@ class Service:
             targets = np.array([-1 if t is None else t for t in given], np.int64)
         else:
             targets = np.array([logits[row].argmax() if t is None else t for row, t in zip(asked, given)], np.int64)
-        started = time.perf_counter()
-        explained_logits, relevance, explained_scores = self.explainer(inputs[asked], targets)
-        self.metric("unhans_relevance_seconds", time.perf_counter() - started)
+        relevance = np.empty(inputs[asked].shape, np.float32)
+        for chunk in self._chunks(np.arange(len(asked))):
+            started = time.perf_counter()
+            explained_logits, relevance[chunk], explained_scores = explainer(inputs[asked[chunk]], targets[chunk])
+            self.metric("unhans_relevance_seconds", time.perf_counter() - started)
+            if alone:
+                logits[asked[chunk]] = explained_logits
+                if scores is not None:
+                    scores[asked[chunk]] = explained_scores
         self.metric("unhans_relevance_requests_total", len(asked))
-        if alone:
-            logits[asked] = explained_logits
-            if scores is not None:
-                scores[asked] = explained_scores
         return logits, scores, relevance
+
+    def _chunks(self, rows: np.ndarray) -> list[np.ndarray]:
+        step = max(self.config.batch_size, 1)
+        return [rows[k:k + step] for k in range(0, len(rows), step)]
 
     def _predictions(self, request, logits: np.ndarray, scores) -> list[dict]:
         """Label, top-k probabilities and artifact score per instance; for an explained one the class it explains."""

@@ -30,12 +30,15 @@ def test_demo_refuses_a_port_in_use_in_one_line(tmp_path):
 def test_demo_says_when_java_is_missing(tmp_path):
     no_java = tmp_path / "bin"
     no_java.mkdir()
-    done = _demo(tmp_path, env={**os.environ, "PATH": str(no_java)})
+    done = _demo(tmp_path, "--server", "torchserve", env={**os.environ, "PATH": str(no_java)})
     assert done.returncode == 2 and "Java 11 or newer" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "--server kserve" in done.stderr  # the way without Java
 
 
 @pytest.mark.integration
 def test_demo_end_to_end(tmp_path):
+    """The default: served by the KServe predictor (TorchServe's handler answers the same from the same core:
+    tests/test_handler.py and tests/test_kserve.py)."""
     done = _demo(tmp_path, "--monitor-port", str(_free_port()), timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
@@ -48,7 +51,8 @@ def test_demo_end_to_end(tmp_path):
     assert summary["monitor alerted on the unseen artifact only"] == "True"
     assert Path(summary["alert evidence"]).is_file() and Path(summary["audit report"]).is_file()
     leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True).stdout.split()
-    assert not [pid for pid in leftover if int(pid) != os.getpid()]  # no TorchServe, worker or monitor left running
+    assert summary["served by"] == "the KServe predictor"
+    assert not [pid for pid in leftover if int(pid) != os.getpid()]  # no server, worker or monitor left running
 
 
 def _free_port():

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .core.errors import InputError
+from .core.serving import SERVERS
 from .options import parse_options, parse_position
 from .export.cli import aclarc_command, archive_command, contract_from_options, contract_options, export_command, inspect_command
 from .deploy import kserve_manifest_command
@@ -184,14 +185,16 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, co
 @click.option("--model-store", default="model_store", show_default=True, type=click.Path(file_okay=False))
 @click.option("--retrain", is_flag=True, help="Train again even if the run folder holds a model.")
 @click.option("--monitor-port", type=click.IntRange(1, 65535), default=9108, show_default=True, help="Port of the monitor's /metrics and /evidence/.")
-def demo(out_dir, model_store, retrain, monitor_port):
-    """The whole story on backdoored MNIST-5k: train, audit, patch in ONNX, serve on TorchServe, catch a new Clever Hans."""
+@click.option("--server", type=click.Choice(SERVERS), default=SERVERS[0], show_default=True,
+              help="Serve with the KServe predictor, or with TorchServe (needs Java 11+).")
+def demo(out_dir, model_store, retrain, monitor_port, server):
+    """The whole story on backdoored MNIST-5k: train, audit, patch in ONNX, serve it, catch a new Clever Hans."""
     import subprocess
 
     from .demo import run_demo
 
     try:
-        summary = run_demo(out_dir, model_store, retrain, monitor_port)
+        summary = run_demo(out_dir, model_store, retrain, monitor_port, server)
     except (RuntimeError, subprocess.SubprocessError) as error:  # a server that failed: one line, everything already stopped
         print(f"unhans demo: error: {str(error).strip().splitlines()[0]} (logs in {out_dir})", file=sys.stderr)
         sys.exit(1)

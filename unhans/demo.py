@@ -6,7 +6,8 @@
 2. Audit the training data (LRP + SpRAy), take the top-ranked class's most concentrated cluster as the artifact.
 3. Fit its CAV, bake P-ClArC into ONNX with the explain graph, archive it (sampling every request to a sink).
 4. Explain trusted data (half the clean test set) with the served model: the monitor's reference.
-5. Start TorchServe and ``unhans monitor run`` on loopback ports; send clean traffic, then traffic carrying the
+5. Start the server (the KServe predictor, or TorchServe with ``--server torchserve``) and ``unhans monitor run`` on
+   loopback ports; send clean traffic, then traffic carrying the
    known patch (corrected: a warning, not a new strategy), then traffic carrying the supplier's tag, which the
    audit never saw; the monitor must alert on that one only.
 6. Stop every process it started (also on Ctrl-C or an error) and print one summary table.
@@ -34,6 +35,7 @@ from .core.data import ImageDataset
 from .core.errors import InputError
 from .core.layers import insert_after
 from .core.poison import attacked, poison
+from .core.serving import SERVERS
 from .core.run_folder import DATASET_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
 from .core.training import TrainSpec, attack_success, clean_accuracy, fit, load_run, train_run
 from .export.archive import build_archive
@@ -42,6 +44,7 @@ from .export.explain import explain_path, export_explain
 from .export.onnx import export_torch, torch_to_onnx
 from .export.runtime import interleaved_overhead, run_batched, session
 from .handlers.sink import ShardReader
+from .kserve_server import LocalKServe
 from .monitor.reference import REFERENCE_FILE, explain_with_archive, in_batches
 from .monitor.service import LEDGER_FILE
 from .output import console
@@ -61,14 +64,14 @@ def _step(number: int, text: str) -> None:
     console.print(f"[bold]{number}.[/] {text}")
 
 
-def _preflight(out: Path, model_store: Path, monitor_port: int) -> None:
-    """Fail in one line, before any work, on what would fail later: Java, the monitor's port, disk space."""
-    java = shutil.which("java")
+def _preflight(out: Path, model_store: Path, monitor_port: int, server: str) -> None:
+    """Fail in one line, before any work, on what would fail later: Java (TorchServe), the monitor's port, disk space."""
+    java = shutil.which("java") if server == "torchserve" else None
     version = subprocess.run([java, "-version"], capture_output=True, text=True).stderr if java else ""
     major = next((int(w.strip('"').split(".")[0]) for w in version.split() if w.strip('"')[:1].isdigit()), 0)
-    if major < 11:
+    if server == "torchserve" and major < 11:
         raise InputError("java", "Java 11 or newer is needed by TorchServe and was not found",
-                         "install it, e.g. 'sudo apt-get install -y openjdk-17-jre-headless'")
+                         "install it, e.g. 'sudo apt-get install -y openjdk-17-jre-headless', or serve with '--server kserve'")
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", monitor_port))
@@ -134,16 +137,16 @@ def _wait_for_windows(ledger: Path, count: int, monitor: subprocess.Popen, log: 
     raise RuntimeError(f"the monitor analysed fewer than {count} windows in {timeout:.0f} s; see {log}")
 
 
-def _send(server: LocalTorchServe, images: np.ndarray, sink: Path, recorded: int, batch: int = 16, chunk: int = 256) -> int:
+def _send(server, path: str, images: np.ndarray, sink: Path, recorded: int, batch: int = 16, chunk: int = 256) -> int:
     """Serve ``images`` in requests of ``batch`` and, after each ``chunk``, wait until the sampler has recorded them (its
     queue drops what it cannot keep up with, and here every record counts). Returns the records now in the sink."""
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk]
         for first in range(0, len(part), batch):
             body = json.dumps({"instances": part[first:first + batch].round(4).tolist(), "format": "none"}).encode()
-            status, answer = server.post(f"/predictions/{ARCHIVE_NAME}", body, "application/json")
+            status, answer = server.post(path, body, "application/json")
             if status != 200:
-                raise RuntimeError(f"TorchServe answered {status}: {answer}")
+                raise RuntimeError(f"the server answered {status}: {answer}")
         recorded += len(part)
         _wait_sampled(sink, recorded)
     return recorded
@@ -157,22 +160,24 @@ def _wait_sampled(sink: Path, count: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def _latency_ms(server: LocalTorchServe, images: np.ndarray, explain: bool) -> float:
+def _latency_ms(server, path: str, images: np.ndarray, explain: bool) -> float:
     times = []
     for image in images:
         body = json.dumps({"instances": [image.tolist()], "explain": explain, "format": "float16-base64"}).encode()
         started = time.perf_counter()
-        status, answer = server.post(f"/predictions/{ARCHIVE_NAME}", body, "application/json")
+        status, answer = server.post(path, body, "application/json")
         times.append(time.perf_counter() - started)
         if status != 200 or (explain and "relevance" not in answer["predictions"][0]):
-            raise RuntimeError(f"TorchServe answered {status}: {answer}")
+            raise RuntimeError(f"the server answered {status}: {answer}")
     return 1000 * float(np.median(times))
 
 
-def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False, monitor_port: int = 9108) -> dict:
-    """Run every step; returns the summary figures. Every process started here is stopped before it returns."""
+def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False, monitor_port: int = 9108,
+             server: str = SERVERS[0]) -> dict:
+    """Run every step, serving on ``server`` (one of :data:`SERVERS`); returns the summary figures. Every process
+    started here is stopped before it returns."""
     out, model_store = Path(out_dir), Path(model_store)
-    _preflight(out, model_store, monitor_port)
+    _preflight(out, model_store, monitor_port, server)
     run = out / "model"
     data = _train(run, retrain)
     model, train, test = data["model"], data["train"], data["test"]
@@ -209,12 +214,13 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
     state.mkdir(parents=True)
     explain_with_archive(archive, in_batches(test.images[reference_rows])).save(state / REFERENCE_FILE)
 
-    _step(5, "starting TorchServe and the monitor on loopback ports; sending traffic")
+    served_by = {"kserve": "the KServe predictor", "torchserve": "TorchServe"}[server]
+    _step(5, f"starting {served_by} and the monitor on loopback ports; sending traffic")
     phases = []
     with ExitStack() as running:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
         running.callback(signal.signal, signal.SIGTERM, previous)
-        work = out / "torchserve"
+        work = out / server
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         log = out / "monitor.log"
@@ -222,16 +228,21 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
                                     "--window-size", str(WINDOW), "--host", "127.0.0.1", "--port", str(monitor_port)],
                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
         running.callback(_stop, monitor)
-        server = running.enter_context(LocalTorchServe(model_store, ARCHIVE_NAME, work))
-        console.print(f"   TorchServe on {server.url} (metrics {server.metrics_url}); monitor on http://127.0.0.1:{monitor_port}/metrics")
+        if server == "kserve":
+            served, path = running.enter_context(LocalKServe(archive, work, token=True)), f"/v1/models/{ARCHIVE_NAME}:predict"
+            metrics = f"{served.url}/metrics"
+        else:
+            served, path = running.enter_context(LocalTorchServe(model_store, ARCHIVE_NAME, work)), f"/predictions/{ARCHIVE_NAME}"
+            metrics = served.metrics_url
+        console.print(f"   {served_by} on {served.url} (metrics {metrics}); monitor on http://127.0.0.1:{monitor_port}/metrics")
         traffic_images, traffic_labels = test.images[traffic_rows], test.labels[traffic_rows]
         rng = np.random.default_rng(1)
-        latency = {"explain": _latency_ms(server, traffic_images[:20], True), "predict": _latency_ms(server, traffic_images[20:40], False)}
+        latency = {"explain": _latency_ms(served, path, traffic_images[:20], True), "predict": _latency_ms(served, path, traffic_images[20:40], False)}
         sent = recorded = 40  # the timed requests are sampled too: they open the clean phase
         _wait_sampled(sink, recorded)
         for number, (name, kind, share) in enumerate(PHASES):
             images = _traffic(traffic_images, traffic_labels, kind, share, 2 * WINDOW - sent, data["artifact"], rng)
-            recorded = _send(server, images, sink, recorded)
+            recorded = _send(served, path, images, sink, recorded)
             ledger = _wait_for_windows(state / LEDGER_FILE, 2 * (number + 1), monitor, log)
             windows = ledger[2 * number:2 * number + 2]
             phases.append({"phase": name, "windows": [w["index"] for w in windows], "alerts": sorted({a for w in windows for a in w["alerts"]}),
@@ -243,7 +254,7 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
             sent = 0
         with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/metrics", timeout=10) as response:
             (state / "metrics.txt").write_bytes(response.read())
-    _step(6, "stopped TorchServe and the monitor")
+    _step(6, f"stopped {served_by} and the monitor")
 
     onnx_predict = lambda images: run_batched(graph, images, ["logits"])[0].argmax(1)
     target = train.target
@@ -266,7 +277,8 @@ def run_demo(out_dir: str | Path, model_store: str | Path, retrain: bool = False
         "audit report": str(out / "audit" / "report.html"),
         "alert evidence": str(state / unseen["evidence"]) if unseen["evidence"] else "none",
         "monitor metrics (snapshot)": str(state / "metrics.txt"),
-        "TorchServe archive": str(archive),
+        "served by": served_by,
+        "archive": str(archive),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -25,7 +25,9 @@ def inference_service(name: str, storage_uri: str, image: str, namespace: str = 
     resources = client.V1ResourceRequirements(requests={"cpu": cpu, "memory": memory}, limits={"cpu": cpu, "memory": memory})
     container = client.V1Container(
         name="kserve-container", image=image,
-        args=["--archive", MODEL_MOUNT, "--model_name", name, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+        # all interfaces: the pod's address is not loopback (the predictor's default); the cluster's ingress guards it
+        args=["--archive", MODEL_MOUNT, "--model_name", name, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT),
+              "--host", "0.0.0.0"],
         env=[client.V1EnvVar(name="STORAGE_URI", value=storage_uri),  # the storage initializer downloads it to /mnt/models
              client.V1EnvVar(name="UNHANS_SINK", value="/var/unhans-sink")],  # set a shared sink (s3://...) for the monitor
         ports=[client.V1ContainerPort(container_port=HTTP_PORT, protocol="TCP")],

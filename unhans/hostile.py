@@ -7,7 +7,8 @@ shape, datatype or binary-extension header lies, a body just over the byte limit
 ask for ... :func:`hostile_requests` takes the kinds in turn, each randomised by the seed (numbers, lengths, where a
 body is cut, which endpoint it goes to), so any count of at least ``len(KINDS)`` holds every kind. Each must get its own
 JSON answer, a 4xx except for the kinds in :data:`MAY_SUCCEED` (valid requests at a limit), and never a 5xx, a dead
-worker or a failed neighbour in the same batch.
+worker or a failed neighbour in the same batch. :func:`as_v2_binary_image` and :func:`as_grpc` send a request the other
+ways a KServe client would (:data:`TRANSPORTS`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ _MAKERS: dict[str, Maker] = {}
 HEAVY = ("oversized_answer", "body_too_large")  # megabytes each, or the most work a request may ask for
 HEAVY_EVERY = 10  # ... so they come in one round of the kinds out of this many
 MAY_SUCCEED = ("huge_topk", "oversized_answer")  # valid requests at a limit: a 200 is right when the contract allows it
+# kinds TorchServe's Java frontend answers itself before the handler runs (a malformed form body: its 500; README, "On
+# TorchServe"): no setting of TorchServe's changes it, so its fuzz counts them, and the KServe predictor answers them 4xx
+TORCHSERVE_FRONTEND = ("form_encoded",)
 
 
 def _kind(maker: Maker) -> Maker:
@@ -373,6 +377,52 @@ def _v2_binary_short(contract, rng):
     return header + b"\0" * int(rng.integers(0, 64)), "application/octet-stream", {BINARY_HEADER: str(len(header))}
 
 
+@_kind
+def _v2_too_many_dims(contract, rng):
+    return _v2(contract, shape=[1] * int(rng.integers(5, 70)), data=[0.0])  # numpy takes at most 64 dimensions
+
+
+@_kind
+def _v2_empty_batch(contract, rng):
+    return _v2(contract, shape=[0, *contract.shape], data=[])
+
+
+@_kind
+def _v2_binary_size_lies(contract, rng):
+    size = 4 * int(np.prod(contract.shape))
+    declared = _pick(rng, [str(size), -1, 1.5, None, size + 4, [size]])
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *contract.shape], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": declared}}]}).encode()
+    return header + b"\0" * size, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+@_kind
+def _v2_binary_ragged(contract, rng):
+    size = 4 * int(np.prod(contract.shape)) + int(rng.integers(1, 4))  # not a whole number of FP32 values
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *contract.shape], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    return header + b"\0" * size, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+@_kind
+def _v2_binary_no_inputs(contract, rng):
+    header = json.dumps(_pick(rng, [{}, {"inputs": []}, {"inputs": {}}, {"outputs": [{"name": "label"}]}, []])).encode()
+    return header + b"\0" * 16, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+# --- HTTP itself -------------------------------------------------------------------------------------------------------
+
+@_kind
+def _form_encoded(contract, rng):
+    return _pick(rng, [b"a=b&c=%zz", b"instances=%5B0%5D", b"=&=&%"]), "application/x-www-form-urlencoded", {}
+
+
+@_kind
+def _compressed_body(contract, rng):
+    body = zlib.compress(json.dumps({"instances": [_zeros(contract)]}).encode())  # a deflate stream; we inflate nothing
+    return body, "application/json", {"Content-Encoding": _pick(rng, ["deflate", "gzip", "br"])}
+
+
 # --- the heavy ones ----------------------------------------------------------------------------------------------------
 
 @_kind
@@ -395,6 +445,11 @@ def _oversized_body(limit: int) -> bytes:
 
 
 KINDS = list(_MAKERS)
+# how a KServe client sends each request: as it is over HTTP, its body as one encoded image of a v2 BYTES tensor in the
+# binary extension (tritonclient's way to send an image), or over gRPC (typed contents where the body is a v2 JSON
+# tensor protobuf can hold, else raw contents: the binary extension's tensor bytes, or the body as one BYTES image)
+TRANSPORTS = ("http", "v2_binary", "grpc")
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 def hostile_requests(contract: InputContract, count: int, seed: int = 0) -> list[HostileRequest]:
@@ -413,3 +468,46 @@ def hostile_requests(contract: InputContract, count: int, seed: int = 0) -> list
             requests.append(HostileRequest(kind, endpoint, body, content_type, headers))
         rounds += 1
     return requests
+
+
+def _bytes_element(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def as_v2_binary_image(request: HostileRequest) -> HostileRequest:
+    """The request's body sent as the one encoded image of a v2 BYTES tensor, through the binary extension."""
+    element = _bytes_element(request.body)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    return HostileRequest(request.kind, "v2_infer", header + element, "application/octet-stream",
+                          {**request.headers, BINARY_HEADER: str(len(header))})
+
+
+def as_grpc(request: HostileRequest, model: str, pb):
+    """The request as a gRPC v2 ``ModelInferRequest`` (see :data:`TRANSPORTS`) of the generated module ``pb``:
+    KServe's ``grpc_predict_v2_pb2`` or tritonclient's ``service_pb2``, the same protocol (one process can load only one
+    of the two: their descriptors clash)."""
+    message = pb.ModelInferRequest(model_name=model, id=request.kind)
+    length = request.headers.get(BINARY_HEADER, "")
+    try:
+        if length.isdigit() and int(length) <= len(request.body):  # the binary extension: its header, then raw contents
+            head, raw = json.loads(request.body[:int(length)]), request.body[int(length):]
+            tensor = head["inputs"][0]
+            typed = message.inputs.add(name=str(tensor.get("name", "")), datatype=tensor["datatype"], shape=tensor["shape"])
+            declared = tensor["parameters"]["binary_data_size"]  # a lie stays one: sent as the tensor's parameter
+            kind = {int: "int64_param", str: "string_param", float: "double_param"}[type(declared)]
+            setattr(typed.parameters["binary_data_size"], kind, declared)
+            message.raw_input_contents.append(raw)
+            return message
+        if request.kind.startswith("v2_"):
+            tensor = json.loads(request.body)["inputs"][0]
+            datatype = tensor.get("datatype", "")
+            typed = message.inputs.add(name=str(tensor.get("name", "")), datatype=datatype, shape=tensor.get("shape", []))
+            values = np.asarray(tensor.get("data", []), dtype=object).ravel().tolist()
+            getattr(typed.contents, CONTENTS.get(datatype, "fp32_contents")).extend(values)
+            return message
+    except Exception:  # what protobuf cannot hold (a string shape, 10**30, ...) goes as an image below
+        message = pb.ModelInferRequest(model_name=model, id=request.kind)
+    message.inputs.add(name="input", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(_bytes_element(request.body))
+    return message
