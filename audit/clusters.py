@@ -279,15 +279,13 @@ def nearest_miss(entries: list[dict]) -> str:
     """Where no class has a marked cluster: which cluster came closest to being marked, and why it was not, in words;
     "" where no class was analysed. ``entries``: audit.json's class entries (:func:`summary`).
 
-    Closest is the cluster with small regions whose transplant rate leads the rest of its class by most: an artifact
-    the model learned only weakly (a line on 60% of MNIST's 5s, 29% attack success) leads its class, while a class
-    whose evidence anyone can paste (hijackable, ranked first) leads its own rest by little."""
+    Closest is the cluster whose transplant rate leads the rest of its class by most: an artifact the model learned
+    only weakly (a line on 60% of MNIST's 5s, 29% attack success) leads its class, while a class whose evidence anyone
+    can paste (hijackable, ranked first) leads its own rest by little."""
     best = None
     for entry in entries:
         figures = entry.get("cluster_evidence") or []
         for cluster in figures:
-            if cluster["region_share"] > MAX_REGION_SHARE:
-                continue
             rest = [other for other in figures if other is not cluster]
             weight = sum(other["size"] for other in rest)
             rest_rate = sum(other["transplant_rate"] * other["size"] for other in rest) / weight if weight else 0.0
@@ -298,7 +296,11 @@ def nearest_miss(entries: list[dict]) -> str:
         return ""
     lead, entry, cluster, rest_rate = best
     rate = cluster["transplant_rate"]
-    if rate < ARTIFACT_BAR:
+    if cluster["region_share"] > MAX_REGION_SHARE:
+        why = (f"its regions turn {rate:.0%} of other classes' images into the class (the rest of its class {rest_rate:.0%}), but "
+               f"cover {cluster['region_share']:.0%} of the image, more than the {MAX_REGION_SHARE:.0%} an artifact's may: too "
+               "much to tell an artifact from the object (low resolution?)")
+    elif rate < ARTIFACT_BAR:
         why = (f"its regions turn {rate:.0%} of other classes' images into the class, under the {ARTIFACT_BAR:.0%} of an artifact the "
                f"model relies on (the rest of its class {rest_rate:.0%}): learned weakly, if at all")
     else:
