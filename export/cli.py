@@ -290,7 +290,8 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 @click.option("--no-fold", "no_fold", is_flag=True, help="Insert the correction as ops even where it could be folded into a linear layer.")
 @click.option("--samples", type=click.Path(dir_okay=False),
               help=".npz with 'artifact' and 'clean' masks or indices into the run's training set, or, without --run, the "
-                   "samples.npz of a folder audit (its rows are the audited images, read again as the audit did).")
+                   "samples.npz of a folder audit (its rows are the audited images, read again as the audit did). With --images: the "
+                   "rows the correction is judged on, against the correction fitted on them (export/effect.py).")
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
 @click.option("--model", "model_file", type=click.Path(dir_okay=False), help="Your model file (one nn.Module class, TorchServe-style), instead of --run.")
