@@ -241,23 +241,31 @@ def _artifact_probe(train, test, attack, samples, fitted_rows, paste, other_rout
                          list(pool.classes) if pool is not None else None, min_removed, better)
 
 
-def _rows_route(model, layer: str, train, samples):
-    """For the paired route, what the other route does to the audit's rows: the logits of the projection fitted on the
-    rows themselves against the other rows, at the same layer (None without ``--samples``)."""
-    if not samples or train is None:
-        return None
+def _rows_route(model, layer: str, rows: np.ndarray, clean: np.ndarray):
+    """What the rows' own correction does: the logits of the plain projection fitted on the artifact ``rows`` against
+    the ``clean`` images at the same layer (fitted when first asked), the reference a correction's effect on the rows
+    is judged against (export/effect.py): in the paired route the samples route, in the samples route the plain
+    projection a reactive or own-class one replaced."""
     import torch
 
     from ..core.clarc import fit_cav, pclarc
 
-    with np.load(samples, allow_pickle=False) as z:
-        rows, clean = (_index(z, key, len(train), samples) for key in (SAMPLES.artifact, SAMPLES.clean))
-    corrected = pclarc(model, layer, fit_cav(model, layer, train.images[rows], train.images[clean], mode=CLI_MODE)).eval()
+    corrected = []
 
     def logits(images: np.ndarray) -> np.ndarray:
+        if not corrected:
+            corrected.append(pclarc(model, layer, fit_cav(model, layer, rows, clean, mode=CLI_MODE)).eval())
         with torch.no_grad():
-            return np.concatenate([corrected(torch.from_numpy(images[i:i + 500])).numpy() for i in range(0, len(images), 500)])
+            return np.concatenate([corrected[0](torch.from_numpy(images[i:i + 500])).numpy() for i in range(0, len(images), 500)])
     return logits
+
+
+def _selected(samples, train) -> tuple[np.ndarray, np.ndarray] | None:
+    """The images of a samples file's artifact and clean rows (None without one, or without the rows' data set)."""
+    if not samples or train is None:
+        return None
+    with np.load(samples, allow_pickle=False) as z:
+        return tuple(train.images[_index(z, key, len(train), samples)] for key in (SAMPLES.artifact, SAMPLES.clean))
 
 
 def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) -> str:
@@ -387,8 +395,9 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
 
         source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
+        own = _selected(samples, train) if paired else (artifact, clean)  # the rows the reference projection is fitted on
         judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste,
-                                 _rows_route(model, layer, train, samples) if paired else None, min_removed,
+                                 _rows_route(model, layer, *own) if own is not None else None, min_removed,
                                  _better_route(paired, samples, source, layer, run_dir, out))
 
         def fitted(contrast: np.ndarray):
@@ -412,7 +421,10 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     _print_cost(report.cost)
     if report.effect is not None:
         print_table(f"what the correction does to the artifact (class {report.effect.class_name})", report.effect.describe())
-        if report.effect.removed is None:
+        if report.effect.removed is None and held_out.baseline is not None:
+            results.print("the fine-tuned model no longer follows the artifact (neither its rows nor held-out pairs show an effect "
+                          "to remove): A-ClArC removed it; the correction keeps the artifact score")
+        elif report.effect.removed is None:
             warn("the correction's effect on the artifact could not be judged: neither the artifact rows nor held-out pairs show "
                  "an effect the model's prediction depends on; check the corrected model on images with the artifact")
     if explain:  # after the prediction graph is written: an unexplainable model still gets that

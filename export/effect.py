@@ -10,8 +10,10 @@ judged on the artifact itself, on up to two sets:
   (the class it assigns most of them to before the correction) and its median logit margin, before and after. In a
   backdoor the rows are other classes' images and a working correction turns them away from the class; in a
   co-occurrence they are the class's own images, and stay. Which of the two holds is not in the rows, so the rows
-  judge only against what the other route does to them (:attr:`ArtifactProbe.other_route_rows`: the projection fitted
-  on the rows themselves at the same layer): where that turns them away, this correction must turn away its share.
+  judge only against what the rows' own correction does to them (:attr:`Effect.other_route_rows`: the plain projection
+  fitted on the rows themselves at the same layer; in the paired route that is the samples route, in the samples route
+  the plain projection a reactive or own-class one replaced): where that turns them away, this correction must turn
+  away its share.
 - **held-out pairs**: clean images of other classes (the run's test set) with and without the artifact pasted in: the
   artifact image of the paired route, or each artifact row's own region (what the audit's transplant test pasted to
   mark the cluster). The share of them the artifact turns into the class, before and after.
@@ -157,7 +159,7 @@ class ArtifactProbe:
     pasted: np.ndarray | None = None  # held-out images with the artifact, and ...
     unpasted: np.ndarray | None = None  # ... the same without it
     pairs_source: str = ""
-    other_route: Logits | None = None  # logits of the correction fitted on the rows themselves (paired route), for the rows
+    other_route: Logits | None = None  # logits of the plain projection fitted on the rows themselves, the rows' reference
     classes: list[str] | None = None
     bound: float = MIN_REMOVED
     better: str = ""  # the route to name when refused
