@@ -18,7 +18,7 @@ from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldO
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
 from ..output import print_table, results, warn
-from .effect import MIN_REMOVED, PAIR_IMAGES, ArtifactProbe
+from .effect import EFFECT, MIN_REMOVED, PAIR_IMAGES, ArtifactProbe
 
 COST_FLAGS = ("--max-cost", "--max-class-cost")  # the flags a refused cost names (core.cost.Cost.check)
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
@@ -605,7 +605,7 @@ def inspect_command(onnx_file, as_json):
     """Print what an ONNX file says about itself: unhans's correction metadata, inputs and outputs."""
     import onnx
 
-    from .onnx import read_metadata
+    from .onnx import META, read_metadata
 
     metadata = read_metadata(onnx_file)
     if as_json:
@@ -622,6 +622,11 @@ def inspect_command(onnx_file, as_json):
                             "nodes": len(model.graph.node), "ir version": model.ir_version, "opsets": opsets, **metadata})
     if not any(key.startswith("unhans.") for key in metadata):
         results.print("no unhans correction recorded in this file")
+    elif META + EFFECT.removed in metadata:
+        removed = metadata[META + EFFECT.removed]
+        said = "its effect on the artifact was not judged" if removed == "not judged" else f"it removes {float(removed):.0%} of the artifact's effect"
+        results.print(f"measured before the correction was written: {said} (class {metadata.get(META + EFFECT.class_)}, bound "
+                      f"{metadata.get(META + EFFECT.bound)}; unhans.effect.*)", highlight=False)
 
 
 @click.command("archive")
