@@ -241,22 +241,29 @@ def _artifact_probe(train, test, attack, samples, fitted_rows, paste, other_rout
                          list(pool.classes) if pool is not None else None, min_removed, better)
 
 
-def _rows_route(model, layer: str, rows: np.ndarray, clean: np.ndarray):
+def _rows_route(model, layer: str, rows: np.ndarray, clean: np.ndarray, held_out: HeldOut):
     """What the rows' own correction does: the logits of the plain projection fitted on the artifact ``rows`` against
     the ``clean`` images at the same layer (fitted when first asked), the reference a correction's effect on the rows
     is judged against (export/effect.py): in the paired route the samples route, in the samples route the plain
-    projection a reactive or own-class one replaced."""
+    projection a reactive or own-class one replaced. None where that projection costs more than ``held_out``'s bounds:
+    one that removes the class with the artifact (a co-occurrence: 15 points of the 0s) turns the rows away for the
+    wrong reason, and is no reference."""
     import torch
 
     from ..core.clarc import fit_cav, pclarc
 
-    corrected = []
-
-    def logits(images: np.ndarray) -> np.ndarray:
-        if not corrected:
-            corrected.append(pclarc(model, layer, fit_cav(model, layer, rows, clean, mode=CLI_MODE)).eval())
+    def run(network, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return np.concatenate([corrected[0](torch.from_numpy(images[i:i + 500])).numpy() for i in range(0, len(images), 500)])
+            return np.concatenate([network(torch.from_numpy(images[i:i + 500])).numpy() for i in range(0, len(images), 500)])
+
+    fitted = []
+
+    def logits(images: np.ndarray) -> np.ndarray | None:
+        if not fitted:
+            corrected = pclarc(model, layer, fit_cav(model, layer, rows, clean, mode=CLI_MODE)).eval()
+            fair = held_out.cost(run(model.eval(), held_out.images), run(corrected, held_out.images)).within
+            fitted.append(corrected if fair else None)
+        return None if fitted[0] is None else run(fitted[0], images)
     return logits
 
 
@@ -397,7 +404,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
         own = _selected(samples, train) if paired else (artifact, clean)  # the rows the reference projection is fitted on
         judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste,
-                                 _rows_route(model, layer, *own) if own is not None else None, min_removed,
+                                 _rows_route(model, layer, *own, held_out) if own is not None else None, min_removed,
                                  _better_route(paired, samples, source, layer, run_dir, out))
 
         def fitted(contrast: np.ndarray):

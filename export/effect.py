@@ -13,7 +13,8 @@ judged on the artifact itself, on up to two sets:
   judge only against what the rows' own correction does to them (:attr:`Effect.other_route_rows`: the plain projection
   fitted on the rows themselves at the same layer; in the paired route that is the samples route, in the samples route
   the plain projection a reactive or own-class one replaced): where that turns them away, this correction must turn
-  away its share.
+  away its share. A reference that costs more than the clean-cost bounds turns them away by removing the class with
+  the artifact (a co-occurrence), so it does not count.
 - **held-out pairs**: clean images of other classes (the run's test set) with and without the artifact pasted in: the
   artifact image of the paired route, or each artifact row's own region (what the audit's transplant test pasted to
   mark the cluster). The share of them the artifact turns into the class, before and after.
@@ -38,6 +39,7 @@ PAIR_IMAGES = 500  # held-out clean images the artifact is pasted into
 MIN_FLAG = "--min-removed"
 
 Logits = Callable[[np.ndarray], np.ndarray]  # images -> logits, of the uncorrected or the corrected graph
+Reference = Callable[[np.ndarray], "np.ndarray | None"]  # images -> logits of the rows' own correction, None where it is no fair one
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class ArtifactProbe:
     pasted: np.ndarray | None = None  # held-out images with the artifact, and ...
     unpasted: np.ndarray | None = None  # ... the same without it
     pairs_source: str = ""
-    other_route: Logits | None = None  # logits of the plain projection fitted on the rows themselves, the rows' reference
+    other_route: Reference | None = None  # logits of the plain projection fitted on the rows themselves, the rows' reference
     classes: list[str] | None = None
     bound: float = MIN_REMOVED
     better: str = ""  # the route to name when refused
@@ -184,8 +186,9 @@ class ArtifactProbe:
             last = after(self.rows)
             rows_as_class = (float((first.argmax(1) == target).mean()), float((last.argmax(1) == target).mean()))
             rows_margin = (float(np.median(margin(first, target))), float(np.median(margin(last, target))))
-            if self.other_route is not None:
-                other = float((self.other_route(self.rows).argmax(1) == target).mean())
+            reference = self.other_route(self.rows) if self.other_route is not None else None
+            if reference is not None:
+                other = float((reference.argmax(1) == target).mean())
         turned = None
         if has_pairs:
             def turn(logits: Logits) -> float:
