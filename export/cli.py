@@ -267,14 +267,6 @@ def _rows_route(model, layer: str, rows: np.ndarray, clean: np.ndarray, held_out
     return logits
 
 
-def _selected(samples, train) -> tuple[np.ndarray, np.ndarray] | None:
-    """The images of a samples file's artifact and clean rows (None without one, or without the rows' data set)."""
-    if not samples or train is None:
-        return None
-    with np.load(samples, allow_pickle=False) as z:
-        return tuple(train.images[_index(z, key, len(train), samples)] for key in (SAMPLES.artifact, SAMPLES.clean))
-
-
 def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) -> str:
     """The route a refused correction names: the audit's rows where a paired set was pasted from a region (a piece of
     the artifact, or not the artifact), fine-tuning where the rows' own projection leaves the artifact in place."""
@@ -402,7 +394,8 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
 
         source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
-        own = _selected(samples, train) if paired else (artifact, clean)  # the rows the reference projection is fitted on
+        # the rows the reference projection is fitted on: the audit's, in the paired route (export/effect.py)
+        own = (artifact, clean) if not paired else _samples(train, samples, None, None)[:2] if samples and train is not None else None
         judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste,
                                  _rows_route(model, layer, *own, held_out) if own is not None else None, min_removed,
                                  _better_route(paired, samples, source, layer, run_dir, out))
