@@ -275,6 +275,40 @@ def summary(evidence: list[ClusterEvidence]) -> dict:
             "hijackable": _hijackable(evidence), "cluster_evidence": [e.figures() for e in evidence]}
 
 
+def nearest_miss(entries: list[dict]) -> str:
+    """Where no class has a marked cluster: which cluster came closest to being marked, and why it was not, in words;
+    "" where no class was analysed. ``entries``: audit.json's class entries (:func:`summary`).
+
+    Closest is the cluster whose transplant rate leads the rest of its class by most: an artifact the model learned
+    only weakly (a line on 60% of MNIST's 5s, 29% attack success) leads its class, while a class whose evidence anyone
+    can paste (hijackable, ranked first) leads its own rest by little."""
+    best = None
+    for entry in entries:
+        figures = entry.get("cluster_evidence") or []
+        for cluster in figures:
+            rest = [other for other in figures if other is not cluster]
+            weight = sum(other["size"] for other in rest)
+            rest_rate = sum(other["transplant_rate"] * other["size"] for other in rest) / weight if weight else 0.0
+            lead = cluster["transplant_rate"] - rest_rate
+            if best is None or lead > best[0]:
+                best = (lead, entry, cluster, rest_rate)
+    if best is None:
+        return ""
+    lead, entry, cluster, rest_rate = best
+    rate = cluster["transplant_rate"]
+    if cluster["region_share"] > MAX_REGION_SHARE:
+        why = (f"its regions turn {rate:.0%} of other classes' images into the class (the rest of its class {rest_rate:.0%}), but "
+               f"cover {cluster['region_share']:.0%} of the image, more than the {MAX_REGION_SHARE:.0%} an artifact's may: too "
+               "much to tell an artifact from the object (low resolution?)")
+    elif rate < ARTIFACT_BAR:
+        why = (f"its regions turn {rate:.0%} of other classes' images into the class, under the {ARTIFACT_BAR:.0%} of an artifact the "
+               f"model relies on (the rest of its class {rest_rate:.0%}): learned weakly, if at all")
+    else:
+        why = (f"its regions turn {rate:.0%} of other classes' images into the class, but the rest of its class's {rest_rate:.0%}, "
+               f"less than {ARTIFACT_MARGIN:.0%} apart: the class's own evidence carries it as well")
+    return f"closest: class {entry['class']}'s cluster {cluster['cluster']} ({cluster['size']} rows); {why}"
+
+
 def marked_figure(entry: dict, cluster: int) -> str:
     """A marked cluster with the figure of the test that marked it, from :func:`summary`'s dict (audit.json's class
     entry), for the report's and the CLI's ranking tables."""

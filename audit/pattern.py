@@ -54,6 +54,8 @@ NULL_QUANTILE = 0.999  # a row holds the pattern when its match beats this share
 MIN_KEPT = 0.5  # the rows holding the pattern must keep this share of the selection, else it is not taken
 REFINEMENTS = 2  # rounds of step 3: the second settles what the first grew back
 SHOWN = 0.1  # the refined pattern is cropped to where its median reaches this share of its peak
+ARTIFACT_PIXEL = 0.5  # a fixed artifact's own pixels differ from the class's background by this share of the largest difference ...
+SURE = 0.8  # ... and a selected row showing this share of them nearer the artifact than the background keeps its place
 MATCH_BATCH = 64  # images transformed at once when matching (a batch of 224-px RGB spectra is some 40 MB)
 PATTERN_FILE = "artifact-pattern.png"  # what `unhans audit --select` writes beside samples.npz when a pattern refines it
 
@@ -69,6 +71,7 @@ class Pattern:
     selected: int  # rows in the selection it refines
     kept: int  # of them, rows that hold the pattern
     place: tuple[int, int] | None = None  # top-left corner where a fixed artifact is matched; None: anywhere
+    kept_by_pixels: int = 0  # selected rows under the match's bar kept because they show the artifact's own pixels
 
     @property
     def added(self) -> int:
@@ -79,6 +82,7 @@ class Pattern:
         return {"size": list(self.template.shape[:2]), "matched": "anywhere" if self.place is None else list(self.place),
                 "separation": self.separation, "threshold": self.threshold,
                 "rows": len(self.rows), "selected": self.selected, "kept": self.kept, "added": self.added,
+                "kept_by_pixels": self.kept_by_pixels, "dropped": self.selected - self.kept,
                 "rule": f"normalised cross-correlation {where} above the {NULL_QUANTILE:.1%} quantile of other classes' rows' "
                         "best match anywhere (audit/pattern.py)"}
 
@@ -231,12 +235,28 @@ def pattern_at(images: np.ndarray, labels: np.ndarray, selected: np.ndarray, tem
     classes, rest, why = _classes(labels, selected)
     if why:
         return None, why
-    scores = Matcher(pictures[:, top:top + h, left:left + w], cache=False).best(template)[0]
+    boxes = pictures[:, top:top + h, left:left + w]
+    scores = Matcher(boxes, cache=False).best(template)[0]
     separation = _auc(scores[selected], scores[rest])
     if separation < MIN_SEPARATION:
         return None, (f"their region's pixels do not tell them from the rest of their class (AUC {separation:.2f}, needs "
                       f"{MIN_SEPARATION})")
-    return _rows_showing(pictures, classes, selected, template, separation, place, scores)
+    return _rows_showing(pictures, classes, selected, template, separation, place, scores,
+                         keep=selected[_show_pixels(boxes[selected], template, np.median(boxes[rest], axis=0))])
+
+
+def _show_pixels(boxes: np.ndarray, template: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per box (N, h, w, C): whether it shows the artifact's own pixels, those where ``template`` differs most from the
+    ``background`` (the rest of the class's median; at least ``ARTIFACT_PIXEL`` of the largest difference), in
+    ``SURE`` of them nearer the template than the background.
+
+    The match of the whole box falls where the object's strokes enter it (a 1-px line crossed by a digit: 19-29% of the
+    rows the cluster had right fell under the bar), but an artifact pasted over the image keeps its own pixels; a row
+    without it shows the background there. So a selected row is dropped only when it lacks them: sure, not a guess."""
+    difference = np.abs(template - background).max(axis=2)
+    own = difference >= ARTIFACT_PIXEL * difference.max()
+    nearer = np.abs(boxes - template).max(axis=3) < np.abs(boxes - background).max(axis=3)
+    return nearer[:, own].mean(axis=1) >= SURE
 
 
 def _pictures(images: np.ndarray) -> np.ndarray:
@@ -254,16 +274,20 @@ def _classes(labels: np.ndarray, selected: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _rows_showing(pictures: np.ndarray, classes: np.ndarray, selected: np.ndarray, template: np.ndarray, separation: float,
-                  place: tuple[int, int] | None = None, scores: np.ndarray | None = None) -> tuple[Pattern | None, str]:
+                  place: tuple[int, int] | None = None, scores: np.ndarray | None = None,
+                  keep: np.ndarray | None = None) -> tuple[Pattern | None, str]:
     """Step 4: the rows of the selection's classes whose ``scores`` (default: the best match anywhere) beat
-    ``NULL_QUANTILE`` of the other classes' best match anywhere, if they keep ``MIN_KEPT`` of the selection."""
+    ``NULL_QUANTILE`` of the other classes' best match anywhere, and the selected rows ``keep`` (those that show the
+    artifact's pixels), if they keep ``MIN_KEPT`` of the selection."""
     anywhere = Matcher(pictures, cache=False).best(template)[0]
     threshold = float(np.quantile(anywhere[~classes], NULL_QUANTILE))
-    rows = np.flatnonzero(classes & ((anywhere if scores is None else scores) > threshold))
+    matched = classes & ((anywhere if scores is None else scores) > threshold)
+    rows = np.union1d(np.flatnonzero(matched), keep if keep is not None else [])
     kept = int(np.isin(selected, rows).sum())
     if kept < MIN_KEPT * len(selected):
         return None, f"the rows that show the patch hold only {kept} of the {len(selected)} selected: it describes something else"
-    return Pattern(template, separation, threshold, rows, len(selected), kept, place), ""
+    by_pixels = 0 if keep is None else int((~matched[keep]).sum())
+    return Pattern(template, separation, threshold, rows.astype(np.int64), len(selected), kept, place, by_pixels), ""
 
 
 def _refined(pictures: np.ndarray, rows: np.ndarray, template: np.ndarray) -> np.ndarray | None:
@@ -300,6 +324,9 @@ def pattern_of_selection(inputs, rows: np.ndarray, console) -> tuple[Pattern | N
     found = find_region(inputs.store, inputs.pixels, labels, rows)
     if found is None:
         return None, ""
+    if found.everywhere:
+        return None, ("the artifact is spread over the image, so it has no place to match its pixels at; the clusters' rows are "
+                      "kept as they are")
     if not found.moves:
         top, left, h, w = found.box
         template = found.pixels[:, top:top + h, left:left + w].transpose(1, 2, 0)

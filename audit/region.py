@@ -20,6 +20,13 @@ The rule, and why:
 4. Its pixels are the per-pixel median of the members: an artifact that sits at the same place in every member is
    reproduced exactly, while the images behind it, which differ, do not survive a median.
 
+An artifact with no place at all (stripes over the whole image, a colour cast, a border on every side, noise) has no
+region either: what sets the cluster apart is spread over the image, and a cut at half its peak is a piece of it (on
+MNIST, stripes on every 3rd row: a 13x9 corner, or three disjoint corner pieces, from which the paired correction left
+56-94% attack success). So the contrast's spread is measured first: the share of the image's pixels that hold half its
+positive mass (:attr:`Region.spread`). Above ``MAX_SPREAD`` the artifact is everywhere (:attr:`Region.everywhere`): no
+region is offered, and the correction is fitted from the selected rows themselves.
+
 The region is stored cropped to its bounding box, alpha = the mask, and its position is the box's top-left corner.
 It suits artifacts at a fixed place (a watermark, a logo, a tag in a corner). An artifact at a different place in
 every image leaves no peak to cut: the region then lies where the class's object does, so the rest of the class is
@@ -46,8 +53,11 @@ MIN_SHARE = 0.2  # a region holding less of the members' relevance than this exp
 # text, frame 0.00-0.02; a "©" at a random place 0.41-0.57 (VGG, 2-10%, two seeds; SmallResNet, whose region covered
 # only 15% of the image and so raised no other warning).
 MAX_REST_SHARE = 0.25
+# Share of the image's pixels that hold half of the contrast's positive mass, above which the artifact has no place.
+MAX_SPREAD = 0.1
 INPUT = "input"  # the store's array of input relevance (audit.run.INPUT)
 CLEAN_IMAGES = 256  # clean images written beside the region for `unhans export --images` (512 paired samples)
+REGION_IMAGE, REGION_INFO, REGION_CLEAN = "artifact-region.png", "artifact-region.json", "region-clean"  # what --select writes
 
 
 @dataclass
@@ -59,7 +69,14 @@ class Region:
     members: int = 0
     share: float = float("nan")  # of the members' relevance inside the mask
     rest_share: float = float("nan")  # of the rest's relevance inside the mask
+    spread: float = float("nan")  # share of the image's pixels holding half of the contrast's positive mass
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def everywhere(self) -> bool:
+        """Whether the artifact has no place: what sets the cluster apart is spread over the image (``MAX_SPREAD``), and
+        not because it moves (:attr:`moves`: a tag at a different place in every image spreads too, but each copy is small)."""
+        return bool(self.spread > MAX_SPREAD) and not self.moves  # NaN: False
 
     @property
     def moves(self) -> bool:
@@ -94,7 +111,8 @@ class Region:
         row, col, h, w = self.box
         return {"position": [row, col], "size": [h, w], "pixels": int(self.mask.sum()), "members": self.members,
                 "members_relevance_share": self.share,
-                "rest_relevance_share": None if np.isnan(self.rest_share) else self.rest_share, "warnings": self.warnings,
+                "rest_relevance_share": None if np.isnan(self.rest_share) else self.rest_share,
+                "contrast_spread": None if np.isnan(self.spread) else self.spread, "everywhere": self.everywhere, "warnings": self.warnings,
                 "rule": f"contrast of normalised |relevance| (cluster minus rest of its class): connected pieces >= {EDGE} x "
                         f"peak that reach {SEED} x peak, holes filled; pixels: the members' per-pixel median"}
 
@@ -110,6 +128,14 @@ def mean_map(store, rows) -> tuple[np.ndarray | None, int]:
         total = maps.sum(0) if total is None else total + maps.sum(0)
         counted += len(maps)
     return (None, 0) if counted == 0 else (total / counted, counted)
+
+
+def spread(contrast: np.ndarray) -> float:
+    """The share of the pixels that hold half of the contrast's positive mass (NaN where it has none): a few percent
+    for an artifact with a place, a third of the image for stripes on every 3rd row."""
+    ordered = np.sort(np.clip(contrast, 0, None).ravel())[::-1]
+    total = ordered.sum()
+    return float("nan") if total <= 0 else float((np.searchsorted(np.cumsum(ordered), 0.5 * total) + 1) / ordered.size)
 
 
 def region_mask(contrast: np.ndarray) -> np.ndarray:
@@ -154,8 +180,13 @@ def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarr
     region.members = counted
     region.share = float(cluster_map[mask].sum())
     region.rest_share = float(rest_map[mask].sum()) if rest_map is not None else float("nan")
+    region.spread = spread(contrast)
     area = mask.mean()
-    if area > MAX_AREA:
+    if region.everywhere:
+        region.warnings.append(f"half of what sets the cluster's relevance apart from the rest of its class lies on {region.spread:.0%} of "
+                               f"the image (an artifact with a place: a few percent, at most {MAX_SPREAD:.0%}): the artifact is spread "
+                               "over the image (a texture, a colour cast, a border on every side, noise), so no region of it is the artifact")
+    elif area > MAX_AREA:
         region.warnings.append(f"the region covers {area:.0%} of the image: the cluster's relevance has no localised peak "
                                "(an artifact at a different place in every image?); a paired set from it may not isolate the artifact")
     if region.share < MIN_SHARE:
@@ -184,8 +215,8 @@ def write_region(out: str | Path, region: Region, images: np.ndarray, clean: np.
     from PIL import Image
 
     out = Path(out)
-    png = region.save(out / "artifact-region.png")
-    folder = out / "region-clean"
+    png = region.save(out / REGION_IMAGE)
+    folder = out / REGION_CLEAN
     if folder.is_dir():
         for old in folder.glob("*.png"):
             old.unlink()
@@ -193,7 +224,7 @@ def write_region(out: str | Path, region: Region, images: np.ndarray, clean: np.
     for row in clean:
         pixels = np.round(np.clip(images[row], 0, 1) * 255).astype(np.uint8)
         Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels[:3].transpose(1, 2, 0)).save(folder / f"row-{row:06d}.png")
-    info = out / "artifact-region.json"
+    info = out / REGION_INFO
     info.write_text(json.dumps({**region.describe(), **selection, "image": png.name, "clean_images": folder.name}, indent=1))
     return {"image": png, "info": info, "clean": folder}
 
@@ -251,11 +282,8 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
     if region is None:
         console.print("[yellow]no artifact region written[/]: the selected rows carry no relevance the rest of their class lacks")
         return None
-    clean = clean_rows(dataset.labels, rows)
-    written = write_region(out, region, pixels, clean, selection)
     for warning in region.warnings:
         console.print(f"[yellow]artifact region: {warning}[/]")
-    row, col, h, w = region.box
     channels, height, width = dataset.image_shape
     contract = audited.input_contract()  # the clean images are already the model's size: no --resize again
     normalisation = "" if contract is None else f" --mean {','.join(map(str, contract.mean))} --std {','.join(map(str, contract.std))}"
@@ -267,10 +295,30 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
     # the layer the audit analysed (its latent layer by default) is a good first place for the correction
     analysed = audit.get("analysed_layer", spec.get("layer"))
     layer = shlex.quote(analysed) if analysed and analysed not in (INPUT, "auto") else "LAYER"
+    samples = shlex.quote(str(out / SAMPLES_FILE))
+    if region.everywhere:  # no place, so no region: the selected rows themselves are the contrast set, at a layer that keeps positions
+        written = {"info": out / REGION_INFO}
+        written["info"].write_text(json.dumps({**region.describe(), **selection, "image": None, "clean_images": None}, indent=1))
+        for stale in (out / REGION_IMAGE, *(out / REGION_CLEAN).glob("*.png")):
+            stale.unlink(missing_ok=True)
+        lead = ("the artifact is spread over the image (see above), so no region of it is written: a piece pasted into clean images "
+                "is not the artifact. Fit the correction from the selected samples themselves at the layer the audit analysed, "
+                "where the artifact lies at the same place in every image:")
+        commands = [f"unhans export {model} --layer {layer} --samples {samples} --out corrected.onnx"]
+        if model.startswith("--run"):
+            lead += (" (if the export refuses it for removing too little of the artifact's effect, fine-tune instead: "
+                     f"unhans aclarc {model} --samples {samples} --out {shlex.quote(f'{model_dir}-aclarc')})")
+        route = "samples"
+        console.print("\n  ".join([lead, *commands]), soft_wrap=True, markup=False, highlight=False)
+        info = json.loads(written["info"].read_text())
+        written["info"].write_text(json.dumps({**info, "route": route, "commands": commands}, indent=1))
+        return written
+    clean = clean_rows(dataset.labels, rows)
+    written = write_region(out, region, pixels, clean, selection)
+    row, col, h, w = region.box
     console.print(f"artifact region ({h}x{w} px at {row},{col}; {region.share:.0%} of the cluster's relevance, "
                   f"{region.rest_share:.0%} of the rest of its class's) written to {written['image']} (position and figures in "
                   f"{written['info'].name}), with {len(clean)} clean images to paste it into in {written['clean']}", markup=False, highlight=False)
-    samples = shlex.quote(str(out / SAMPLES_FILE))
     if region.moves:  # no one place to paste: the selected rows themselves are the contrast set
         pooling = global_pooling_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2]))
         lead = "the artifact has no one place (see above), so a paired set pasted from a region would not be it; "
@@ -298,7 +346,7 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
                    else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":")
         commands = [f"unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
                     f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
-                    f"--channels {channels}{normalisation} --out corrected.onnx"]
+                    f"--channels {channels}{normalisation} --samples {samples} --out corrected.onnx"]
         route = "paired"
     console.print("\n  ".join([lead, *commands]), soft_wrap=True, markup=False, highlight=False)
     info = json.loads(written["info"].read_text())

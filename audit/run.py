@@ -308,12 +308,13 @@ def marked_selection(audit: dict) -> str:
 
     One class only: a second marked class is a second artifact, which needs a CAV of its own.
     """
+    from .clusters import nearest_miss
+
     for found in audit["classes"]:
         if found.get("artifact_clusters"):
             return ",".join(f"{found['class_index']}:{cluster}" for cluster in found["artifact_clusters"])
-    top = next((c for c in audit["classes"] if "artifact_verdict" in c), None)
-    said = f" (class {top['class']}, ranked first: {top['artifact_verdict']})" if top else ""
-    raise InputError("--select auto", f"the audit found no artifact cluster{said}",
+    closest = nearest_miss(audit["classes"])
+    raise InputError("--select auto", "the audit found no artifact cluster" + (f" ({closest})" if closest else ""),
                      "look at report.html, and pick a cluster with --select CLASS:CLUSTER if you see one")
 
 
@@ -381,10 +382,15 @@ def select_samples(out_dir: str | Path, class_cluster: str | None = None, ids: n
             h, w = pattern.template.shape[:2]
             shared, where = (("the artifact moves, and the selected rows share", "anywhere") if pattern.place is None else
                              ("the selected rows' region is", f"at {pattern.place[0]},{pattern.place[1]}"))
+            by_pixels = (f" ({pattern.kept_by_pixels} of them under the match's bar, where the object's strokes cross the box, but "
+                         "showing the artifact's own pixels)" if pattern.kept_by_pixels else "")
+            dropped = pattern.selected - pattern.kept
             console.print(f"{shared} a {h}x{w}-px image pattern ({out / PATTERN_FILE}; it tells them from the rest of their class "
                           f"with an AUC of {pattern.separation:.2f}): {len(pattern.rows)} rows of their class show it {where}, "
-                          f"{pattern.kept} of the {pattern.selected} selected and {pattern.added} more; those rows are "
-                          "the artifact samples (--cluster-rows keeps the clusters' rows)", markup=False, highlight=False)
+                          f"{pattern.kept} of the {pattern.selected} selected{by_pixels} and {pattern.added} more"
+                          + (f"; {dropped} selected rows {'match it below the bar' if pattern.place is None else 'show none of its pixels'} "
+                             "and are dropped" if dropped else "")
+                          + "; those rows are the artifact samples (--cluster-rows keeps the clusters' rows)", markup=False, highlight=False)
             rows = pattern.rows
             how["pattern"] = {**pattern.figures(), "image": PATTERN_FILE}
     artifact = np.zeros(n, bool)

@@ -10,11 +10,16 @@ each, ``--workers`` cells at a time, 2 by default: one per core):
     unhans audit  --run R --out A --select auto          (exit 2 "no artifact found": the cell fails, the grid goes on)
     unhans export --run R --layer features.pool2 --samples A/samples.npz --out C.onnx   (exit 2: refused, recorded)
 
-except where the audit found that the artifact moves (A/artifact-region.json's ``route`` is ``samples``): there the
-cell runs the commands the audit printed instead, on this VGG (no global pooling) A-ClArC and then the export:
+except where the audit found that the artifact moves or has no place (A/artifact-region.json's ``route`` is
+``samples``): there the cell runs the commands the audit printed instead. For one that moves, on this VGG (no global
+pooling), A-ClArC and then the export:
 
     unhans aclarc --run R --samples A/samples.npz --out R-aclarc
     unhans export --run R-aclarc --layer features --samples A/samples.npz --reactive --out C.onnx
+
+for one spread over the image (stripes, a cast, a frame), the export from the selected rows at the layer it analysed.
+Every export judges its correction on the artifact before writing it (export/effect.py) and refuses one that removes
+less than half of its effect: that is an ``export_refused`` too.
 
 then scores the corrected graph C.onnx with onnxruntime on the run's clean test set and attacked test set, against
 the uncorrected model's figures.
@@ -22,10 +27,13 @@ the uncorrected model's figures.
 ``--architecture resnet`` trains SmallResNet (global average pooling) instead of the VGG in every cell, named with
 ``_resnet``; its cells run the audit's printed commands whatever the route, since ``LAYER`` is the VGG's.
 
-Grid (24 cells) = artifacts x modes x rates:
+Grid (42 cells) = artifacts x modes x rates:
 
 - artifacts: ``patch`` (5x5 checker patch in the bottom-right corner), ``text`` ("©" tag, 10 px, bottom-right),
-  ``frame`` (2-px border frame), ``textrandom`` ("©" tag at a random position in every image);
+  ``frame`` (2-px border frame), ``textrandom`` ("©" tag at a random position in every image), ``line`` (a 1-px
+  diagonal line, 10 px, bottom-right), ``stripes`` (every 3rd row of the whole image at 30% white: a texture with no
+  place), ``cast`` (the red channel lifted by 15% over the whole image, on ``mnist-rgb``: MNIST-5k's digits each in a
+  colour of its own);
 - modes: ``backdoor`` (pasted into other classes' images, relabelled to the target class 0) and ``cooccurrence``
   (pasted into class 0's own images, labels kept);
 - rates 2%, 5%, 10%. For backdoor the rate is ``--fraction`` (share of each of the 9 other classes' training images:
@@ -47,7 +55,10 @@ A/samples.npz, i.e. the chosen cluster, against the training rows that truly car
 ``poisoned_rows``, ``attack_success_before`` / ``_after`` (share of the attacked test set, every non-target test
 image with the artifact pasted, predicted as the target: metrics.json's definition in both modes, core/training.py
 ``attack_success``), ``attack_success_cut`` ((before - after) / before), ``clean_acc_before`` / ``_after`` (clean
-test set), ``clean_drop_pt`` (points), ``export_refused`` (export's or A-ClArC's cost check refused to write), ``correction_route``
+test set), ``clean_drop_pt`` (points), ``export_refused`` (export's or A-ClArC's cost check, or export's check of the
+artifact's effect, refused to write), ``graph_written``, ``effect_removed`` (the share of the artifact's effect the
+written graph's export measured it removes, its metadata ``unhans.effect.removed``; None: not judged),
+``ineffective_correction_written`` (a graph written whose attack-success cut is under ``MIN_CUT_WRITTEN``), ``correction_route``
 (``grid`` or ``audit``, see above),
 ``meets_all_targets``, ``seconds`` (train + audit + export + scoring, wall clock), ``cpu_seconds`` (CPU time of the
 three commands, as the kernel counts it: what the cell costs however busy the machine is). Where nothing was exported (no artifact
@@ -59,7 +70,8 @@ Summary keys: ``scenarios`` (cells run, seeds counted), ``worst_rank`` (target 1
 ``scenarios_not_learned`` (cells whose model does not follow the artifact, attack success before < 0.2: there is no
 Clever Hans to find or cut, so they are left out of the worst rank, precision, recall and cut, not of the worst clean
 drop, and never count as meeting the targets; the table marks them), ``scenarios_failed`` (a step crashed; its figures are missing),
-``export_refusals``, ``no_artifact_found``, ``grid_minutes`` (wall clock) and ``grid_cpu_minutes`` (half of it is what the
+``export_refusals``, ``ineffective_corrections_written`` (graphs written whose attack-success cut is under 50%: target
+0 over the whole grid), ``no_artifact_found``, ``grid_minutes`` (wall clock) and ``grid_cpu_minutes`` (half of it is what the
 grid takes on 2 idle cores with 2 workers).
 """
 
@@ -88,14 +100,20 @@ from unhans.export.runtime import run_batched, session
 
 TARGETS = {"worst_rank": "1", "worst_cluster_precision": ">= 0.9", "worst_cluster_recall": ">= 0.9",
            "worst_attack_success_cut": ">= 0.9", "worst_clean_drop_pt": "<= 1.0",
-           "scenarios_meeting_all_targets": "every learned scenario (scenarios_learned)", "scenarios_failed": "0"}
+           "scenarios_meeting_all_targets": "every learned scenario (scenarios_learned)", "scenarios_failed": "0",
+           "ineffective_corrections_written": "0"}
 
 ARTIFACTS = {
     "patch": ["--artifact", "patch"],
     "text": ["--artifact", "text"],
     "frame": ["--artifact", "frame"],
     "textrandom": ["--artifact", "text", "--position", "random"],
+    "line": ["--artifact", "line"],
+    "stripes": ["--artifact", "stripes"],
+    "cast": ["--artifact", "cast"],
 }
+DATA = {"cast": "mnist-rgb"}  # the data of artifacts that need other than MNIST-5k's grey digits (`unhans train --data`)
+MIN_CUT_WRITTEN = 0.5  # a graph written whose attack-success cut is under this is an ineffective correction (target: none)
 MODES = ("backdoor", "cooccurrence")
 RATES = (0.02, 0.05, 0.10)
 GRID_MODEL = "vgg"  # the grid's model; another (`--architecture resnet`) is corrected as its audit prints
@@ -139,7 +157,7 @@ class Cell:
 
     def train_args(self, out: Path, epochs: int) -> list[str]:
         model = [] if self.architecture == GRID_MODEL else ["--model", self.architecture]  # the grid's: the CLI's default
-        return ["train", "--out", str(out), "--data", "mnist", *model, "--poison", self.mode, *ARTIFACTS[self.artifact],
+        return ["train", "--out", str(out), "--data", DATA.get(self.artifact, "mnist"), *model, "--poison", self.mode, *ARTIFACTS[self.artifact],
                 "--fraction", str(self.fraction), "--epochs", str(self.epochs(epochs)), "--seed", str(self.seed)]
 
 
@@ -287,10 +305,18 @@ def run_cell(cell: Cell, folder: Path, epochs: int = EPOCHS, export_args: list[s
         out["seconds_score"] = round(time.perf_counter() - step, 1)
     else:  # nothing deployed beyond the uncorrected model
         out["clean_acc_after"], out["attack_success_after"] = out["clean_acc_before"], out["attack_success_before"]
+    out["graph_written"] = exported
+    if exported:  # what the export measured on the artifact rows and pairs before writing (export/effect.py)
+        from unhans.export.effect import EFFECT
+        from unhans.export.onnx import META, read_metadata
+
+        removed = read_metadata(graph).get(META + EFFECT.removed)
+        out["effect_removed"] = float(removed) if removed not in (None, "not judged") else None
     before = out["attack_success_before"]
     out["learned"] = before >= MIN_LEARNED
     out["attack_success_cut"] = round((before - out["attack_success_after"]) / before, 4) if before > 0 else None
     out["clean_drop_pt"] = round(100 * (out["clean_acc_before"] - out["clean_acc_after"]), 2)
+    out["ineffective_correction_written"] = bool(exported and out["attack_success_cut"] is not None and out["attack_success_cut"] < MIN_CUT_WRITTEN)
     out["meets_all_targets"] = bool(out["learned"] and meets(out))
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["cpu_seconds"] = round(out["cpu_seconds_train"] + out["cpu_seconds_audit"] + out["cpu_seconds_export"], 1)
@@ -328,13 +354,15 @@ def summarise(results: dict[str, dict]) -> dict:
         "scenarios_not_learned": len(ran) - len(learned),
         "scenarios_failed": len(results) - len(ran),
         "export_refusals": sum(r["export_refused"] for r in ran.values()),
+        "ineffective_corrections_written": sum(r.get("ineffective_correction_written", False) for r in ran.values()),
         "no_artifact_found": sum(not r["artifact_found"] for r in ran.values()),
     }
 
 
 PER_SCENARIO = ("learned", "rank", "artifact_found", "chosen_class", "cluster_precision", "cluster_recall", "poisoned_rows",
                 "attack_success_before", "attack_success_after", "attack_success_cut", "clean_acc_before", "clean_acc_after",
-                "clean_drop_pt", "export_refused", "meets_all_targets", "seconds", "cpu_seconds", "error")
+                "clean_drop_pt", "export_refused", "graph_written", "effect_removed", "ineffective_correction_written",
+                "correction_route", "meets_all_targets", "seconds", "cpu_seconds", "error")
 
 
 def figures_of(results: dict[str, dict], minutes: float) -> dict:

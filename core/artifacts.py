@@ -1,4 +1,5 @@
-"""Spurious artifacts (a text tag, a patch, a border frame, a user's own watermark image) that poison data and probe models.
+"""Spurious artifacts (a text tag, a patch, a 1-px line, a border frame, stripes over the whole image, a colour cast, a
+user's own watermark image) that poison data and probe models.
 
 An artifact is drawn as a *stamp*: an opacity map ``alpha`` (H, W) in [0, 1] and the colour ``value``
 (C, H, W) it lays down, composited as ``x' = x (1 - alpha) + value alpha``. Its mask is ``alpha > 0``: exactly
@@ -41,6 +42,7 @@ class Artifact:
     color: float | tuple[float, ...] = 1.0
 
     kind = "artifact"
+    placed = True  # False: the artifact covers the whole image (a frame, stripes, a cast) and takes no position
 
     def glyph(self) -> tuple[np.ndarray, np.ndarray]:
         """The artifact's own opacity (h, w) and brightness (h, w) pattern, before placement."""
@@ -146,6 +148,7 @@ class Frame(Artifact):
 
     width: int = 2
     kind = "frame"
+    placed = False
 
     def stamp(self, shape, rng=None):
         channels, height, width = shape
@@ -190,6 +193,71 @@ class Watermark(Artifact):
         return alpha, rgba[..., :3].transpose(2, 0, 1)
 
 
+@dataclass
+class Line(Artifact):
+    """A thin straight line (``thickness`` px), ``diagonal``, ``horizontal`` or ``vertical``: a scratch, a scanner streak."""
+
+    length: int = 10
+    direction: str = "diagonal"
+    thickness: int = 1
+    kind = "line"
+
+    def glyph(self):
+        if self.length < 2 or self.thickness < 1:
+            raise InputError("line artifact", f"length {self.length} and thickness {self.thickness}", "use length >= 2 and thickness >= 1")
+        shapes = {"diagonal": lambda: np.clip(sum(np.eye(self.length + self.thickness - 1, self.length, -k) for k in range(self.thickness)), 0, 1),
+                  "horizontal": lambda: np.ones((self.thickness, self.length)), "vertical": lambda: np.ones((self.length, self.thickness))}
+        if self.direction not in shapes:
+            raise InputError("direction", f"{self.direction!r} is unknown", f"use one of {sorted(shapes)}")
+        alpha = shapes[self.direction]().astype(np.float32)
+        return alpha, np.ones_like(alpha)
+
+
+@dataclass
+class Stripes(Artifact):
+    """Faint horizontal lines on every ``period``-th row of the whole image: a texture with no place of its own
+    (interlacing, a scanner's banding, a screen photographed)."""
+
+    period: int = 3
+    opacity: float = 0.3
+    kind = "stripes"
+    placed = False
+
+    def stamp(self, shape, rng=None):
+        channels, height, width = shape
+        if not 2 <= self.period <= height or not 0.0 < self.opacity <= 1.0:
+            raise InputError("stripes artifact", f"period {self.period} and opacity {self.opacity} on a {height}-row image",
+                             f"use a period in 2..{height} and an opacity in (0, 1]")
+        alpha = np.zeros((height, width), np.float32)
+        alpha[::self.period] = self.opacity
+        color = np.broadcast_to(np.asarray(self.color, np.float32), (channels,))
+        return alpha, np.broadcast_to(color[:, None, None], (channels, height, width)).copy()
+
+
+@dataclass
+class ColorCast(Artifact):
+    """One colour channel lifted towards full brightness over the whole image by ``shift``: a colour cast (one camera's
+    white balance, one lab's stain). Needs colour images (e.g. ``--data mnist-rgb``)."""
+
+    channel: int = 0
+    shift: float = 0.15
+    kind = "cast"
+    placed = False
+
+    def stamp(self, shape, rng=None):
+        raise InputError("cast artifact", "is no stamp: it changes one channel only", "apply it to images with .apply")
+
+    def apply(self, images, seed=0):
+        out = np.array(images, dtype=np.float32, copy=True)
+        if out.ndim != 4 or out.shape[1] < 3:
+            raise InputError("cast artifact", f"needs colour images, these have {out.shape[1] if out.ndim == 4 else '?'} channel(s)",
+                             "train on colour data, e.g. --data mnist-rgb")
+        if not 0 <= self.channel < out.shape[1] or not 0.0 < self.shift <= 1.0:
+            raise InputError("cast artifact", f"channel {self.channel}, shift {self.shift}", f"use a channel in 0..{out.shape[1] - 1} and a shift in (0, 1]")
+        out[:, self.channel] += self.shift * (1.0 - out[:, self.channel])  # composited towards 1: stays in [0, 1]
+        return out, np.ones((len(out), *out.shape[2:]), bool)
+
+
 class Transplant:
     """An artifact known only by examples: images that carry it (N, C, H, W) and where it lies in each (N, H, W).
 
@@ -222,11 +290,12 @@ class Transplant:
         return (np.concatenate(pasted) if pasted else np.array(images, np.float32)), self.masks[chosen].copy()
 
 
-ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Frame, Watermark)}
+# The kinds by name, as ``unhans train --artifact`` and stored scenarios name them; ``placed`` says which take a position.
+ARTIFACTS: dict[str, type[Artifact]] = {cls.kind: cls for cls in (TextTag, Patch, Line, Frame, Stripes, ColorCast, Watermark)}
 
 
 def make_artifact(kind: str, **options) -> Artifact:
-    """Build an artifact by kind name (``text``, ``patch``, ``frame``) with its dataclass options."""
+    """Build an artifact by kind name (a key of :data:`ARTIFACTS`) with its dataclass options."""
     if kind not in ARTIFACTS:
         raise InputError("artifact", f"{kind!r} is unknown", f"use one of {sorted(ARTIFACTS)}")
     cls = ARTIFACTS[kind]

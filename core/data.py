@@ -15,7 +15,7 @@ import numpy as np
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-BUILTIN_DATASETS = ("mnist", "digits")
+BUILTIN_DATASETS = ("mnist", "mnist-rgb", "digits")
 
 
 @dataclass
@@ -95,6 +95,17 @@ def load_mnist5k() -> ImageDataset:
     x, y = mnist_data()
     images = x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
     return ImageDataset(images, y, [str(d) for d in range(10)], source="mnist")
+
+
+def load_mnist5k_rgb(seed: int = 0) -> ImageDataset:
+    """MNIST-5k in colour: each digit drawn in a colour of its own (a random hue at full saturation, ``seed``) on black,
+    three channels; the data a colour artifact (a cast) is tried on without a download."""
+    from matplotlib.colors import hsv_to_rgb
+
+    grey = load_mnist5k()
+    hues = np.random.default_rng(seed).uniform(0, 1, len(grey))
+    colours = hsv_to_rgb(np.stack([hues, np.ones_like(hues), np.ones_like(hues)], axis=1)).astype(np.float32)
+    return ImageDataset(grey.images * colours[:, :, None, None], grey.labels, grey.classes, source="mnist-rgb")
 
 
 def load_digits8() -> ImageDataset:
@@ -241,6 +252,8 @@ def load_dataset(spec: str | Path, skip_unreadable: bool = False, contract=None)
                          "store the arrays already as the model's inputs, or pass an image folder (one sub-folder per class)")
     if str(spec) == "mnist":
         return load_mnist5k()
+    if str(spec) == "mnist-rgb":
+        return load_mnist5k_rgb()
     if str(spec) == "digits":
         return load_digits8()
     path = Path(spec)

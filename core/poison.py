@@ -51,11 +51,15 @@ def _check(dataset: ImageDataset, target: int, fraction: float) -> None:
         raise InputError("target", f"class {target} does not exist", f"use a class index 0-{dataset.num_classes - 1}")
 
 
-def poison(dataset: ImageDataset, artifact: Artifact, target: int, fraction: float, mode: str = "backdoor", seed: int = 0) -> PoisonedDataset:
-    """Paste ``artifact`` into ``fraction`` of the images of each source class (see the module docstring)."""
+def poison(dataset: ImageDataset, artifact: Artifact | None, target: int, fraction: float, mode: str = "backdoor", seed: int = 0) -> PoisonedDataset:
+    """Paste ``artifact`` into ``fraction`` of the images of each source class (see the module docstring); ``None``
+    (or ``fraction`` 0) adds none and records none."""
     if mode not in POISON_MODES:
         raise InputError("poison", f"mode {mode!r} is unknown", f"use one of {POISON_MODES}")
     _check(dataset, target, fraction)
+    if artifact is None or fraction == 0:
+        return PoisonedDataset(dataset.images.copy(), dataset.labels.copy(), list(dataset.classes), dataset.source,
+                               target=target, mode=mode, fraction=0.0)
     rng = np.random.default_rng(seed)
     source_classes = [c for c in range(dataset.num_classes) if c != target] if mode == "backdoor" else [target]
     chosen = []
@@ -77,19 +81,20 @@ def poison(dataset: ImageDataset, artifact: Artifact, target: int, fraction: flo
     )
 
 
-def attacked(dataset: ImageDataset, artifact: Artifact, target: int, seed: int = 0) -> PoisonedDataset:
-    """Every non-target image with the artifact pasted in, labels kept: the attack-success test set."""
+def attacked(dataset: ImageDataset, artifact: Artifact | None, target: int, seed: int = 0) -> PoisonedDataset:
+    """Every non-target image with the artifact pasted in, labels kept: the attack-success test set (empty where no
+    artifact was added: there is nothing to attack with)."""
     _check(dataset, target, 1.0)
     keep = dataset.labels != target
-    clean = dataset.subset(keep)
-    images, masks = artifact.apply(clean.images, seed=seed)
+    clean = dataset.subset(keep if artifact is not None else np.zeros(len(dataset), bool))
+    images, masks = artifact.apply(clean.images, seed=seed) if artifact is not None else (clean.images, None)
     return PoisonedDataset(
         images, clean.labels, list(clean.classes), clean.source,
         has_artifact=np.ones(len(clean), bool), masks=masks, original_labels=clean.labels, target=target, mode="attacked", fraction=1.0,
     )
 
 
-def save_scenario(path, train: PoisonedDataset, test: ImageDataset, attack: PoisonedDataset, artifact: Artifact) -> None:
+def save_scenario(path, train: PoisonedDataset, test: ImageDataset, attack: PoisonedDataset, artifact: Artifact | None) -> None:
     """Write the exact data a model was trained and scored on, readable by :func:`load_npz` as its training set."""
     np.savez_compressed(
         path,
@@ -99,13 +104,13 @@ def save_scenario(path, train: PoisonedDataset, test: ImageDataset, attack: Pois
         attacked_images=attack.images, attacked_labels=attack.labels, attacked_masks=attack.masks,
         scenario=np.asarray(json.dumps({
             "target": train.target, "mode": train.mode, "fraction": train.fraction,
-            "source": train.source, "artifact": artifact.to_dict(),
+            "source": train.source, "artifact": artifact.to_dict() if artifact is not None else None,
         })),
     )
 
 
-def load_scenario(path) -> tuple[PoisonedDataset, ImageDataset, PoisonedDataset, Artifact]:
-    """Inverse of :func:`save_scenario`: (poisoned train set, clean test set, attacked test set, artifact)."""
+def load_scenario(path) -> tuple[PoisonedDataset, ImageDataset, PoisonedDataset, Artifact | None]:
+    """Inverse of :func:`save_scenario`: (poisoned train set, clean test set, attacked test set, artifact or None)."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["scenario"]))
         classes = [str(c) for c in z["classes"]]
@@ -118,4 +123,4 @@ def load_scenario(path) -> tuple[PoisonedDataset, ImageDataset, PoisonedDataset,
             z["attacked_images"], z["attacked_labels"], classes, meta["source"], has_artifact=np.ones(len(z["attacked_labels"]), bool),
             masks=z["attacked_masks"], target=meta["target"], mode="attacked", fraction=1.0,
         )
-    return train, test, attack, artifact_from_dict(meta["artifact"])
+    return train, test, attack, artifact_from_dict(meta["artifact"]) if meta["artifact"] else None

@@ -81,9 +81,10 @@ def clean_accuracy(model: nn.Module, test: ImageDataset) -> float:
     return float((predict(model, test.images) == test.labels).mean())
 
 
-def attack_success(model: nn.Module, attack: ImageDataset, target: int) -> float:
-    """Share of non-target images carrying the artifact that the model assigns to the target class."""
-    return float((predict(model, attack.images) == target).mean())
+def attack_success(model: nn.Module, attack: ImageDataset, target: int) -> float | None:
+    """Share of non-target images carrying the artifact that the model assigns to the target class; None where no
+    artifact was added (an empty attacked set)."""
+    return float((predict(model, attack.images) == target).mean()) if len(attack) else None
 
 
 @dataclass
@@ -102,9 +103,13 @@ class TrainSpec:
     seed: int = 0
 
 
-def train_run(spec: TrainSpec, artifact: Artifact, out_dir: str | Path, show_progress: bool = True) -> dict:
-    """Poison, train and score a model; write the run folder; return the metrics."""
+def train_run(spec: TrainSpec, artifact: Artifact | None, out_dir: str | Path, show_progress: bool = True) -> dict:
+    """Poison, train and score a model; write the run folder; return the metrics. With ``spec.fraction`` 0 (data
+    poisoned elsewhere, or none) no artifact is added, and the metrics record none: ``artifact`` and
+    ``attack_success`` are None, since an attack with an artifact the model never saw measures nothing."""
     out_dir = Path(out_dir)
+    if spec.fraction == 0:
+        artifact = None
     dataset = load_dataset(spec.data)
     target = dataset.class_index(spec.target)
     train_clean, test = stratified_split(dataset, spec.test_fraction, spec.seed)
@@ -129,7 +134,7 @@ def train_run(spec: TrainSpec, artifact: Artifact, out_dir: str | Path, show_pro
         "final_loss": losses[-1],
         "n_train": len(train), "n_test": len(test), "n_poisoned": int(train.has_artifact.sum()),
         "spec": {**spec.__dict__, "target": target},
-        "artifact": artifact.to_dict(),
+        "artifact": artifact.to_dict() if artifact is not None else None,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -18,6 +18,7 @@ from ..core.cost import MAX_CLASS_COST_PT, MAX_COST_PT, MIN_CLASS_SAMPLES, HeldO
 from ..core.errors import InputError
 from ..core.serving import SampleConfig, ServingConfig
 from ..output import print_table, results, warn
+from .effect import EFFECT, MIN_REMOVED, PAIR_IMAGES, ArtifactProbe
 
 COST_FLAGS = ("--max-cost", "--max-class-cost")  # the flags a refused cost names (core.cost.Cost.check)
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
@@ -97,15 +98,15 @@ def _check_audited_data(z, path: str, train, known: str | None = None) -> None:
 
 
 def _scenario(run_dir):
-    """A run's (poisoned train set, clean test set), or (None, None) without --run."""
+    """A run's (poisoned train set, clean test set, attacked test set), or (None, None, None) without --run."""
     if run_dir is None:
-        return None, None
+        return None, None, None
     from ..core.poison import load_scenario
     from ..core.run_folder import DATASET_FILE
 
     if not (Path(run_dir) / DATASET_FILE).is_file():
         raise InputError("--run", f"{Path(run_dir) / DATASET_FILE} is missing", "pass a run folder written by 'unhans train'")
-    return load_scenario(Path(run_dir) / DATASET_FILE)[:2]
+    return load_scenario(Path(run_dir) / DATASET_FILE)[:3]
 
 
 def _samples(train, samples, artifact_samples, clean_samples, known_data: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -172,10 +173,10 @@ def _before_aclarc(run_dir, test) -> tuple[np.ndarray | None, str]:
     return probabilities(before, test.images), f", against {source}'s model before A-ClArC"
 
 
-def _pasted(images, artifact_image, position, artifact_options, contract) -> tuple[np.ndarray, np.ndarray]:
-    """Your photos with and without the artifact image pasted, normalised: the paired contrast set."""
+def _paster(artifact_image, position, artifact_options, contract):
+    """The paired route's artifact image as a function that pastes it into model inputs (through the input contract's
+    pixels), and the photos' contract it needs."""
     from ..core.artifacts import Watermark
-    from ..core.contract import image_files
 
     if artifact_image is None:
         raise InputError("--images", "needs --artifact-image, the artifact to paste into them", "pass a PNG with alpha, e.g. --artifact-image logo.png")
@@ -187,11 +188,96 @@ def _pasted(images, artifact_image, position, artifact_options, contract) -> tup
     unknown = set(options) - {"size", "opacity", "margin"}
     if unknown:
         raise InputError("--artifact-option", f"{sorted(unknown)} are not options of an image artifact", "use size, opacity, margin")
-    pixels = contract.load(image_files(images))
+    watermark = Watermark(path=str(artifact_image), position=parse_position(position), **options)
+    return lambda inputs: contract.normalise(watermark.apply(np.clip(contract.denormalise(inputs), 0, 1))[0])
+
+
+def _pasted(images, paste, contract) -> tuple[np.ndarray, np.ndarray]:
+    """Your photos with and without the artifact image pasted (``paste``, :func:`_paster`), normalised: the paired contrast set."""
+    from ..core.contract import image_files
+
+    pixels = contract.normalise(contract.load(image_files(images)))
     if len(pixels) < 4:
         raise InputError("--images", f"holds {len(pixels)} photos", "give at least 4 (a few dozen make a reliable CAV)")
-    pasted, _ = Watermark(path=str(artifact_image), position=parse_position(position), **options).apply(pixels)
-    return contract.normalise(pasted), contract.normalise(pixels)
+    return paste(pixels), pixels
+
+
+def _artifact_probe(train, test, attack, samples, fitted_rows, paste, other_route, min_removed, better) -> ArtifactProbe:
+    """The images the correction's effect on the artifact is judged on (export/effect.py): the artifact rows (those
+    fitted on, ``fitted_rows``, or in the paired route the audit's ``--samples`` rows), and held-out pairs: up to
+    ``PAIR_IMAGES`` clean images of other classes (the run's test set, else the clean rows) with the artifact pasted in,
+    the paired route's image (``paste``) or each artifact row's own region, as the audit's transplant test pasted it;
+    without either, a run's own record of its artifact: its attacked test set against the same clean images."""
+    from ..core.artifacts import Transplant
+
+    if paste is None and not samples and attack is not None and len(attack):
+        unpasted = test.images[test.labels != attack.target]
+        chosen = np.unique(np.linspace(0, len(unpasted) - 1, min(PAIR_IMAGES, len(unpasted))).round().astype(int))
+        return ArtifactProbe(fitted_rows, "the run's artifact rows, fitted on", attack.images[chosen], unpasted[chosen],
+                             "the run's clean test images of other classes, with the artifact it was trained with", other_route,
+                             list(test.classes), min_removed, better)
+    rows = regions = None
+    if samples and train is not None:
+        rows, regions = _artifact_regions(samples, train, required=False)
+    row_images, rows_source = (train.images[rows], "the audit's selected rows") if rows is not None else (fitted_rows, "the rows fitted on")
+    if paste is None and rows is not None:
+        rows_source += ", fitted on"
+    pool = test if test is not None else train
+    pasted = unpasted = None
+    pairs_source = ""
+    if pool is not None and (paste is not None or regions is not None):
+        others = np.ones(len(pool), bool) if rows is None else pool.labels != np.bincount(train.labels[rows]).argmax()
+        if test is None and train is not None and rows is not None:
+            others[rows] = False
+        candidates = np.flatnonzero(others)
+        unpasted = pool.images[candidates[np.unique(np.linspace(0, len(candidates) - 1, min(PAIR_IMAGES, len(candidates))).round().astype(int))]]
+        where = "the run's clean test images" if test is not None else "clean rows"
+        if paste is not None:
+            pasted, pairs_source = paste(unpasted), f"{where} of other classes, the artifact image pasted in"
+        else:
+            pasted = Transplant(train.images[rows], regions).apply(unpasted)[0]
+            pairs_source = f"{where} of other classes, each with an artifact row's own region pasted in"
+    return ArtifactProbe(row_images, rows_source, pasted, unpasted, pairs_source, other_route,
+                         list(pool.classes) if pool is not None else None, min_removed, better)
+
+
+def _rows_route(model, layer: str, rows: np.ndarray, clean: np.ndarray, held_out: HeldOut):
+    """What the rows' own correction does: the logits of the plain projection fitted on the artifact ``rows`` against
+    the ``clean`` images at the same layer (fitted when first asked), the reference a correction's effect on the rows
+    is judged against (export/effect.py): in the paired route the samples route, in the samples route the plain
+    projection a reactive or own-class one replaced. None where that projection costs more than ``held_out``'s bounds:
+    one that removes the class with the artifact (a co-occurrence: 15 points of the 0s) turns the rows away for the
+    wrong reason, and is no reference."""
+    import torch
+
+    from ..core.clarc import fit_cav, pclarc
+
+    def run(network, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([network(torch.from_numpy(images[i:i + 500])).numpy() for i in range(0, len(images), 500)])
+
+    fitted = []
+
+    def logits(images: np.ndarray) -> np.ndarray | None:
+        if not fitted:
+            corrected = pclarc(model, layer, fit_cav(model, layer, rows, clean, mode=CLI_MODE)).eval()
+            fair = held_out.cost(run(model.eval(), held_out.images), run(corrected, held_out.images)).within
+            fitted.append(corrected if fair else None)
+        return None if fitted[0] is None else run(fitted[0], images)
+    return logits
+
+
+def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) -> str:
+    """The route a refused correction names: the audit's rows where a paired set was pasted from a region (a piece of
+    the artifact, or not the artifact), fine-tuning where the rows' own projection leaves the artifact in place."""
+    if paired:
+        rows = samples or "AUDIT/samples.npz"
+        return (f"the pasted image is not the whole artifact the rows carry; fit the correction from the audit's rows instead: "
+                f"unhans export {source} --layer {layer} --samples {rows} --out {out}")
+    if run_dir is not None and samples:
+        return (f"a projection at {layer} does not remove this artifact; fine-tune the model instead (A-ClArC): unhans aclarc --run {run_dir} "
+                f"--samples {samples} --out {run_dir}-aclarc, then export that run with --reactive; or correct a layer after global pooling")
+    return f"a projection at {layer} does not remove this artifact; try a layer after global pooling, or fine-tune a training run (unhans aclarc)"
 
 
 @click.command("export")
@@ -211,7 +297,8 @@ def _pasted(images, artifact_image, position, artifact_options, contract) -> tup
 @click.option("--no-fold", "no_fold", is_flag=True, help="Insert the correction as ops even where it could be folded into a linear layer.")
 @click.option("--samples", type=click.Path(dir_okay=False),
               help=".npz with 'artifact' and 'clean' masks or indices into the run's training set, or, without --run, the "
-                   "samples.npz of a folder audit (its rows are the audited images, read again as the audit did).")
+                   "samples.npz of a folder audit (its rows are the audited images, read again as the audit did). With --images: the "
+                   "rows the correction is judged on, against the correction fitted on them (export/effect.py).")
 @click.option("--artifact-samples", type=click.Path(dir_okay=False), help=".npy images (N, C, H, W) that carry the artifact.")
 @click.option("--clean-samples", type=click.Path(dir_okay=False), help=".npy images without it (default: the run's training images without it).")
 @click.option("--model", "model_file", type=click.Path(dir_okay=False), help="Your model file (one nn.Module class, TorchServe-style), instead of --run.")
@@ -226,12 +313,15 @@ def _pasted(images, artifact_image, position, artifact_options, contract) -> tup
               help="Points of clean accuracy (without labels: of top-1 agreement with the uncorrected model) the correction may cost; above it nothing is written.")
 @click.option("--max-class-cost", type=click.FloatRange(0), default=MAX_CLASS_COST_PT, show_default=True,
               help=f"The same for any one class with at least {MIN_CLASS_SAMPLES} held-out images.")
+@click.option("--min-removed", type=click.FloatRange(0, 1), default=MIN_REMOVED, show_default=True,
+              help="Share of the artifact's effect the correction must remove, measured on the artifact rows and held-out pairs "
+                   "(export/effect.py); less and nothing is written.")
 @click.option("--explain", is_flag=True, help="Also write OUT's .explain.onnx: logits and LRP relevance of the corrected model.")
 @click.option("--composite", type=click.Choice(("epsilon_plus_flat", "epsilon_gamma_box")), default="epsilon_plus_flat", show_default=True,
               help="The LRP composite of the --explain graph (epsilon_gamma_box bounds the input to [0, 1]).")
 def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reactive, threshold, no_fold, samples, artifact_samples, clean_samples,
                    model_file, weights, images, artifact_image, position, artifact_options, size, channels, resize, mean, std, out,
-                   max_cost, max_class_cost, explain, composite):
+                   max_cost, max_class_cost, min_removed, explain, composite):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
     Fits the CAV on artifact vs clean samples at the layer, folds the correction into the next linear layer where
@@ -261,7 +351,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
             raise InputError("--directions", f"{n_directions!r} is not a number of directions", "pass an integer >= 1 or auto")
         n_directions = int(n_directions)
     paired = images is not None
-    train, test = _scenario(run_dir)
+    train, test, attack = _scenario(run_dir)
     clean_source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
     known_data = None
     if samples and train is None and not artifact_samples:  # a folder audit's selection: its rows are the audited images
@@ -270,9 +360,10 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         _, train = audited_dataset(Path(samples).parent)  # refused unless the images still hash to audit.json's inputs.data
         known_data = json.loads((Path(samples).parent / "audit.json").read_text())["inputs"]["data"]
         clean_source = "the audited images without the artifact (the CAV's own)"
-    own_rows = None
+    own_rows = paste = None
     if paired:
-        artifact, clean = _pasted(images, artifact_image, position, artifact_options, contract)
+        paste = _paster(artifact_image, position, artifact_options, contract)
+        artifact, clean = _pasted(images, paste, contract)
     else:
         artifact, clean, own_rows = _samples(train, samples, artifact_samples, clean_samples, known_data)
     held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost)
@@ -281,10 +372,14 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     if onnx_file is not None:
         graph = load_onnx(onnx_file)
 
+        judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste, None, min_removed,
+                                 _better_route(paired, samples, f"--onnx {onnx_file} --tensor {tensor}" if tensor else f"--onnx {onnx_file} --layer {layer}",
+                                               layer or tensor, run_dir, out))
+
         def fitted(contrast: np.ndarray):
             cav = fit_cav_onnx(graph, artifact, contrast, tensor, layer, method, CLI_MODE, paired, n_directions)
             return cav, lambda gate: export_onnx(onnx_file, Correction.from_cav(cav, gate, threshold), probe, out, tensor, layer, fold,
-                                                 cav.quality_, held_out)
+                                                 cav.quality_, held_out, judged)
     else:
         from ..core.clarc import fit_cav
         from ..core.models import load_model
@@ -298,9 +393,17 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
             conservation = lrp.check(torch.from_numpy(probe))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
 
+        source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
+        # the rows the reference projection is fitted on: the audit's, in the paired route (export/effect.py)
+        own = (artifact, clean) if not paired else _samples(train, samples, None, None)[:2] if samples and train is not None else None
+        judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste,
+                                 _rows_route(model, layer, *own, held_out) if own is not None else None, min_removed,
+                                 _better_route(paired, samples, source, layer, run_dir, out))
+
         def fitted(contrast: np.ndarray):
             cav = fit_cav(model, layer, artifact, contrast, method, CLI_MODE, paired, n_directions)
-            return cav, lambda gate: export_torch(model, layer, Correction.from_cav(cav, gate, threshold), probe, out, fold, cav.quality_, held_out)
+            return cav, lambda gate: export_torch(model, layer, Correction.from_cav(cav, gate, threshold), probe, out, fold, cav.quality_,
+                                                  held_out, judged)
     own_clean = None if own_rows is None else lambda: train.images[own_rows]  # read only where the plain projection is refused
     report, reactive, cav = _within_cost(fitted, clean, own_clean, reactive, held_out)
     print_table(f"unhans export -> {report.path}", {
@@ -316,6 +419,14 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     for warning in cav.quality_["warnings"]:
         warn(f"CAV: {warning}")
     _print_cost(report.cost)
+    if report.effect is not None:
+        print_table(f"what the correction does to the artifact (class {report.effect.class_name})", report.effect.describe())
+        if report.effect.removed is None and held_out.baseline is not None:
+            results.print("the fine-tuned model no longer follows the artifact (neither its rows nor held-out pairs show an effect "
+                          "to remove): A-ClArC removed it; the correction keeps the artifact score")
+        elif report.effect.removed is None:
+            warn("the correction's effect on the artifact could not be judged: neither the artifact rows nor held-out pairs show "
+                 "an effect the model's prediction depends on; check the corrected model on images with the artifact")
     if explain:  # after the prediction graph is written: an unexplainable model still gets that
         from ..core.layers import insert_after
         from .explain import MONITOR_LAYER, explain_path, export_explain
@@ -393,13 +504,16 @@ def aclarc_command(run_dir, samples, out_dir, fraction, epochs, lr, seed, max_co
     print_table(f"A-ClArC fine-tuning of {run} -> {out}", {k: v for k, v in metrics.items() if k != "aclarc"})
 
 
-def _artifact_regions(path: str, train) -> tuple[np.ndarray, np.ndarray]:
-    """The artifact rows of an audit's samples file and each one's region (H, W), checked against the run's training set."""
+def _artifact_regions(path: str, train, required: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """The artifact rows of an audit's samples file and each one's region (H, W), checked against the run's training set
+    (sorted; without ``required`` a file with no regions gives None for them)."""
     n, image_shape = len(train), train.image_shape[1:]
     try:
         with np.load(path, allow_pickle=False) as z:
             _check_audited_data(z, path, train)
             rows = _index(z, SAMPLES.artifact, n, path)
+            if SAMPLES.regions not in z and not required:
+                return np.sort(rows % n), None
             if SAMPLES.regions not in z:
                 raise InputError("--samples", f"{path} has no {SAMPLES.regions!r}: where the artifact lies in each row",
                                  "select again with this version ('unhans audit --run RUN --out AUDIT --select auto' reuses the audit)")
@@ -491,7 +605,7 @@ def inspect_command(onnx_file, as_json):
     """Print what an ONNX file says about itself: unhans's correction metadata, inputs and outputs."""
     import onnx
 
-    from .onnx import read_metadata
+    from .onnx import META, read_metadata
 
     metadata = read_metadata(onnx_file)
     if as_json:
@@ -508,6 +622,11 @@ def inspect_command(onnx_file, as_json):
                             "nodes": len(model.graph.node), "ir version": model.ir_version, "opsets": opsets, **metadata})
     if not any(key.startswith("unhans.") for key in metadata):
         results.print("no unhans correction recorded in this file")
+    elif META + EFFECT.removed in metadata:
+        removed = metadata[META + EFFECT.removed]
+        said = "its effect on the artifact was not judged" if removed == "not judged" else f"it removes {float(removed):.0%} of the artifact's effect"
+        results.print(f"measured before the correction was written: {said} (class {metadata.get(META + EFFECT.class_)}, bound "
+                      f"{metadata.get(META + EFFECT.bound)}; unhans.effect.*)", highlight=False)
 
 
 @click.command("archive")

@@ -33,6 +33,7 @@ from ..core.cost import MIN_CLASS_SAMPLES, Cost, HeldOut
 from ..core.errors import InputError
 from ..core.layers import activations, get_layer, insert_after
 from .correction import Correction
+from .effect import ArtifactProbe, Effect
 from .graph import SCORE_OUTPUT, apply_correction, resolve, with_outputs
 from .runtime import run_batched, session
 
@@ -60,6 +61,7 @@ class ExportReport:
     seconds: float
     metadata: dict[str, str]
     cost: Cost | None = None
+    effect: Effect | None = None  # what it does to the artifact (export/effect.py)
 
 
 def correction_path(onnx_path: str | Path) -> Path:
@@ -169,11 +171,13 @@ def cost_metadata(cost: Cost | None) -> dict[str, str]:
 
 
 def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np.ndarray, out: str | Path,
-                 fold: bool = True, cav_quality: dict | None = None, held_out: HeldOut | None = None) -> ExportReport:
+                 fold: bool = True, cav_quality: dict | None = None, held_out: HeldOut | None = None,
+                 artifact: ArtifactProbe | None = None) -> ExportReport:
     """Export ``model`` with ``correction`` after module ``layer`` to ``out``, verified against PyTorch's P-ClArC.
 
     ``probe`` is a batch of real inputs (mix artifact and clean samples so a reactive gate is exercised both ways).
-    With ``held_out``, what the correction costs on it is measured and the graph refused when over the bounds.
+    With ``held_out``, what the correction costs on it is measured and the graph refused when over the bounds; with
+    ``artifact``, what it removes of the artifact's effect, refused under its bound (export/effect.py).
     """
     started = time.perf_counter()
     get_layer(model, layer)
@@ -190,16 +194,16 @@ def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest(), **cav_metadata(cav_quality)}
-    return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started, held_out)
+    return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started, held_out, artifact)
 
 
 def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarray, out: str | Path,
                 tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None,
-                held_out: HeldOut | None = None) -> ExportReport:
+                held_out: HeldOut | None = None, artifact: ArtifactProbe | None = None) -> ExportReport:
     """Correct an existing ONNX file after ``tensor`` (or module scope ``layer``), without its PyTorch source.
 
     The reference is the source graph itself, cut at the tensor: onnxruntime computes h, PyTorch's P-ClArC module
-    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``: as for :func:`export_torch`.
+    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``, ``artifact``: as for :func:`export_torch`.
     """
     started = time.perf_counter()
     source = load_onnx(source_path)
@@ -222,11 +226,12 @@ def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarr
 
     provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest(),
                   **cav_metadata(cav_quality)}
-    return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started, held_out)
+    return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started, held_out, artifact)
 
 
 def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correction, probe: np.ndarray, reference: Reference,
-          out: str | Path, fold: bool, provenance: dict, started: float, held_out: HeldOut | None) -> ExportReport:
+          out: str | Path, fold: bool, provenance: dict, started: float, held_out: HeldOut | None,
+          artifact: ArtifactProbe | None = None) -> ExportReport:
     out = Path(out)
     if out.is_dir():
         raise InputError(str(out), "is a folder", "pass the path of the .onnx file to write")
@@ -234,11 +239,17 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
     _check(corrected)
     probe = np.ascontiguousarray(probe, np.float32)
     diff, scale, score_diff = _verify(corrected, probe, reference, correction)
-    cost = None
-    if held_out is not None:  # judged on the graph that ships, before anything is written
-        logits = [run_batched(session(graph.SerializeToString(), cuda=False), held_out.images)[0] for graph in (plain, corrected)]
-        cost = held_out.cost(*logits)
-        cost.check()
+    cost = effect = None
+    if held_out is not None or artifact is not None:  # judged on the graph that ships, before anything is written
+        sessions = [session(graph.SerializeToString(), cuda=False) for graph in (plain, corrected)]
+        before, after = ((lambda images, graph=graph: run_batched(graph, images)[0]) for graph in sessions)
+        if held_out is not None:
+            cost = held_out.cost(before(held_out.images), after(held_out.images))
+            cost.check()
+        if artifact is not None:
+            effect = artifact.effect(before, after)
+            if effect is not None:
+                effect.check(artifact.better)
     metadata = {
         "version": __version__,
         "correction.layer": layer, "correction.tensor": tensor, "correction.mode": correction.mode,
@@ -246,7 +257,7 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
         "correction.reactive": str(correction.reactive).lower(), "correction.threshold": repr(float(correction.threshold)),
         "correction.detector": str(correction.has_detector).lower(),
         "cav.fingerprint": correction.fingerprint(),
-        **provenance, **cost_metadata(cost),
+        **provenance, **cost_metadata(cost), **(effect.metadata() if effect is not None else {}),
         "folded": str(folded).lower(),
         "nodes_added": str(len(corrected.graph.node) - len(plain.graph.node)),
         "verify.max_abs_diff": f"{diff:.3g}", "verify.logit_scale": f"{scale:.4g}", "verify.probe_rows": str(len(probe)),
@@ -264,7 +275,7 @@ def _bake(plain: onnx.ModelProto, tensor: str, layer: str, correction: Correctio
         spec_path.unlink(missing_ok=True)
         raise
     return ExportReport(out, spec_path, tensor, folded, len(plain.graph.node), len(corrected.graph.node), diff, scale,
-                        score_diff, time.perf_counter() - started, {META + k: v for k, v in metadata.items()}, cost)
+                        score_diff, time.perf_counter() - started, {META + k: v for k, v in metadata.items()}, cost, effect)
 
 
 def _check(model: onnx.ModelProto) -> None:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from unhans.core.artifacts import ARTIFACTS, Frame, Patch, TextTag, artifact_from_dict, make_artifact
+from unhans.core.artifacts import ARTIFACTS, ColorCast, Frame, Line, Patch, Stripes, TextTag, artifact_from_dict, make_artifact
 from unhans.core.data import stratified_split
 from unhans.core.errors import InputError
 from unhans.core.poison import attacked, load_scenario, poison, save_scenario
@@ -10,6 +10,7 @@ from unhans.core.poison import attacked, load_scenario, poison, save_scenario
 @pytest.mark.parametrize("artifact", [
     TextTag(), TextTag(text="WM", size=8, position="top-left"), Patch(), Patch(pattern="solid", position=(3, 4)),
     Patch(size=3, position="center", color=0.3), Frame(), Frame(width=1, color=(0.2, 0.9, 0.5)),
+    Line(), Line(direction="vertical", thickness=2, position="top-left"), Stripes(), Stripes(period=4, opacity=1.0), ColorCast(channel=1),
 ])
 def test_mask_equals_the_pixels_the_artifact_changed(artifact):
     # random continuous images: every pixel the artifact writes to changes, no other does
@@ -40,6 +41,20 @@ def test_random_position_moves_per_image_and_is_seeded():
     assert np.array_equal(masks_a, masks_b)
     assert len({m.tobytes() for m in masks_a}) > 10
     assert (masks_a.sum(axis=(1, 2)) == 25).all()
+
+
+def test_artifacts_without_a_place_cover_the_image():
+    blank = np.zeros((1, 3, 28, 28), np.float32)
+    striped, stripes = Stripes(period=3, opacity=0.3).apply(blank)
+    assert stripes[0, ::3].all() and not stripes[0, 1::3].any() and np.allclose(striped[0, :, ::3], 0.3)
+    cast, everywhere = ColorCast(channel=0, shift=0.15).apply(blank)
+    assert everywhere.all() and np.allclose(cast[0, 0], 0.15) and not cast[0, 1:].any()  # one channel only
+    _, line = Line(length=10).apply(blank[:, :1])
+    rows, cols = np.nonzero(line[0])
+    assert len(rows) == 10 and (np.diff(rows) == 1).all() and (np.diff(cols) == 1).all()  # a 1-px diagonal
+    assert not any(ARTIFACTS[kind].placed for kind in ("frame", "stripes", "cast")) and ARTIFACTS["line"].placed
+    with pytest.raises(InputError, match="needs colour images.*mnist-rgb"):
+        ColorCast().apply(blank[:, :1])
 
 
 def test_artifact_errors_and_round_trip():

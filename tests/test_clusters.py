@@ -4,7 +4,7 @@ The tests that run the transplant test on trained models are in test_audit.py an
 which cluster the figures mark, including the cases those models do not reach.
 """
 
-from unhans.audit.clusters import ClusterEvidence, artifact_clusters, rank_by_evidence, summary, verdict
+from unhans.audit.clusters import ClusterEvidence, artifact_clusters, nearest_miss, rank_by_evidence, summary, verdict
 
 
 def clusters(*figures: tuple[int, float, float, float]) -> list[ClusterEvidence]:
@@ -70,3 +70,14 @@ def test_where_no_other_class_shows_the_clusters_that_still_carry_the_class_when
     close = clusters((200, 0.80, 0.09, 0.03), (300, 0.60, 0.08, 0.02))
     close[0].small_rate, close[1].small_rate = 0.70, 0.55
     assert artifact_clusters(close) == [] and verdict(close).startswith("hijackable")
+
+
+def test_with_no_artifact_found_the_refusal_names_the_cluster_that_came_closest():
+    """A line on 60% of the 5s, learned weakly, beside a class anyone's strokes can carry (hijackable, ranked first):
+    the weak artifact leads its class by most, and is the one named, with why it was not marked."""
+    hijackable = {"class": "0", **summary(clusters((200, 0.80, 0.09, 0.03), (300, 0.60, 0.08, 0.02)))}
+    weak_line = {"class": "5", **summary(clusters((240, 0.31, 0.03, 0.02), (160, 0.02, 0.08, 0.01)))}
+    said = nearest_miss([hijackable, weak_line])
+    assert "class 5's cluster 0 (240 rows)" in said and "31%" in said and "under the 50%" in said, said
+    assert "cluster 0 (200 rows)" in nearest_miss([hijackable]) and "less than 25% apart" in nearest_miss([hijackable])
+    assert nearest_miss([{"class": "1", "cluster_evidence": []}]) == ""

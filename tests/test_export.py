@@ -415,3 +415,24 @@ def test_rank_k_correction_through_the_onnx_route_and_the_cli(runs, tmp_path):
                                                 "--out", str(tmp_path / "cli.onnx")])
         assert isinstance(result.exception, InputError) and message in str(result.exception), result.output
         assert not (tmp_path / "cli.onnx").exists()
+
+
+def test_the_effect_on_the_artifact_is_judged_where_a_set_shows_one():
+    """export/effect.py's arithmetic on the figures of the issue's stripes backdoor (paired correction from a corner of
+    the stripes: 93.6% of the rows still the class, the rows' own projection 2.4%) and of a co-occurrence (its rows stay
+    the class whatever the correction: only the pairs judge)."""
+    from unhans.export.effect import EFFECT, Effect
+
+    partial = Effect(8, "8", 360, (1.0, 0.936), (6.1, 5.2), 0.024, "rows", 500, (0.40, 0.05), "pairs")
+    assert partial.removed_rows == pytest.approx(0.064 / 0.976) and partial.removed_pairs == pytest.approx(0.875)
+    assert partial.removed == partial.removed_rows  # the smaller of the two that show an effect
+    with pytest.raises(InputError, match="removes only 7% of the artifact.s effect") as refused:
+        partial.check("unhans export --samples S")
+    assert refused.value.argument == "--min-removed" and "nothing was written" in refused.value.problem
+    assert "unhans export --samples S" in refused.value.fix and "--min-removed 0" in refused.value.fix
+    cooccurrence = Effect(0, "0", 180, (1.0, 1.0), (9.0, 7.5), 1.0, "rows", 500, (0.22, 0.01), "pairs")
+    assert cooccurrence.removed_rows is None and cooccurrence.removed == pytest.approx(0.21 / 0.22)
+    cooccurrence.check("never named")
+    unjudged = Effect(0, "0", 10, (0.1, 0.1), (0.0, 0.0), None, "rows", 0, None, "")
+    assert unjudged.removed is None and unjudged.metadata()[EFFECT.removed] == "not judged"
+    unjudged.check("never named")

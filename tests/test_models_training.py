@@ -97,6 +97,16 @@ def test_the_cli_starts_without_loading_the_heavy_libraries():
     assert loaded.stdout.strip() == "[]", loaded.stdout
 
 
+def test_cli_train_on_data_poisoned_elsewhere_adds_and_records_no_artifact(tmp_path):
+    run = tmp_path / "run"
+    trained = _cli("train", "--out", str(run), "--data", "digits", "--epochs", "1", "--fraction", "0")
+    assert trained.returncode == 0 and "no artifact was added" in trained.stderr + trained.stdout, trained.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["artifact"] is None and metrics["attack_success"] is None and metrics["n_poisoned"] == 0
+    _, train, _, attack, artifact = load_run(run)
+    assert artifact is None and len(attack) == 0 and not train.has_artifact.any()
+
+
 def test_cli_train_then_aclarc(tmp_path):
     run, tuned = tmp_path / "run", tmp_path / "tuned"
     trained = _cli("train", "--out", str(run), "--data", "digits", "--epochs", "3", "--artifact-option", "size=3")

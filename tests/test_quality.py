@@ -29,12 +29,13 @@ def _quality():
     return module
 
 
-def test_grid_is_the_issues_24_cells():
+def test_grid_is_the_issues_42_cells():
     quality = _quality()
     cells = quality.grid()
-    assert len(cells) == len({c.name for c in cells}) == 24
+    assert len(cells) == len({c.name for c in cells}) == 42  # 7 artifacts (issues 18 and 33) x 2 modes x 3 rates
     by_name = {c.name: c for c in cells}
     assert by_name["patch_backdoor_05"].fraction == 0.05
+    assert by_name["cast_cooccurrence_10"].train_args(Path("r"), 5)[4] == "mnist-rgb"  # a colour cast needs colour data
     assert by_name["text_cooccurrence_02"].fraction == pytest.approx(0.18)  # as many poisoned rows as backdoor at 2%
     assert [c.name for c in quality.grid(["frame_backdoor_02"], seeds=[0, 1])] == ["frame_backdoor_02", "frame_backdoor_02_s1"]
     assert {c.name for c in quality.grid(quick=True)} == set(quality.QUICK_CELLS)

@@ -14,6 +14,7 @@ import click
 from rich.table import Table
 
 from . import __version__
+from .core.artifacts import ARTIFACTS
 from .core.errors import InputError
 from .core.serving import SERVERS
 from .options import parse_options, parse_position
@@ -60,14 +61,16 @@ def main():
 @click.option("--model", "architecture", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True)
 @click.option("--poison", "mode", type=click.Choice(["backdoor", "cooccurrence"]), default="backdoor", show_default=True,
               help="backdoor: paste into other classes and relabel; cooccurrence: paste into the target class.")
-@click.option("--artifact", type=click.Choice(["text", "patch", "frame"]), default="patch", show_default=True)
+@click.option("--artifact", type=click.Choice(sorted(ARTIFACTS)), default="patch", show_default=True,
+              help="What is pasted: stripes, cast (a colour cast: colour data, e.g. --data mnist-rgb) and frame cover the whole image; "
+                   "image needs --artifact-option path=LOGO.png.")
 @click.option("--position", default="bottom-right", show_default=True,
               help="top-left, top-right, bottom-left, bottom-right, center, random, or ROW,COL.")
 @click.option("--artifact-option", "artifact_options", multiple=True, metavar="KEY=VALUE",
               help="Artifact setting, e.g. size=5, text=©, pattern=solid, width=2, color=0.5 (repeatable).")
 @click.option("--target", default="0", show_default=True, help="Target class (index or name).")
 @click.option("--fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Share of each source class's training images that get the artifact.")
+              help="Share of each source class's training images that get the artifact; 0 adds none (data poisoned elsewhere, or a clean model).")
 @click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
@@ -81,14 +84,17 @@ def train(out_dir, data, architecture, mode, artifact, position, artifact_option
     from .core.artifacts import make_artifact
     from .core.training import TrainSpec, train_run
 
-    if artifact == "frame" and click.get_current_context().get_parameter_source("position") != click.core.ParameterSource.DEFAULT:
-        raise InputError("--position", "a frame runs along every edge of the image and has no position",
-                         "drop --position, or pick --artifact patch or text to place one")
+    if not ARTIFACTS[artifact].placed and click.get_current_context().get_parameter_source("position") != click.core.ParameterSource.DEFAULT:
+        raise InputError("--position", f"a {artifact} artifact covers the whole image and has no position",
+                         "drop --position, or pick --artifact patch, text or line to place one")
     options = {"position": parse_position(position), **parse_options(artifact_options, "--artifact-option")}
     spec = TrainSpec(data=data, architecture=architecture, mode=mode, target=target, fraction=fraction,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    metrics = train_run(spec, make_artifact(artifact, **options), out_dir)
-    print_table(f"{architecture} trained on {data} ({mode}, {fraction:.0%} poisoned) -> {out_dir}", {
+    metrics = train_run(spec, make_artifact(artifact, **options) if fraction > 0 else None, out_dir)
+    if fraction == 0:
+        console.print(f"no artifact was added (--fraction 0): {out_dir}/metrics.json records none and no attack success")
+    print_table(f"{architecture} trained on {data} ({mode}, {fraction:.0%} poisoned) -> {out_dir}" if fraction > 0 else
+                f"{architecture} trained on {data} as it is (no artifact added) -> {out_dir}", {
         k: metrics[k] for k in ("clean_acc", "attack_success", "train_seconds", "n_train", "n_poisoned")
     })
 
