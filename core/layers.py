@@ -94,13 +94,24 @@ def _called_once_where(model: nn.Module, probe: torch.Tensor, keep, leaves_only:
     return [name for name in kept if calls[name] == 1]
 
 
+def positions_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes of a layer's output that hold positions: (N, C, H, W) feature maps -> (2, 3); (N, T, D) tokens of a
+    transformer -> (1,); anything else -> ()."""
+    return (2, 3) if len(shape) == 4 else (1,) if len(shape) == 3 else ()
+
+
 def last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
-    """The module that finishes last in ``model``'s forward with a (N, C, H, W) output (H·W > 1) and is called once: the end
-    of the feature extractor (VGG's ``features``, ResNet's ``layer4``), where SpRAy on relevance pooled over positions
-    finds artifacts wherever they sit."""
-    once = _called_once_where(model, probe, lambda _x, y: y.dim() == 4 and y.shape[2] * y.shape[3] > 1)
+    """The module that finishes last in ``model``'s forward with an output of several positions, (N, C, H, W) maps or
+    (N, T, D) tokens, and is called once: the end of the feature extractor (VGG's ``features``, ResNet's ``layer4``,
+    a transformer's ``encoder``), where SpRAy on relevance pooled over positions finds artifacts wherever they sit."""
+    def spread(_x, y):
+        axes = positions_axes(tuple(y.shape))
+        return bool(axes) and int(torch.tensor([y.shape[a] for a in axes]).prod()) > 1
+
+    once = _called_once_where(model, probe, spread)
     if not once:
-        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", "audit with --layer input")
+        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps or (N, T, D) tokens",
+                         "audit with --layer input")
     return once[-1]
 
 
