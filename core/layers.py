@@ -126,3 +126,33 @@ def global_pooling_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
 
     once = _called_once_where(model, probe, pools, leaves_only=True)
     return once[-1] if once else None
+
+
+def patch_embedding_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
+    """The last convolution, called once, that finishes before ``model``'s first attention layer starts (a vision
+    transformer's patch embedding: ViT's ``conv_proj``, Swin's ``features.0.0``), or None (no attention).
+
+    A correction for an artifact at one place belongs there: measured on the small ViT with a corner patch (MNIST-5k,
+    10% backdoor), a paired P-ClArC on the patch embeddings took attack success from 100% to 0.4% at no clean cost,
+    while after any encoder block (rank 1 or 5) 83-100% was left, for 8-78 points of clean accuracy: attention has
+    mixed the patch into every token by then."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    attention_types = (nn.MultiheadAttention, ShiftedWindowAttention)
+    finished: list[str] = []  # convolutions, in the order they finish
+    first_attention: list[int] = []  # how many had finished when each attention layer started
+
+    handles = [m.register_forward_hook(lambda *_, n=n: finished.append(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_pre_hook(lambda *_: first_attention.append(len(finished))) for m in model.modules()
+                if isinstance(m, attention_types)]
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not first_attention:
+        return None
+    once = [n for n in finished[: first_attention[0]] if finished.count(n) == 1]
+    return once[-1] if once else None

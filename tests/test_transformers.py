@@ -237,3 +237,33 @@ def test_vit_backdoor_is_found_at_the_encoder_and_removed_before_it(backdoored_v
     corrected = lambda x: session.run(None, {"input": x})[0].argmax(1)  # noqa: E731
     assert (corrected(attack.images) == 0).mean() <= 0.05
     assert (predict(model, test.images) == test.labels).mean() - (corrected(test.images) == test.labels).mean() <= 0.01
+
+
+def test_an_archived_vit_answers_relevance_through_its_pytorch_twin(tmp_path):
+    """The serving core's explainer on a ViT model file with a correction after its patch embedding: the relevance of
+    the model that predicts, conservative (the explain graph refuses these layers and says so)."""
+    from unhans.core.layers import insert_after
+    from unhans.core.models import load_model, write_model_file
+    from unhans.export.correction import Correction
+    from unhans.export.explain import explain_graph
+    from unhans.handlers.relevance import Explainer
+
+    model_file = write_model_file("vit", tmp_path / "model.py", 1, 28, 10)
+    torch.manual_seed(0)
+    from unhans.core.models import model_class_from_file
+
+    torch.save(model_class_from_file(model_file)().state_dict(), tmp_path / "weights.pt")
+    model = load_model(model_file, tmp_path / "weights.pt")
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=64 * 7 * 7).astype(np.float32)
+    correction = Correction(direction / np.linalg.norm(direction), rng.random((64, 7, 7), dtype=np.float32))
+    correction.save(tmp_path / "correction.npz", "patches")
+    x = rng.random((3, 1, 28, 28), dtype=np.float32)
+    explainer = Explainer(str(tmp_path))
+    logits, relevance, _ = explainer(x)
+    with LRP(insert_after(model, "patches", correction.module())) as lrp:
+        expected = lrp(torch.from_numpy(x))
+    assert np.allclose(logits, expected.logits, atol=1e-6) and np.allclose(relevance, expected.relevance, atol=1e-7)
+    assert lrp.conservation.rel_err <= 1e-9 and "conservation error" in explainer.conservation
+    with pytest.raises(InputError, match=r"not supported by the explain graph: .*HeldScaleNorm.*PyTorch twin"):
+        explain_graph(model, probe=x)
