@@ -32,7 +32,8 @@ class BilinearProduct(nn.Module):
         self.function = function
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.function(a, b)
+        # contiguous factors: traced for the explain graph, a product of transposed views reshapes into invalid views
+        return self.function(a.contiguous(), b.contiguous())
 
 
 class HeldSoftmax(nn.Module):

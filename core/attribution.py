@@ -119,10 +119,10 @@ class UniformProduct(Hook):
         self.stored_tensors["input"] = input
 
     def backward(self, module, grad_input, grad_output):
-        factors = [t.detach().requires_grad_() for t in self.stored_tensors["input"]]
+        factors = [t.detach().contiguous().requires_grad_() for t in self.stored_tensors["input"]]
         carries = self.stored_tensors["carries"]
         with torch.enable_grad():
-            output = module.function(*factors)
+            output = module.forward(*factors)
         share = grad_output[0] / Stabilizer.ensure(self.stabilizer)(output) / sum(carries)
         gradients = torch.autograd.grad(output, factors, grad_outputs=share)
         return tuple(f.detach() * g if c else None for f, g, c in zip(factors, gradients, carries))

@@ -38,7 +38,8 @@ from zennit.types import Activation
 
 from .. import __version__
 from ..core.attribution import LRP, _composite_key
-from ..core.canonize import Activate, PassProduct, Pool, Reduction, Tap
+from ..core.attention import BilinearProduct, HeldSoftmax
+from ..core.canonize import Activate, HeldScaleNorm, PassProduct, Pool, Reduction, Tap
 from ..core.clarc import PClArC
 from ..core.errors import InputError
 from ..core.layers import Corrected, activations, get_layer
@@ -50,7 +51,7 @@ from .runtime import session
 # the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, Activation, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
                     nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d, PClArC, Sum, Reduction,
-                    Pool, Activate, PassProduct, Tap)
+                    Pool, Activate, PassProduct, Tap, HeldScaleNorm, BilinearProduct, HeldSoftmax)
 RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zennit
 LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
@@ -270,8 +271,10 @@ class _Simplifier:
         if t is torch.ops.unhans.upsample_nearest.default:
             with self.graph.inserting_before(node):
                 return self._new(aten.upsample_nearest2d.vec, args[0], None, [float(args[1]), float(args[2])])
-        if t in _VIEWS and _shape(node) == _shape(args[0]):
-            return args[0]  # clones, detaches and same-shape views: zennit's rules then recompute nothing twice
+        if t in _VIEWS and _shape(node) == _shape(args[0]) and not (t is aten.clone.default and not _contiguous(args[0])):
+            # clones, detaches and same-shape views: zennit's rules then recompute nothing twice (a clone that makes
+            # a transposed tensor contiguous stays: the views after it, an attention product's, need it)
+            return args[0]
         if t is aten.convolution.default and args[1] in self.ones:
             return self._box(node)
         if t is aten.clamp.default and len(args) > 1 and args[0] in self.nonneg and args[1] is not None and args[1] <= 0 and (len(args) < 3 or args[2] is None):
@@ -525,6 +528,11 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
         graph.metadata_props.add(key=META + k, value=v)
     return graph, ExplainReport(None, figures, len(graph.graph.node), time.perf_counter() - started,
                                 {META + k: v for k, v in metadata.items()})
+
+
+def _contiguous(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return not isinstance(value, torch.Tensor) or value.is_contiguous()
 
 
 def _zennit_speed(lrp: LRP, probe: np.ndarray) -> str:
