@@ -83,15 +83,19 @@ def _called_once_where(model: nn.Module, probe: torch.Tensor, keep, leaves_only:
                 kept.append(name)
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()
-               if name and not (leaves_only and any(module.children()))]
+    _run_hooked(model, probe, [module.register_forward_hook(hook(name)) for name, module in model.named_modules()
+                               if name and not (leaves_only and any(module.children()))])
+    return [name for name in kept if calls[name] == 1]
+
+
+def _run_hooked(model: nn.Module, probe: torch.Tensor, handles: list) -> None:
+    """One forward of ``probe`` in eval mode while ``handles`` (hooks that record) are registered; removed after."""
     try:
         with torch.no_grad():
             model.eval()(probe)
     finally:
         for handle in handles:
             handle.remove()
-    return [name for name in kept if calls[name] == 1]
 
 
 def positions_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -146,12 +150,7 @@ def patch_embedding_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
                if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_pre_hook(lambda *_: first_attention.append(len(finished))) for m in model.modules()
                 if isinstance(m, attention_types)]
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(model, probe, handles)
     if not first_attention:
         return None
     once = [n for n in finished[: first_attention[0]] if finished.count(n) == 1]
