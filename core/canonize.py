@@ -227,7 +227,7 @@ class Canonization:
     signed_input: list[str] = field(default_factory=list)  # convolutions whose input can be negative
     rectified_sums: list[str] = field(default_factory=list)  # sums whose output reaches only rectifiers
     norms: int = 0  # layer/RMS norms given their scale held constant
-    products: int = 0  # matrix products of two tensors (the uniform rule)
+    products: int = 0  # products of two tensors (the uniform rule; in Swin's window attention not counted)
     held: int = 0  # softmaxes held constant (attention weights)
     constants: list[str] = field(default_factory=list)  # learned tensors added or concatenated (class token, positions)
 
@@ -390,6 +390,9 @@ class _Rewriter:
         module = self.modules[node.target]
         if isinstance(module, BatchNorm):
             self._batchnorm(node, module)
+        elif isinstance(module, (BilinearProduct, HeldSoftmax)):  # written as layers (the attention substitutes)
+            self.report.products += isinstance(module, BilinearProduct)
+            self.report.held += isinstance(module, HeldSoftmax)
         elif not _leaf(module) or isinstance(module, NOT_ACTIVATIONS):
             self.unsupported.append(f"{node.target} ({type(module).__name__})")
 

@@ -132,6 +132,8 @@ def test_tiny_transformers_are_conservative(name):
     assert lrp.conservation.rel_err <= 1e-9, lrp.conservation.describe()
     report = lrp.canonization
     assert report.norms == {"vit_b_16": 5, "swin_t": 11, "convnext_tiny": 7}[name]
+    # ViT: 2 blocks x (scores, values) products, 2 held softmaxes; Swin's live inside its WindowAttention layers
+    assert (report.products, report.held) == {"vit_b_16": (4, 2), "swin_t": (0, 0), "convnext_tiny": (0, 0)}[name]
     assert report.constants == (["class_token", "encoder.pos_embedding"] if name == "vit_b_16" else [])
     assert np.isfinite(explanation.relevance).all() and np.abs(explanation.relevance).sum() > 0
 
