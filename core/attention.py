@@ -32,8 +32,7 @@ class BilinearProduct(nn.Module):
         self.function = function
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # contiguous factors: traced for the explain graph, a product of transposed views reshapes into invalid views
-        return self.function(a.contiguous(), b.contiguous())
+        return self.function(a, b)
 
 
 class HeldSoftmax(nn.Module):

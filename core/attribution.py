@@ -119,7 +119,7 @@ class UniformProduct(Hook):
         self.stored_tensors["input"] = input
 
     def backward(self, module, grad_input, grad_output):
-        factors = [t.detach().contiguous().requires_grad_() for t in self.stored_tensors["input"]]
+        factors = [t.detach().requires_grad_() for t in self.stored_tensors["input"]]
         carries = self.stored_tensors["carries"]
         with torch.enable_grad():
             output = module.forward(*factors)

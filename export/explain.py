@@ -48,7 +48,8 @@ from .graph import SCORE_OUTPUT
 from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
 from .runtime import session
 
-# the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold
+# the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold (not
+# yet Swin's WindowAttention: its traced backward holds an as_strided_scatter the ONNX exporter has no function for)
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, Activation, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
                     nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d, PClArC, Sum, Reduction,
                     Pool, Activate, PassProduct, Tap, HeldScaleNorm, BilinearProduct, HeldSoftmax)
@@ -271,10 +272,8 @@ class _Simplifier:
         if t is torch.ops.unhans.upsample_nearest.default:
             with self.graph.inserting_before(node):
                 return self._new(aten.upsample_nearest2d.vec, args[0], None, [float(args[1]), float(args[2])])
-        if t in _VIEWS and _shape(node) == _shape(args[0]) and not (t is aten.clone.default and not _contiguous(args[0])):
-            # clones, detaches and same-shape views: zennit's rules then recompute nothing twice (a clone that makes
-            # a transposed tensor contiguous stays: the views after it, an attention product's, need it)
-            return args[0]
+        if t in _VIEWS and _shape(node) == _shape(args[0]):
+            return args[0]  # clones, detaches and same-shape views: zennit's rules then recompute nothing twice
         if t is aten.convolution.default and args[1] in self.ones:
             return self._box(node)
         if t is aten.clamp.default and len(args) > 1 and args[0] in self.nonneg and args[1] is not None and args[1] <= 0 and (len(args) < 3 or args[2] is None):
@@ -509,7 +508,7 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
             with torch.enable_grad():
                 traced = make_fx(_Explainer(lrp, detector), decomposition_table=_decompositions(), tracing_mode="symbolic",
                                  _allow_non_fake_inputs=True)(x, target)
-            traced = _simplify(traced)
+            traced = _views_as_reshapes(_simplify(traced))
             batch = torch.export.Dim("batch")
             program = torch.onnx.export(traced.eval(), (x, target), dynamo=True, input_names=["input", "target"], output_names=names,
                                         dynamic_shapes=({0: batch}, {0: batch}), external_data=False, opset_version=OPSET,
@@ -530,9 +529,15 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
                                 {META + k: v for k, v in metadata.items()})
 
 
-def _contiguous(node) -> bool:
-    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return not isinstance(value, torch.Tensor) or value.is_contiguous()
+def _views_as_reshapes(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Every view a reshape (one ONNX Reshape either way): the simplifier drops the clones that made a transposed or
+    permuted tensor contiguous (attention's heads, Swin's and ConvNeXt's channel-last layers), after which a view of it
+    would be invalid when torch.export runs the graph again."""
+    for node in traced.graph.nodes:
+        if node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    traced.recompile()
+    return traced
 
 
 def _zennit_speed(lrp: LRP, probe: np.ndarray) -> str:
