@@ -270,7 +270,7 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
     ``selection``: how the rows were chosen."""
     import torch
 
-    from unhans.core.layers import global_pooling_layer
+    from unhans.core.layers import global_pooling_layer, patch_embedding_layer
     from unhans.core.models import load_model
     from unhans.core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
@@ -292,8 +292,11 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
         model = f"--run {shlex.quote(str(model_dir))}"  # a run's model: export measures the cost on the run's clean test set
     else:
         model = f"--model {shlex.quote(str(spec.get('model_file')))} --weights {shlex.quote(str(spec.get('weights')))}"
-    # the layer the audit analysed (its latent layer by default) is a good first place for the correction
+    # the layer the audit analysed (its latent layer by default) is a good first place for the correction; in a
+    # transformer, the patch embedding (core.layers.patch_embedding_layer: after it attention spreads the artifact)
     analysed = audit.get("analysed_layer", spec.get("layer"))
+    embedding = patch_embedding_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2]))
+    analysed = embedding or analysed
     layer = shlex.quote(analysed) if analysed and analysed not in (INPUT, "auto") else "LAYER"
     samples = shlex.quote(str(out / SAMPLES_FILE))
     if region.everywhere:  # no place, so no region: the selected rows themselves are the contrast set, at a layer that keeps positions
@@ -343,7 +346,8 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
     else:
         lead = (("check the region first (see above); if it is the artifact, " if region.warnings else "") + "fit the paired correction with"
                 + (" (LAYER: the module whose output is corrected, e.g. features.pool2)" if layer == "LAYER"
-                   else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":")
+                   else " (--layer: the transformer's patch embedding, before attention spreads the artifact over every token)"
+                   if embedding else " (--layer: the layer the audit analysed; any module whose output is corrected)") + ":")
         commands = [f"unhans export {model} --layer {layer} --images {shlex.quote(str(written['clean']))} "
                     f"--artifact-image {shlex.quote(str(written['image']))} --position {row},{col} --size {height},{width} "
                     f"--channels {channels}{normalisation} --samples {samples} --out corrected.onnx"]

@@ -26,6 +26,7 @@ from unhans.core.attribution import LRP
 from unhans.core.contract import InputContract
 from unhans.core.data import ImageDataset, load_dataset, read_class_names
 from unhans.core.errors import InputError
+from unhans.core.layers import positions_axes
 from unhans.core.models import load_model
 from unhans.core.spray import ClassResult, rank_classes
 
@@ -99,8 +100,9 @@ def _explain_batch(model_source: str, state: bytes, key: str, composite: str, la
     explanation = lrp(torch.from_numpy(images), targets)
     latent = explanation.layer_relevance.get(layer, explanation.relevance)
     analysed = latent
-    if layer != INPUT and latent.ndim == 4:
-        analysed = latent.max(axis=(2, 3)) if over_positions == MAX else latent.sum(axis=(2, 3))
+    axes = positions_axes(latent.shape) if layer != INPUT else ()
+    if axes:  # maps (N, C, H, W) or transformer tokens (N, T, D): pooled over positions
+        analysed = latent.max(axis=axes) if over_positions == MAX else latent.sum(axis=axes)
     return {INPUT: explanation.relevance, "logits": explanation.logits, ANALYSED: analysed}
 
 

@@ -26,6 +26,8 @@ the uncorrected model's figures.
 
 ``--architecture resnet`` trains SmallResNet (global average pooling) instead of the VGG in every cell, named with
 ``_resnet``; its cells run the audit's printed commands whatever the route, since ``LAYER`` is the VGG's.
+``--architecture vit`` does the same with the small vision transformer (``unhans train --model vit``), whose audit
+prints its corrections at the patch embedding.
 
 Grid (42 cells) = artifacts x modes x rates:
 
@@ -422,7 +424,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK_CELLS)} cells ({', '.join(QUICK_CELLS)}), {QUICK_EPOCHS} epochs")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS}, {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--workers", type=int, default=2, help="cells run at once, each step one thread (default 2: one per core)")
-    parser.add_argument("--architecture", default=GRID_MODEL, choices=("vgg", "resnet"),
+    parser.add_argument("--architecture", default=GRID_MODEL, choices=("vgg", "resnet", "vit"),
                         help="the model every cell trains ('unhans train --model'); resnet cells run the audit's printed commands")
     parser.add_argument("--export-args", default="", help="extra 'unhans export' arguments for every cell, e.g. '--reactive'")
     args = parser.parse_args()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +25,12 @@ from rich.progress import track
 from torch import nn
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.layer import Sum
-from zennit.core import BasicHook, Stabilizer
+from zennit.core import BasicHook, Hook, Identity, Stabilizer
 from zennit.rules import ClampMod, Epsilon, Gamma, NoMod, Norm, Pass, ZPlus, zero_bias
 from zennit.types import AvgPool, BatchNorm, Convolution
 
-from .canonize import Activate, Canonization, Pool, Reduction, canonize
+from .attention import BilinearProduct
+from .canonize import Activate, Canonization, HeldScaleNorm, Pool, Reduction, canonize
 from .errors import InputError
 from .layers import Corrected, get_layer
 
@@ -85,6 +87,50 @@ class RectifiedEpsilon(BasicHook):
         )
 
 
+class UniformProduct(Hook):
+    """AttnLRP's uniform rule for a product of two tensors (:class:`~unhans.core.attention.BilinearProduct`): each
+    factor that carries relevance gets an equal share, distributed by the epsilon rule with the other factor held
+    fixed; a factor held constant (a detached attention matrix: CP-LRP) gets none, so the values get it all.
+
+    zennit's hooks follow a layer's first input only; this one follows both."""
+
+    def __init__(self, stabilizer=1e-6):
+        super().__init__()
+        self.stabilizer = stabilizer
+
+    def pre_forward(self, module, input):
+        carries = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in input)
+        self.stored_tensors["carries"] = carries
+        if not any(carries):
+            return input
+        hook_ref = weakref.ref(self)
+
+        def wrapper(grad_input, grad_output):
+            hook = hook_ref()
+            if hook is not None and hook.active:
+                return hook.backward(module, grad_input, hook.stored_tensors["grad_output"])
+            return None
+
+        passed = Identity.apply(*input)
+        self.tensor_handles.append(passed[carries.index(True)].grad_fn.register_hook(wrapper))
+        return tuple(t.clone() for t in passed)  # as zennit does: in-place operations after the layer stay legal
+
+    def forward(self, module, input, output):
+        self.stored_tensors["input"] = input
+
+    def backward(self, module, grad_input, grad_output):
+        factors = [t.detach().requires_grad_() for t in self.stored_tensors["input"]]
+        carries = self.stored_tensors["carries"]
+        with torch.enable_grad():
+            output = module.forward(*factors)
+        share = grad_output[0] / Stabilizer.ensure(self.stabilizer)(output) / sum(carries)
+        gradients = torch.autograd.grad(output, factors, grad_outputs=share)
+        return tuple(f.detach() * g if c else None for f, g, c in zip(factors, gradients, carries))
+
+    def copy(self):
+        return UniformProduct(self.stabilizer)
+
+
 class _SignAwareRules:
     """Composite mixin, the two exceptions to the composite's convolution rule (z+ or gamma), by what canonization
     found: a layer whose input can be negative (behind SiLU, Hardswish, a linear bottleneck) takes the epsilon rule
@@ -121,7 +167,9 @@ class _EpsilonGammaBox(_SignAwareRules, EpsilonGammaBox):
 
 # Each composite by name; the rules it gives the layers canonization makes are the table below, prepended to its own.
 COMPOSITES = {"epsilon_plus_flat": _EpsilonPlusFlat, "epsilon_gamma_box": _EpsilonGammaBox}
-CANONICAL_RULES = (((Activate,), lambda stabilizer: Pass()), ((Reduction, Pool), lambda stabilizer: Norm(stabilizer=stabilizer)))
+CANONICAL_RULES = (((Activate,), lambda stabilizer: Pass()), ((Reduction, Pool), lambda stabilizer: Norm(stabilizer=stabilizer)),
+                   ((HeldScaleNorm,), lambda stabilizer: Epsilon(epsilon=stabilizer)),
+                   ((BilinearProduct,), lambda stabilizer: UniformProduct(stabilizer)))
 STABILIZER = 1e-6
 CHECK_EPSILON = 1e-100  # epsilon and stabiliser of the float64 check: bias-free activations of deep random nets reach 1e-20
 # |Σ input relevance − output relevance| of the bias-free model, worst row, float64. A mis-canonized model is off by
@@ -168,7 +216,7 @@ class Conservation:
 
 
 # layers whose rule redistributes relevance (everything else passes it whole by its gradient)
-_REDISTRIBUTING = (Convolution, nn.Linear, AvgPool, Sum, Reduction, Pool)
+_REDISTRIBUTING = (Convolution, nn.Linear, AvgPool, Sum, Reduction, Pool, HeldScaleNorm, BilinearProduct)
 
 
 def without_corrections(model: nn.Module) -> nn.Module:
@@ -181,15 +229,18 @@ def without_corrections(model: nn.Module) -> nn.Module:
     return model
 
 
-def _bias_free(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model)
+def _zero_biases(model: nn.Module, constants=()) -> None:
+    """Zero, in place, every bias, BatchNorm mean and learned constant added to the signal (``constants``: paths of
+    class tokens and position embeddings, :attr:`Canonization.constants`): what absorbs relevance by design."""
     with torch.no_grad():
         for module in model.modules():
             if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
                 module.bias.zero_()
             if isinstance(module, BatchNorm):
                 module.running_mean.zero_()
-    return model
+        for path in constants:
+            owner, _, name = path.rpartition(".")
+            getattr(model.get_submodule(owner) if owner else model, name).zero_()
 
 
 def conservation(model: nn.Module, x: torch.Tensor, composite: str = "epsilon_plus_flat", low: float = 0.0,
@@ -197,8 +248,9 @@ def conservation(model: nn.Module, x: torch.Tensor, composite: str = "epsilon_pl
     """Conservation of LRP on ``model`` with biases zeroed (and corrections taken out: the P-ClArC projection is an
     edit of the user's, not a rule), for the rows of ``x``; the worst redistributing layer is named."""
     # in float64 with a tiny epsilon, so that only a rule, never rounding, can break conservation
-    lrp = LRP(_bias_free(without_corrections(model)), composite, low=low, high=high, epsilon=CHECK_EPSILON,
+    lrp = LRP(without_corrections(model), composite, low=low, high=high, epsilon=CHECK_EPSILON,
               stabilizer=CHECK_EPSILON, check=False)
+    _zero_biases(lrp.model, lrp.canonization.constants)  # on the canonized copy: merged BatchNorms, split projections
     lrp.model.double()
     sums: dict[str, list] = {}
 
@@ -312,8 +364,8 @@ class LRP:
         return self.conservation
 
     def _recorder(self, name):
-        def record(_module, _inputs, output):
-            self._outputs[name] = output
+        def record(_module, _inputs, output):  # an attention layer answers (output, weights): its output
+            self._outputs[name] = output[0] if isinstance(output, tuple) else output
         return record
 
     def close(self) -> None:
@@ -353,7 +405,9 @@ class LRP:
             targets = self._targets(target, logits.detach())
             seed = torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)
             tensors = [x] + [self._outputs[name] for name in self.layers]
-            grads = torch.autograd.grad(logits, tensors, grad_outputs=seed)
+            # a layer no relevance reaches (the queries and keys of held attention) has relevance 0
+            grads = [torch.zeros_like(t) if g is None else g for t, g in
+                     zip(tensors, torch.autograd.grad(logits, tensors, grad_outputs=seed, allow_unused=True))]
         return Explanation(
             logits=logits.detach().numpy(),
             targets=targets.numpy(),

@@ -12,7 +12,14 @@ BatchNorm, activations, pooling) kept as one call, and its graph is rewritten by
   passes relevance to the other factor unchanged: the gate is a constant, as the LRP literature treats it;
 - activations called as functions become modules (the Pass rule); means, sums and average pools called as
   functions become modules (the Norm rule);
-- a layer called more than once gets one copy per call (zennit's hooks keep one input per module).
+- a layer called more than once gets one copy per call (zennit's hooks keep one input per module);
+- transformer operations (:mod:`unhans.core.attention`): a layer norm (or RMS norm) becomes :class:`HeldScaleNorm`,
+  its normalising scale held constant (AttnLRP's identity rule on the division, the epsilon rule on the rest, all
+  linear); a softmax is held constant (CP-LRP: attention weights pass no relevance); a matrix product of two
+  tensors, or an element-wise product of two same-shaped tensors neither of which is a gate, is a
+  :class:`~unhans.core.attention.BilinearProduct` (AttnLRP's uniform rule); attention layers fx cannot trace are
+  replaced by equivalents before the trace (:data:`SUBSTITUTES`); class tokens and position embeddings are learned
+  constants, counted as biases (:attr:`Canonization.constants`).
 
 What has no rule is refused, every offending operation named at once, with the module it sits in. The result is a
 ``torch.fx.GraphModule`` that computes the same logits (checked by :class:`unhans.core.attribution.LRP` on its first
@@ -32,6 +39,7 @@ from torch import fx, nn
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, MaxPool
 
+from .attention import BilinearProduct, HeldSoftmax, ValueAttention, WindowAttention
 from .errors import InputError
 
 TAPS = "unhans_taps"  # the attribute of a canonized model holding its taps
@@ -44,19 +52,23 @@ class Tap(nn.Identity):
 
 class PassProduct(nn.Module):
     """``x * gate`` (or ``x / gate``) whose relevance goes to ``x`` unchanged and none to the gate, a constant for
-    LRP. With two tensors the gate is the factor broadcast over the other (a squeeze-excitation scale), else factor
-    ``gate`` (the sigmoid-made one the trace found); a number is always the gate."""
+    LRP. With two tensors the gate is the factor broadcast over the other (a squeeze-excitation scale, a LayerScale),
+    else factor ``gate`` (the sigmoid-made one the trace found); a number is always the gate. Two same-shaped
+    factors with no gate among them are a bilinear product (``self.uniform``: AttnLRP's uniform rule)."""
 
     def __init__(self, gate: int | None = None, divide: bool = False):
         super().__init__()
         self.gate, self.divide = gate, divide
+        self.uniform = BilinearProduct(torch.mul)
 
     def forward(self, a, b) -> torch.Tensor:
         if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor):
             na, nb = a.shape[1:].numel(), b.shape[1:].numel()
             if na == nb and self.gate is None:
-                raise InputError("model", f"a product of two tensors shaped {tuple(a.shape)} with no gate among them "
-                                 "has no LRP rule", "make one factor a broadcast or sigmoid gate")
+                if self.divide:
+                    raise InputError("model", f"a division of two tensors shaped {tuple(a.shape)} with no gate among "
+                                     "them has no LRP rule", "divide by a number or a gate")
+                return self.uniform(a, b)
             if (na < nb) if na != nb else self.gate == 0:
                 a, b = b, a
             if self.divide and a.shape[1:].numel() < b.shape[1:].numel():
@@ -80,6 +92,25 @@ class _PassProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class HeldScaleNorm(nn.Module):
+    """A layer norm (or RMS norm, ``rms=True``) over the last ``len(shape)`` axes whose normalising scale is held
+    constant (detached): the map is then linear in its input (centre, scale, affine), so the epsilon rule on it
+    conserves relevance, the rule AttnLRP gives normalisation. Holds the original layer's weight and bias."""
+
+    def __init__(self, shape, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool = False):
+        super().__init__()
+        self.dims = tuple(range(-len(tuple(shape)), 0))
+        self.weight, self.bias, self.eps, self.rms = weight, bias, float(eps), rms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rms:
+            x = x - x.mean(self.dims, keepdim=True)
+        y = x * torch.rsqrt(x.pow(2).mean(self.dims, keepdim=True) + self.eps).detach()
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 class Reduction(nn.Module):
@@ -126,7 +157,8 @@ def stack_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --- the tables -------------------------------------------------------------------------------------------------
 
 # Layers kept as one call in the trace: they carry a rule, or relevance passes them exactly as the gradient does.
-RULED_LAYERS = (Convolution, nn.Linear, BatchNorm, Activation, AvgPool, Sum, Reduction, Activate, Pool)
+RULED_LAYERS = (Convolution, nn.Linear, BatchNorm, Activation, AvgPool, Sum, Reduction, Activate, Pool, HeldScaleNorm,
+                BilinearProduct, HeldSoftmax, WindowAttention)
 # Relevance passes these by their gradient, which keeps it whole (reshapes, crops, winner-take-all routing, sums of
 # copies) in eval mode; listed so that everything else of torch.nn is refused rather than explained wrongly.
 GRADIENT_LAYERS = (MaxPool, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -134,15 +166,22 @@ GRADIENT_LAYERS = (MaxPool, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d
                    nn.ReplicationPad2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
                    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, PassProduct)
 MERGEABLE = (Convolution, nn.Linear)  # a BatchNorm right after one of these is folded into it
+# zennit counts these as activations (the Pass rule) though they are not element-wise: refused unless substituted
+NOT_ACTIVATIONS = (nn.MultiheadAttention,)
+# Layers traced into rather than kept whole: their forward calls a function the tables below give a rule.
+TRACED_THROUGH = (nn.LayerNorm, nn.RMSNorm)
+# Layers replaced before the trace by an equivalent made of ruled operations (exact types: a subclass may differ).
+SUBSTITUTES = {nn.MultiheadAttention: ValueAttention, torchvision.models.swin_transformer.ShiftedWindowAttention: WindowAttention}
 
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
                     torch.stack, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.narrow,
                     torch.swapaxes, operator.getitem, F.pad, F.max_pool2d, F.max_pool1d,
                     F.adaptive_max_pool2d, F.interpolate, F.dropout, F.dropout2d, F.pixel_shuffle,
-                    F.channel_shuffle, torch.channel_shuffle, torch.clone}
+                    F.channel_shuffle, torch.channel_shuffle, torch.clone, torch.roll,
+                    torchvision.models.swin_transformer._patch_merging_pad}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "size", "chunk", "split",
                   "squeeze", "unsqueeze", "expand_as", "view_as", "reshape_as", "narrow", "clone", "__getitem__",
-                  "float", "type_as", "to"}
+                  "float", "type_as", "to", "roll", "expand"}
 _SIZE_FUNCTIONS = {torch.Tensor.size, len, getattr}
 _SIZE_METHODS = {"size", "dim"}
 _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.silu, F.hardswish, F.hardsigmoid, F.gelu,
@@ -158,6 +197,11 @@ _REDUCE = {torch.mean: "mean", "mean": "mean", torch.sum: "sum", "sum": "sum"}
 # functions that are the identity in eval mode, each with how to read from its call whether it trains
 _EVAL_IDENTITY = {torchvision.ops.stochastic_depth: lambda node: bool(node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True))}
 _POOL_FUNCTIONS = {F.avg_pool2d, F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool1d}
+# normalisations, each with how to read (shape, weight, bias, eps) from its call and whether it is an RMS norm
+_NORM_FUNCTIONS = {F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), False),
+                   F.rms_norm: (("input", "normalized_shape", "weight", "eps"), True)}
+_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+_MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 
 
 def _leaf(module: nn.Module) -> bool:
@@ -182,10 +226,15 @@ class Canonization:
     unrectified: list[str] = field(default_factory=list)  # convolutions whose output reaches a layer other than a ReLU
     signed_input: list[str] = field(default_factory=list)  # convolutions whose input can be negative
     rectified_sums: list[str] = field(default_factory=list)  # sums whose output reaches only rectifiers
+    norms: int = 0  # layer/RMS norms given their scale held constant
+    products: int = 0  # products of two tensors (the uniform rule; in Swin's window attention not counted)
+    held: int = 0  # softmaxes held constant (attention weights)
+    constants: list[str] = field(default_factory=list)  # learned tensors added or concatenated (class token, positions)
 
     def summary(self) -> str:
         return (f"{len(self.merged_batchnorms)} BatchNorm merged, {len(self.unmerged_batchnorms)} passed, "
-                f"{self.sums} sums, {len(self.gates)} gates, {len(self.copies)} reused layers copied")
+                f"{self.sums} sums, {len(self.gates)} gates, {self.norms} norms, {self.products} products, "
+                f"{len(self.copies)} reused layers copied")
 
 
 class _Tracer(fx.Tracer):
@@ -197,7 +246,7 @@ class _Tracer(fx.Tracer):
         self.taps = taps  # layer path -> tap path
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _leaf(m) or (super().is_leaf_module(m, qualname) and not isinstance(m, nn.Sequential))
+        return _leaf(m) or (super().is_leaf_module(m, qualname) and not isinstance(m, (nn.Sequential,) + TRACED_THROUGH))
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
@@ -213,6 +262,7 @@ def canonize(model: nn.Module, layers: tuple[str, ...] = ()) -> tuple[fx.GraphMo
     Raises :class:`InputError` when the model cannot be traced or uses an operation with no LRP rule (all named).
     """
     root = copy.deepcopy(model).eval()
+    _substitute(root)
     taps = {name: f"{TAPS}.{i}" for i, name in enumerate(layers)}
     tracer = _Tracer(taps)
     try:
@@ -233,6 +283,15 @@ def canonize(model: nn.Module, layers: tuple[str, ...] = ()) -> tuple[fx.GraphMo
     return traced.eval(), taps, report
 
 
+def _substitute(root: nn.Module) -> None:
+    """Replace, in place, every layer of a type in :data:`SUBSTITUTES` by its equivalent of ruled operations."""
+    for name, module in list(root.named_modules()):
+        replacement = SUBSTITUTES.get(type(module))
+        if replacement is not None and name:
+            parent, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, replacement(module).eval())
+
+
 class _Rewriter:
     """The graph rewrites of :func:`canonize`; collects every operation it cannot give a rule before refusing."""
 
@@ -241,12 +300,15 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         self.unsupported: list[str] = []
         self.sizes: set[fx.Node] = set()  # nodes holding sizes, not tensors
+        self.constants: dict[fx.Node, set[str]] = {}  # nodes computed from learned tensors alone -> those tensors
         self._fresh = 0
 
     def run(self) -> None:
         self._copy_reused()
         for node in list(self.graph.nodes):
-            if node.op == "call_module":
+            if node.op == "get_attr":
+                self.constants[node] = {node.target}
+            elif node.op == "call_module":
                 self._module(node)
             elif node.op in ("call_function", "call_method"):
                 self._function(node)
@@ -328,7 +390,10 @@ class _Rewriter:
         module = self.modules[node.target]
         if isinstance(module, BatchNorm):
             self._batchnorm(node, module)
-        elif not _leaf(module):
+        elif isinstance(module, (BilinearProduct, HeldSoftmax)):  # written as layers (the attention substitutes)
+            self.report.products += isinstance(module, BilinearProduct)
+            self.report.held += isinstance(module, HeldSoftmax)
+        elif not _leaf(module) or isinstance(module, NOT_ACTIVATIONS):
             self.unsupported.append(f"{node.target} ({type(module).__name__})")
 
     def _batchnorm(self, node, bn) -> None:
@@ -345,7 +410,14 @@ class _Rewriter:
     # -- functions and methods
     def _function(self, node) -> None:
         target = node.target
-        tensors = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr" and a not in self.sizes]
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and a not in self.constants and a not in self.sizes]
+        inputs = node.all_input_nodes
+        learned = set().union(*(self.constants[a] for a in inputs if a in self.constants))
+        if learned and all(a in self.constants or a in self.sizes for a in inputs):
+            self.constants[node] = learned  # an expanded class token, a table's slice: still a learned constant
+            return
+        if learned and (target in (torch.cat, torch.concat) or target in _ADD):
+            self.report.constants.extend(sorted(learned - set(self.report.constants)))  # counted as biases
         if target in _SIZE_FUNCTIONS or target in _SIZE_METHODS or (node.all_input_nodes and not tensors and any(
                 a in self.sizes for a in node.all_input_nodes)):
             self.sizes.add(node)  # a shape, or arithmetic on shapes: no tensor flows here
@@ -394,7 +466,41 @@ class _Rewriter:
         if target in _POOL_FUNCTIONS:
             self._replace(node, Pool(target, node.args[1:], node.kwargs), "pool", (node.args[0],))
             return
+        if target in _NORM_FUNCTIONS:
+            self._norm(node)
+            return
+        if target in _SOFTMAX:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
+                self.unsupported.append(f"{node.name} (softmax without an axis, or with a dtype) {self._where(node)}")
+            else:
+                self._replace(node, HeldSoftmax(dim), "softmax", (node.args[0],))
+                self.report.held += 1
+            return
+        if target in _MATMUL:
+            if len(node.args) != 2 or node.kwargs:
+                self.unsupported.append(f"{node.name} ({_name(target)} with options) {self._where(node)}")
+            else:
+                self._replace(node, BilinearProduct(torch.matmul), "product", tuple(node.args))
+                self.report.products += 1
+            return
         self.unsupported.append(f"{node.name} ({_name(target)}) {self._where(node)}")
+
+    def _norm(self, node) -> None:
+        names, rms = _NORM_FUNCTIONS[node.target]
+        given = dict(zip(names, node.args)) | dict(node.kwargs)
+        learned = {}
+        for key in ("weight", "bias"):
+            value = given.get(key)
+            if isinstance(value, fx.Node) and value.op != "get_attr":
+                self.unsupported.append(f"{node.name} ({_name(node.target)} with a computed {key}) {self._where(node)}")
+                return
+            learned[key] = _attribute(self.gm, value.target) if isinstance(value, fx.Node) else value
+        eps = given.get("eps")
+        eps = (1e-5 if not rms else torch.finfo(torch.float32).eps) if eps is None else eps
+        module = HeldScaleNorm(given["normalized_shape"], learned["weight"], learned["bias"], eps, rms)
+        self._replace(node, module, "norm", (given["input"],))
+        self.report.norms += 1
 
     def _product(self, node, tensors, divide: bool) -> None:
         if node.kwargs:
@@ -444,6 +550,12 @@ def _merge(linear: nn.Module, bn: nn.Module) -> None:
     bias = linear.bias.detach() if linear.bias is not None else torch.zeros_like(shift)
     linear.weight = nn.Parameter(weight * scale.reshape(shape), requires_grad=False)
     linear.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+
+
+def _attribute(root: nn.Module, target: str) -> torch.Tensor:
+    """The parameter or buffer at dotted path ``target`` (a ``get_attr`` node's), the object itself (not a copy)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
 
 
 def _out_of_place(function):

@@ -38,7 +38,8 @@ from zennit.types import Activation
 
 from .. import __version__
 from ..core.attribution import LRP, _composite_key
-from ..core.canonize import Activate, PassProduct, Pool, Reduction, Tap
+from ..core.attention import BilinearProduct, HeldSoftmax
+from ..core.canonize import Activate, HeldScaleNorm, PassProduct, Pool, Reduction, Tap
 from ..core.clarc import PClArC
 from ..core.errors import InputError
 from ..core.layers import Corrected, activations, get_layer, middle_spatial_layer
@@ -47,10 +48,11 @@ from .graph import LAYER_OUTPUT, SCORE_OUTPUT
 from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
 from .runtime import session
 
-# the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold
+# the layers of a canonized model (:func:`unhans.core.canonize.canonize`) whose rule backward the graph can hold (not
+# yet Swin's WindowAttention: its traced backward holds an as_strided_scatter the ONNX exporter has no function for)
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, Activation, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
                     nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d, PClArC, Sum, Reduction,
-                    Pool, Activate, PassProduct, Tap)
+                    Pool, Activate, PassProduct, Tap, HeldScaleNorm, BilinearProduct, HeldSoftmax)
 RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zennit
 LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
@@ -510,7 +512,7 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
             with torch.enable_grad():
                 traced = make_fx(_Explainer(lrp, detector), decomposition_table=_decompositions(), tracing_mode="symbolic",
                                  _allow_non_fake_inputs=True)(x, target)
-            traced = _simplify(traced)
+            traced = _views_as_reshapes(_simplify(traced))
             batch = torch.export.Dim("batch")
             program = torch.onnx.export(traced.eval(), (x, target), dynamo=True, input_names=["input", "target"], output_names=names,
                                         dynamic_shapes=({0: batch}, {0: batch}), external_data=False, opset_version=OPSET,
@@ -529,6 +531,17 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
         graph.metadata_props.add(key=META + k, value=v)
     return graph, ExplainReport(None, figures, len(graph.graph.node), time.perf_counter() - started,
                                 {META + k: v for k, v in metadata.items()})
+
+
+def _views_as_reshapes(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Every view a reshape (one ONNX Reshape either way): the simplifier drops the clones that made a transposed or
+    permuted tensor contiguous (attention's heads, Swin's and ConvNeXt's channel-last layers), after which a view of it
+    would be invalid when torch.export runs the graph again."""
+    for node in traced.graph.nodes:
+        if node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    traced.recompile()
+    return traced
 
 
 def _zennit_speed(lrp: LRP, probe: np.ndarray) -> str:

@@ -58,7 +58,8 @@ def main():
 @main.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--data", default="mnist", show_default=True, help="'mnist', 'digits', an .npz file or an image folder.")
-@click.option("--model", "architecture", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True)
+@click.option("--model", "architecture", type=click.Choice(["vgg", "resnet", "vit"]), default="vgg", show_default=True,
+              help="vgg: a small VGG-style CNN; resnet: a small ResNet; vit: a small vision transformer (4x4 patches, 3 blocks).")
 @click.option("--poison", "mode", type=click.Choice(["backdoor", "cooccurrence"]), default="backdoor", show_default=True,
               help="backdoor: paste into other classes and relabel; cooccurrence: paste into the target class.")
 @click.option("--artifact", type=click.Choice(sorted(ARTIFACTS)), default="patch", show_default=True,

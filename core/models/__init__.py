@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import InputError
 
-MODEL_FILES = {"vgg": Path(__file__).with_name("vgg.py"), "resnet": Path(__file__).with_name("resnet.py")}
+MODEL_FILES = {"vgg": Path(__file__).with_name("vgg.py"), "resnet": Path(__file__).with_name("resnet.py"),
+               "vit": Path(__file__).with_name("vit.py")}
 SHAPE_CONSTANTS = ("IN_CHANNELS", "IMAGE_SIZE", "NUM_CLASSES")
 
 

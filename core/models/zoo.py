@@ -17,7 +17,9 @@ from ..errors import InputError
 
 USER_RESNET_FILE = Path(__file__).with_name("user_resnet.py")
 TORCHVISION = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
-MATRIX = TORCHVISION + ("efficientnet_lite0", "user_resnet")
+TRANSFORMERS = ("vit_b_16", "swin_t", "convnext_tiny")  # LayerNorm, attention, LayerScale (torchvision, random weights)
+CNNS = TORCHVISION + ("efficientnet_lite0", "user_resnet")
+MATRIX = CNNS + TRANSFORMERS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,7 +40,48 @@ def build(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
 
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     _randomize_batchnorm(model)
+    _randomize_transformer(model)
     return model.eval()
+
+
+def tiny(name: str, num_classes: int = 5, seed: int = 0) -> nn.Module:
+    """A few-thousand-weight model of each transformer family of :data:`TRANSFORMERS` (torchvision's own classes,
+    small configurations) for 32-px inputs: what tests explain in milliseconds."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    builders = {
+        "vit_b_16": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                              mlp_dim=32, num_classes=num_classes),
+        # 32 px, patches of 2: 16x16 tokens in windows of 3 (padded to 18, shifted), then 8x8
+        "swin_t": lambda: SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                          window_size=[3, 3], num_classes=num_classes),
+        "convnext_tiny": lambda: ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 2)], num_classes=num_classes),
+    }
+    if name not in builders:
+        raise InputError("model", f"{name!r} has no tiny version", f"use one of {tuple(builders)}")
+    model = builders[name]()
+    _randomize_transformer(model)
+    return model.eval()
+
+
+def _randomize_transformer(model: nn.Module) -> None:
+    """Give the parameters torchvision initialises to constants random values, as training would: ViT's class token and
+    head (zeros: every logit 0), ConvNeXt's LayerScale (1e-6: residual branches vanish), every LayerNorm's affine."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            leaf = name.rpartition(".")[2]
+            if leaf == "class_token" or (name.startswith("heads.") and leaf == "weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+            elif leaf == "layer_scale":
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 0.5 + 0.25)
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
 def _randomize_batchnorm(model: nn.Module, size: int = 64) -> None:
