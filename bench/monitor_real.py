@@ -251,7 +251,9 @@ def saturation(cache: Path, archive: Path, files: list[Path]) -> float:
         with ThreadPoolExecutor(8) as threads:
             answered = sum(threads.map(client, range(8)))
         time.sleep(60)
-        recorded = sum(1 for _ in ShardReader(sink or str(work / "unhans-sink"), archive.stem, include_open=True).read())
+        # without a configured sink, each worker writes to unhans-sink in its own working directory (under work/models)
+        sinks = [sink] if sink else [str(p) for p in work.rglob("unhans-sink")]
+        recorded = sum(1 for url in sinks for _ in ShardReader(url, archive.stem, include_open=True).read())
     return recorded / max(answered, 1)
 
 

@@ -224,10 +224,6 @@ class Sampler:
             self._counts[key] += n
 
     def _drain(self) -> None:
-        try:  # the lowest priority: idle cores record samples, requests keep the busy ones (Linux: per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
         recover_due = 0.0
         while True:
             if time.monotonic() >= recover_due:  # a writer on this host may die at any time, not only before we start

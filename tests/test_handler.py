@@ -204,13 +204,14 @@ def test_sampler_stays_within_its_cpu_budget(tmp_path):
     from unhans.handlers.relevance import Sampler
     from unhans.handlers.sink import ShardWriter
 
-    def costly_relevance(images, targets):  # 20 ms of CPU per batch, like a slow model's LRP
-        end = time.thread_time() + 0.02
-        while time.thread_time() < end:
-            pass
-        return None, np.ones((len(images), 1, 28, 28), np.float32), None
+    class CostlyRelevance:  # the explainer's interface the sampler uses; 20 ms of CPU per batch, like a slow model's LRP
+        def with_latent(self, images, targets):
+            end = time.thread_time() + 0.02
+            while time.thread_time() < end:
+                pass
+            return None, np.ones((len(images), 1, 28, 28), np.float32), None, None
 
-    sampler = Sampler(ShardWriter(str(tmp_path), "m", "1", "w"), costly_relevance, 1.0, "m", "1", queue_size=64, batch=4, cpu_budget=0.1)
+    sampler = Sampler(ShardWriter(str(tmp_path), "m", "1", "w"), CostlyRelevance(), 1.0, "m", "1", queue_size=64, batch=4, cpu_budget=0.1)
     assert len(sampler.pick(8)) == 8
     sampler.fraction = 0.1
     assert 850 <= len(sampler.pick(10_000)) <= 1150  # binomial(10000, 0.1): sd 30
