@@ -23,7 +23,7 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, Logg
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from unhans.core.contract import torchserve_limits
-from unhans.handlers.kserve_http import authorized, tensor_bytes
+from unhans.handlers.kserve_http import authorized, tensor_bytes, too_large
 from unhans.handlers.kserve_model import UnhansModel, error
 from unhans.handlers.requests import V2_BINARY_HEADER
 from unhans.handlers.service import Answer, Row
@@ -96,8 +96,10 @@ class Servicer(InferenceServicer):
         refused = self.model.refuses(request.model_name, request.model_version)
         if refused:
             raise AnswerError(refused)
+        size, limit = request.ByteSize(), self.model.service.contract.max_payload_bytes
+        if size > limit:  # refused before its contents are copied into a row
+            raise AnswerError(too_large(size, limit))
         the_row = row(request, {key.lower(): value for key, value in context.invocation_metadata() if isinstance(value, str)})
-        size = request.ByteSize()
         refused = self.model.scheduler.admit(size)
         if refused:
             raise AnswerError(refused)

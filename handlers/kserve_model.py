@@ -130,7 +130,7 @@ class Scheduler:
 
     def admit(self, size: int) -> Answer | None:
         """Count a request of ``size`` body bytes (declared; read or not) as waiting, or its 503 when there is no room:
-        the routes ask before they read a body. Each admitted request is :meth:`release`\ d once answered."""
+        the routes ask before they read a body. Each admitted request is released (:meth:`release`) once answered."""
         if self.waiting >= self.max_requests or (self.waiting and self.waiting_bytes + size > self.max_bytes):
             return error(503, None, f"the server is busy ({self.waiting} requests, {self.waiting_bytes / 2**20:.0f} MiB waiting, "
                          f"limits {self.max_requests} and {self.max_bytes / 2**20:.0f} MiB); retry later")

@@ -362,6 +362,8 @@ def test_sizes_are_refused_before_the_body_is_read(kserve_server):
 
 @pytest.mark.integration
 def test_a_token_is_required_but_not_by_probes_and_only_loopback_listens(kserve_server):
+    import ipaddress
+
     import grpc
     import psutil
 
@@ -378,7 +380,10 @@ def test_a_token_is_required_but_not_by_probes_and_only_loopback_listens(kserve_
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and json.loads(refused.value.details())["error"]["status"] == 401
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
     listening = {c.laddr for c in psutil.Process(server.pid).connections("inet") if c.status == psutil.CONN_LISTEN}
-    assert {ip for ip, _ in listening} == {"127.0.0.1"} and {port for _, port in listening} == {server.http_port, server.grpc_port}
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC binds 127.0.0.1 as ::ffff:127.0.0.1
+    assert all(loopback(ip) for ip, _ in listening) and {port for _, port in listening} == {server.http_port, server.grpc_port}, listening
 
 
 @pytest.mark.integration
