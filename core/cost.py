@@ -66,12 +66,6 @@ class Cost:
         judged = [c for c in self.classes if c.samples >= MIN_CLASS_SAMPLES]
         return max(judged, key=lambda c: c.pt) if judged else None
 
-    @property
-    def within(self) -> bool:
-        """Whether the cost stays within both bounds (what :meth:`check` refuses otherwise)."""
-        worst = self.worst_class
-        return self.overall.pt <= self.max_pt and (worst is None or worst.pt <= self.max_class_pt)
-
     def check(self) -> None:
         """Refuse a correction that costs more than its bounds, naming the figure and the flag that accepts it."""
         overall, worst = self.overall, self.worst_class

@@ -13,8 +13,8 @@ judged on the artifact itself, on up to two sets:
   judge only against what the rows' own correction does to them (:attr:`Effect.other_route_rows`: the plain projection
   fitted on the rows themselves at the same layer; in the paired route that is the samples route, in the samples route
   the plain projection a reactive or own-class one replaced): where that turns them away, this correction must turn
-  away its share. A reference that costs more than the clean-cost bounds turns them away by removing the class with
-  the artifact (a co-occurrence), so it does not count.
+  away its share. A reference that costs a class more than the clean-cost bound per class turns them away by removing
+  the class with the artifact (a co-occurrence), so it does not count.
 - **held-out pairs**: clean images of other classes (the run's test set) with and without the artifact pasted in: the
   artifact image of the paired route, or each artifact row's own region (what the audit's transplant test pasted to
   mark the cluster). The share of them the artifact turns into the class, before and after.
