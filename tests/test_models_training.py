@@ -72,7 +72,7 @@ def _cli(*args):
     (["--target", "11", "--data", "digits"], "class '11' does not exist"),
     (["--data", "digits", "--artifact-option", "radius=2"], "has no option(s) ['radius']"),
     (["--data", "digits", "--position", "a,b"], "--position"),
-    (["--data", "digits", "--artifact", "frame", "--position", "top-left"], "--position: a frame runs along every edge"),
+    (["--data", "digits", "--artifact", "frame", "--position", "top-left"], "--position: a frame artifact covers the whole image and has no position"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     result = _cli("train", "--out", str(tmp_path / "run"), *args)
