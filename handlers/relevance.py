@@ -232,7 +232,7 @@ class Sampler:
             items = []
             try:
                 items.append(self._queue.get(timeout=0.5))
-                # LRP keeps every activation of a batch (about 250x the input for a 224-px CNN): large inputs go fewer at a time
+                # LRP keeps every activation of a batch (Lite0 at 224 px: about 100 MB an image): large inputs go fewer at a time
                 batch = max(1, min(self.batch, BATCH_INPUT_BYTES // items[0].image.nbytes))
                 while len(items) < batch:
                     items.append(self._queue.get_nowait())
