@@ -10,6 +10,7 @@ import numpy as np
 from ..core.contract import IMAGE_SUFFIXES
 from ..core.errors import InputError
 from ..output import console, print_table
+from .carry import CARRY_WINDOWS
 
 
 @click.group("monitor")
@@ -123,11 +124,13 @@ def _trusted_batches(data: str, archive: Path, augment: int, batch_size: int):
 @click.option("--min-samples", type=click.IntRange(12), default=30, show_default=True, help="Fewest samples of a class worth analysing.")
 @click.option("--max-class-samples", type=click.IntRange(12), default=500, show_default=True, help="Analyse a larger class on a subsample.")
 @click.option("--neighbors", "n_neighbors", type=click.IntRange(1), default=10, show_default=True, help="k of SpRAy's kNN graph.")
+@click.option("--carry-windows", type=click.IntRange(0), default=CARRY_WINDOWS, show_default=True,
+              help="Windows a class's samples wait for more of their class when one window brings fewer than --min-samples (0: none wait).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address for /metrics and /evidence/.")
 @click.option("--port", type=click.IntRange(0, 65535), default=9108, show_default=True, help="Port for /metrics and /evidence/ (0: any free).")
 @click.option("--exit-when-idle", is_flag=True, help="Stop when the sink holds no complete window more (for replays and tests).")
 def run_command(state_dir, sink, window_size, window_seconds, false_alarm_rate, resamples, min_samples, max_class_samples,
-                n_neighbors, host, port, exit_when_idle):
+                n_neighbors, carry_windows, host, port, exit_when_idle):
     """Analyse windows of sampled traffic until stopped; resumes where it stopped."""
     from .detector import DriftDetector
     from .service import run_monitor
@@ -136,5 +139,6 @@ def run_command(state_dir, sink, window_size, window_seconds, false_alarm_rate, 
         raise InputError("--min-samples", f"is {min_samples}", f"use more than --neighbors ({n_neighbors})")
     detector = DriftDetector(false_alarm_rate=false_alarm_rate, n_resamples=resamples, n_neighbors=n_neighbors,
                              min_samples=min_samples, max_class_samples=max_class_samples)
-    done = run_monitor(state_dir, sink, detector, window_size, window_seconds, host, port, follow=not exit_when_idle)
+    done = run_monitor(state_dir, sink, detector, window_size, window_seconds, host, port, follow=not exit_when_idle,
+                       carry_windows=carry_windows)
     console.print(f"{done} windows analysed; state in {state_dir}")

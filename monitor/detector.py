@@ -218,6 +218,10 @@ class DriftDetector(BaseEstimator):
         """The most samples of a class a window is analysed on."""
         return min(self.max_class_samples, int(self.max_reference_share * len(self.reference_.pool(class_index))))
 
+    def testable(self, class_index: int) -> bool:
+        """Whether the reference holds enough samples of a class to test it at all."""
+        return self.capacity(class_index) >= self.min_samples
+
     def bucket(self, n: int) -> int:
         """The calibrated size standing in for ``n`` samples: the geometric middle of n's bucket."""
         index = math.floor(math.log(n) / math.log(self.size_ratio))
@@ -259,15 +263,20 @@ class DriftDetector(BaseEstimator):
         return self.null_[key]
 
     def analyse(self, relevance_features: np.ndarray, predictions: np.ndarray, scores: np.ndarray | None = None,
-                seed: int = 0) -> list[ClassDrift]:
-        """Per class of a window (``relevance_features`` preprocessed like the reference): evidence and verdicts."""
+                seed: int = 0, fresh: np.ndarray | None = None) -> list[ClassDrift]:
+        """Per class of a window (``relevance_features`` preprocessed like the reference): evidence and verdicts.
+
+        ``fresh`` marks the rows new in this window; the others were carried from earlier windows
+        (:mod:`unhans.monitor.carry`): they join their class's test, but the known artifact's share, a per-window
+        figure, counts only fresh rows."""
         predictions = np.asarray(predictions).ravel()
+        fresh = np.ones(len(predictions), bool) if fresh is None else np.asarray(fresh, bool)
         results = []
         for c in range(len(self.reference_.classes)):
             rows = np.flatnonzero(predictions == c)
             result = ClassDrift(c, rows)
-            if scores is not None and len(rows):
-                self._artifact_share(result, np.asarray(scores)[rows])
+            if scores is not None and fresh[rows].any():
+                self._artifact_share(result, np.asarray(scores)[rows[fresh[rows]]])
             results.append(result)
             capacity = self.capacity(c)
             if len(rows) == 0:
@@ -276,7 +285,7 @@ class DriftDetector(BaseEstimator):
             if len(rows) < self.min_samples:
                 result.skipped = f"{len(rows)} samples; at least {self.min_samples} are needed"
                 continue
-            if capacity < self.min_samples:
+            if not self.testable(c):
                 result.skipped = f"the reference has too few samples of this class ({len(self.reference_.pool(c))})"
                 continue
             rng = np.random.default_rng([self.random_state, seed, c])

@@ -2,7 +2,8 @@
 
 State lives in one folder (``--state``): ``reference.npz`` (built by ``unhans monitor reference``),
 ``calibration.json`` (resampled null models, reused across restarts), ``state.json`` (the sink position after the
-last analysed window and that window's number), ``windows.jsonl`` (one line per analysed window: its figures,
+last analysed window, that window's number and the carry file it holds), ``carry-<window>.bin`` (samples of classes
+too thin in their window, waiting for more: :mod:`unhans.monitor.carry`), ``windows.jsonl`` (one line per analysed window: its figures,
 alerts and the request ids it analysed) and ``evidence/``.
 
 A window is committed in this order: evidence pages, its ``windows.jsonl`` line, then ``state.json`` replaced
@@ -28,6 +29,7 @@ from unhans.core.spray import preprocess
 from unhans.handlers.sink import Position, Record, ShardReader, seal_stale
 from unhans.output import console
 
+from .carry import CARRY_WINDOWS, MAX_CARRIED, Carry, remove_stale
 from .crossclass import MIN_REFERENCE, CrossClassDetector, CrossClassDrift, describe
 from .detector import ClassDrift, DriftDetector, known_artifact_share
 from .evidence import write_crossclass_evidence, write_evidence
@@ -60,11 +62,13 @@ class Monitor:
     """Reads ``sink`` for the reference's model and version, analyses windows, exports metrics, writes evidence.
 
     ``window_size`` closes a window after that many records; ``window_seconds`` (optional) also closes it once its
-    records span that long, or once its first record is that old and no new one comes.
+    records span that long, or once its first record is that old and no new one comes. ``carry_windows``: how many
+    windows a class's samples wait for more of their class when one window brings too few (0: none wait).
     """
 
     def __init__(self, state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int = 1000,
-                 window_seconds: float | None = None, metrics: MonitorMetrics | None = None, seal_after_seconds: float = 300.0):
+                 window_seconds: float | None = None, metrics: MonitorMetrics | None = None, seal_after_seconds: float = 300.0,
+                 carry_windows: int = CARRY_WINDOWS, max_carried: int = MAX_CARRIED):
         self.state_dir = Path(state_dir)
         self.sink = sink
         self.reference = Reference.load(self.state_dir / REFERENCE_FILE)
@@ -82,6 +86,8 @@ class Monitor:
         self.window_index = int(state.get("window_index", 0))
         self.alert_since = state.get("crossclass_alert_since")  # first window of the cross-class alert now running
         self.committed = Position.of(state.get("position"))
+        self.carry_windows, self.max_carried = carry_windows, max_carried
+        self.carry = Carry.load(self.state_dir, state) if carry_windows else Carry()
         self._drop_uncommitted_ledger()
         self._buffer: list[Record] = []
         self._read_to = Position.of(self.committed)  # past everything read, committed or not
@@ -216,6 +222,7 @@ class Monitor:
         started = time.perf_counter()
         m, labels, classes = self.metrics, self.metrics.labels, self.reference.classes
         records = window.records
+        carried = self.carry.records
         results: list[ClassDrift] = []
         cross: CrossClassDrift | None = None
         known_all: tuple[float, bool] | None = None
@@ -223,30 +230,39 @@ class Monitor:
         if not records:
             m.windows_empty.labels(**labels).inc()
         else:
-            raw = np.stack([np.asarray(r.relevance, np.float32).reshape(self.reference.map_shape) for r in records])
-            predictions = np.array([r.prediction for r in records])
-            scores = np.array([np.nan if r.score is None else r.score for r in records])
+            # the per-class test sees the carried samples first, then the window's; the whole-window tests the window's
+            tested = carried + records
+            fresh = np.arange(len(tested)) >= len(carried)
+            raw = np.stack([np.asarray(r.relevance, np.float32).reshape(self.reference.map_shape) for r in tested])
+            predictions = np.array([r.prediction for r in tested])
+            scores = np.array([np.nan if r.score is None else r.score for r in tested])
             known = len(self.detector.null_)
             results = self.detector.analyse(preprocess(raw, self.reference.pooling), predictions,
-                                            None if np.isnan(scores).all() else scores, seed=self.window_index)
-            cross = self._analyse_across_classes(records, scores)
-            known_all = self._known_artifact(scores)
+                                            None if np.isnan(scores).all() else scores, seed=self.window_index, fresh=fresh)
+            cross = self._analyse_across_classes(records, scores[fresh])
+            known_all = self._known_artifact(scores[fresh])
             if len(self.detector.null_) != known:
                 self._save_calibration()
             alerting = [r for r in results if r.alert]
             title = f"unhans monitor: {self.reference.model} {self.reference.version}, window {self.window_index}"
-            thumbnails, ids = [r.thumbnail for r in records], [r.request_id for r in records]
+            thumbnails, ids = [r.thumbnail for r in tested], [r.request_id for r in tested]
             if alerting:
                 means = {r.class_index: self._reference_mean(r.class_index) for r in alerting}
                 pages.append(write_evidence(self.evidence_root, self.window_index, title, classes, alerting, raw, thumbnails, ids, means))
             if cross is not None and cross.alert:
                 since = self.window_index if self.alert_since is None else self.alert_since
-                pages.append(write_crossclass_evidence(self.evidence_root, self.window_index, title, ALL_CLASSES, classes, cross, raw,
-                                                       thumbnails, ids, predictions, since, records[0].timestamp))
+                offset = len(carried)  # the cross-class test's rows count from the window's first record
+                pages.append(write_crossclass_evidence(self.evidence_root, self.window_index, title, ALL_CLASSES, classes, cross,
+                                                       raw[offset:], thumbnails[offset:], ids[offset:], predictions[offset:], since,
+                                                       records[0].timestamp))
             self._export(results, cross, known_all)
         self.alert_since = (self.window_index if self.alert_since is None else self.alert_since) if cross is not None and cross.alert else None
         seconds = time.perf_counter() - started
-        self._commit(window, results, cross, known_all is not None and known_all[1], pages[-1] if pages else None, seconds)
+        if self.carry_windows:
+            analysed = {r.class_index for r in results if not r.skipped}
+            self.carry = self.carry.update(self.window_index, records, analysed, self.detector.testable, self.carry_windows,
+                                           self.max_carried)
+        self._commit(window, results, cross, known_all is not None and known_all[1], pages[-1] if pages else None, seconds, len(carried))
         m.windows.labels(**labels).inc()
         m.samples.labels(**labels).inc(len(records))
         m.duration.labels(**labels).observe(seconds)
@@ -328,7 +344,7 @@ class Monitor:
         m.of_class(m.alert, ALL_CLASSES, kind="new_strategy").set(int(cross.alert))
 
     def _commit(self, window: Window, results: list[ClassDrift], cross: CrossClassDrift | None, known_all: bool,
-                page: Path | None, seconds: float) -> None:
+                page: Path | None, seconds: float, carried: int) -> None:
         entry = {"index": self.window_index, "closed_by": window.closed_by, "n": len(window.records), "seconds": round(seconds, 3),
                  "first_timestamp": window.records[0].timestamp if window.records else None,
                  "alerts": [self.reference.classes[r.class_index] for r in results if r.alert] + ([ALL_CLASSES] if cross and cross.alert else []),
@@ -336,7 +352,8 @@ class Monitor:
                                           + ([ALL_CLASSES] if known_all else []),
                  "evidence": None if page is None else str(page.relative_to(self.state_dir)),
                  "classes": [r.summary() for r in results], "cross_class": None if cross is None else cross.summary(),
-                 "analysed": self._analysed(results, cross), "request_ids": [r.request_id for r in window.records],
+                 "analysed": self._analysed(results, cross, carried), "carried": carried,
+                 "request_ids": [r.request_id for r in window.records],
                  "end": window.end.to_dict()}
         with open(self.state_dir / LEDGER_FILE, "a") as ledger:
             ledger.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -344,22 +361,25 @@ class Monitor:
             os.fsync(ledger.fileno())
         self.window_index += 1
         self.committed, self._committed_at = window.end, time.time()
+        carry = self.carry.save(self.state_dir, self.window_index)
         _atomic_json(self.state_dir / STATE_FILE, {"window_index": self.window_index, "position": window.end.to_dict(),
                                                    "reference": self.detector.reference_fingerprint_,
-                                                   "crossclass_alert_since": self.alert_since})
+                                                   "crossclass_alert_since": self.alert_since, "carry": carry})
+        remove_stale(self.state_dir, carry)
 
-    def _analysed(self, results: list[ClassDrift], cross: CrossClassDrift | None) -> int:
-        """How many of the window's records entered some test (the cross-class one, or their class's SpRAy)."""
-        rows = {int(i) for r in results if not r.skipped for i in r.analysed}
+    def _analysed(self, results: list[ClassDrift], cross: CrossClassDrift | None, carried: int) -> int:
+        """How many of the window's records entered some test (the cross-class one, or their class's SpRAy, whose
+        rows count the ``carried`` samples first)."""
+        rows = {int(i) - carried for r in results if not r.skipped for i in r.analysed if i >= carried}
         if cross is not None and not cross.skipped:
             rows.update(int(i) for i in cross.rows)
         return len(rows)
 
 
 def run_monitor(state_dir: str | Path, sink: str, detector: DriftDetector, window_size: int, window_seconds: float | None,
-                host: str, port: int | None, follow: bool) -> int:
+                host: str, port: int | None, follow: bool, carry_windows: int = CARRY_WINDOWS) -> int:
     """The command: calibrate, serve metrics and evidence, analyse until SIGTERM/SIGINT (or the sink is exhausted)."""
-    monitor = Monitor(state_dir, sink, detector, window_size, window_seconds)
+    monitor = Monitor(state_dir, sink, detector, window_size, window_seconds, carry_windows=carry_windows)
     server = None
     if port is not None:
         server = serve(monitor.metrics, monitor.evidence_root, host, port)

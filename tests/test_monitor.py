@@ -23,6 +23,7 @@ from unhans.core.layers import middle_spatial_layer
 from unhans.core.poison import attacked
 from unhans.export.archive import build_archive
 from unhans.handlers.sink import Record, ShardWriter
+from unhans.monitor.carry import CARRY_WINDOWS
 from unhans.monitor.detector import DriftDetector
 from unhans.monitor.metrics import MonitorMetrics, serve
 from unhans.core.spray import preprocess
@@ -463,3 +464,37 @@ def test_a_real_model_is_watched_across_classes_before_it_is_patched(tmp_path):
     clean_window, marked_window = (w["cross_class"]["statistics"]["shift"] for w in ledger)
     assert marked_window > 1.2 * clean_window, (clean_window, marked_window)
     assert len(set(explained[1][0].argmax(1).tolist())) > 10  # the watermarked photos are predicted as many classes
+
+
+def test_a_class_too_thin_in_one_window_is_tested_on_its_samples_over_windows(traffic, calibrated, tmp_path):
+    """Windows of 20 samples a class (fewer than min_samples): each class is tested in the second window, on its
+    samples of both, carried across a restart of the monitor; without carrying nothing is ever tested."""
+    predicted, attacked = traffic["logits"].argmax(1), traffic["attack_logits"].argmax(1)
+    target = traffic["target"]
+    keys = ("images", "relevance", "logits", "latent")
+    shortcut = np.flatnonzero(attacked == target)
+
+    def window(part: int) -> dict:
+        """20 samples of each class; half of the target class's samples carry the shortcut."""
+        clean = np.concatenate([np.flatnonzero(predicted == c)[part * 20:(part + 1) * 20][:10 if c == target else 20] for c in range(10)])
+        tagged = shortcut[part * 10:(part + 1) * 10]
+        batch = {k: np.concatenate([traffic[k][clean], traffic["attack_" + k][tagged]]) for k in keys}
+        batch["ids"] = [f"w{part}-{i}" for i in range(len(clean) + len(tagged))]
+        return batch
+
+    first, second = window(0), window(1)
+    for carry_windows in (CARRY_WINDOWS, 0):
+        (tmp_path / str(carry_windows)).mkdir()
+        state, sink = _state(calibrated, tmp_path / str(carry_windows)), tmp_path / str(carry_windows) / "sink"
+        for batch in (first, second):  # a new monitor for each window: what waits survives the restart
+            _replay(sink, batch)
+            Monitor(state, str(sink), _detector(), len(batch["ids"]), carry_windows=carry_windows).run(follow=False)
+        ledger = _ledger(state)
+        per_class = [[c for c in w["classes"] if "skipped" not in c] for w in ledger]
+        assert per_class[0] == []  # nothing testable in the first window alone
+        if carry_windows:
+            assert ledger[1]["carried"] == len(first["ids"]) and len(per_class[1]) == 10 and all(c["n"] >= 30 for c in per_class[1])
+            assert str(target) in ledger[1]["alerts"] and all(c["alert"] == (c["class_index"] == target) for c in per_class[1])
+            assert json.loads((state / STATE_FILE).read_text())["carry"] is None and not list(state.glob("carry-*"))
+        else:
+            assert ledger[1]["carried"] == 0 and per_class[1] == [] and str(target) not in ledger[1]["alerts"]
