@@ -22,7 +22,7 @@ from pathlib import Path
 from unhans.handlers.sink import Record, read_journal
 
 CARRY_WINDOWS = 10  # default: windows a thin class's samples wait for more of their class
-MAX_CARRIED = 2000  # default: samples waiting, all classes together (about 60 KB each at 224 px)
+MAX_CARRIED = 1000  # default: samples waiting, all classes together (about 110 KB each at 224 px: the whole map is kept for evidence)
 PREFIX, SUFFIX = "carry-", ".bin"
 
 
