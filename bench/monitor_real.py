@@ -26,7 +26,8 @@ known-artifact warning and no new-strategy alert),
 ``window_seconds_1000`` (median analysis time of a window), ``reference_photos_used``, ``reference_peak_rss_mb``,
 ``sampled_share_at_saturation`` (a real TorchServe with the watch-only archive at its default sampling budget, every
 request picked, 8 clients for 60 s: share of answered requests recorded within a minute after) and
-``evidence_screenshot`` (the first alert's evidence page in headless Chromium). Exits 2 when the photos are absent.
+``evidence_screenshot`` (the first alert's evidence page in headless Chromium). ``_30pct``, ``_50pct`` and ``_100pct`` say how large a share of
+watermarked traffic the test sees (report). Exits 2 when the photos are absent.
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def main() -> None:
     figures["clean_drift_score_max"] = max(drift) if drift else None
     figures["threshold"] = clean[0]["cross_class"]["threshold"] if clean[0]["cross_class"] else None
     evidence = None
-    for share, key in ((0.1, "10pct"), (0.02, "2pct")):
+    for share, key in ((0.1, "10pct"), (0.02, "2pct"), (0.3, "30pct"), (0.5, "50pct"), (1.0, "100pct")):
         found, ledger = onset(monitored(state, cache / f"run-{key}"), data, share, rng)
         figures[f"windows_to_alert_watermark_{key}"] = found
         figures[f"drift_scores_watermark_{key}"] = [round(w["cross_class"]["drift_score"], 1) for w in ledger if w["cross_class"]]
