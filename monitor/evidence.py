@@ -121,7 +121,7 @@ def _write_page(root: Path, folder: Path, index: int, title: str, sections: list
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-figure {{ margin: 0.6em 0; }} figcaption {{ font-size: 0.85em; color: #555; }}
+figure {{ margin: 0.6em 0; }} img {{ max-width: 100%; height: auto; }} figcaption {{ font-size: 0.85em; color: #555; }}
 section {{ border-top: 2px solid #eee; margin-top: 1.5em; }}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(intro)}</p>
