@@ -321,7 +321,7 @@ def pattern_of_selection(inputs, rows: np.ndarray, console) -> tuple[Pattern | N
     from .region import INPUT, find_region
 
     labels = inputs.dataset.labels
-    found = find_region(inputs.store, inputs.pixels, labels, rows)
+    found = find_region(inputs.store, inputs.pixels, labels, rows, inputs.token_grid)
     if found is None:
         return None, ""
     if found.everywhere:
