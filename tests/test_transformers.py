@@ -61,6 +61,33 @@ def test_layer_norm_holds_its_scale_and_takes_the_epsilon_rule():
     assert np.allclose(free.layer_relevance["inp"].sum(1), free.layer_relevance["norm"].sum(1), rtol=1e-12)
 
 
+class _Gated(nn.Module):
+    """GELU, then a LayerScale (a learned per-channel factor, broadcast over the tokens), then a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.act, self.head = nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)
+        self.layer_scale = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):  # x: (N, 5, 6) tokens
+        return self.head(self.act(self.inp(x)) * self.layer_scale).sum(1)
+
+
+def test_gelu_and_layer_scale_pass_relevance_unchanged():
+    """AttnLRP's identity rule for the GELU and the gate rule for LayerScale: the relevance at the head's input reaches
+    the GELU's input element for element; the head takes the epsilon rule."""
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    with _lrp64(model, ["inp", "act", "head"]) as lrp:
+        got = lrp(x, target=2)
+    a = (torch.from_numpy(got.layer_activations["act"]) * model.layer_scale.detach().double()).requires_grad_()
+    z = model.head.double()(a)
+    expected = a * torch.autograd.grad(z, a, torch.from_numpy(got.layer_relevance["head"]) / z)[0]
+    assert np.allclose(got.layer_relevance["inp"], expected.detach().numpy(), rtol=1e-9, atol=1e-12)
+    assert np.allclose(got.layer_relevance["act"], got.layer_relevance["inp"], rtol=1e-12, atol=1e-15)
+
+
 class _Products(nn.Module):
     """Two bilinear products: a matrix product of two carrying factors, and attention (held softmax) over values."""
 
