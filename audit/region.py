@@ -62,8 +62,6 @@ MIN_SHARE = 0.2  # a region holding less of the members' relevance than this exp
 MAX_REST_SHARE = 0.25
 # Share of the image's pixels that hold half of the contrast's positive mass, above which the artifact has no place.
 MAX_SPREAD = 0.1
-ARTIFACT_PIXEL = 0.5  # grown_by_pixels: a pixel is the artifact's where members and rest differ by this share of the region's largest difference
-PIXEL_ROWS = 512  # grown_by_pixels: most rows of the members and of the rest whose medians are compared
 INPUT = "input"  # the store's array of input relevance (audit.run.INPUT)
 CLEAN_IMAGES = 256  # clean images written beside the region for `unhans export --images` (512 paired samples)
 REGION_IMAGE, REGION_INFO, REGION_CLEAN = "artifact-region.png", "artifact-region.json", "region-clean"  # what --select writes
@@ -171,11 +169,9 @@ def grown_by_pixels(mask: np.ndarray, members: np.ndarray, rest: np.ndarray) -> 
     """``mask`` (H, W) with the connected pieces that touch it (8-neighbours) of the pixels where the members' median
     image differs from the rest's by at least ``ARTIFACT_PIXEL`` of the largest such difference inside the mask: an
     artifact pasted at one place is the same in every member, the rest shows what lies behind it."""
-    def median(images):
-        pick = np.unique(np.linspace(0, len(images) - 1, min(PIXEL_ROWS, len(images))).round().astype(int))
-        return np.median(images[pick], axis=0)
+    from .clusters import ARTIFACT_PIXEL, median_image
 
-    difference = np.abs(median(members) - median(rest)).max(axis=0)
+    difference = np.abs(median_image(members) - median_image(rest)).max(axis=0)
     peak = difference[mask].max()
     if peak <= 0:
         return mask

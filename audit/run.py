@@ -270,7 +270,10 @@ def _pooled(over_positions: str, model, probe: torch.Tensor) -> str:
 def _intervene(model, dataset, relevance: np.ndarray, ranked: list[ClassResult]) -> dict:
     """The transplant test of every analysed class's clusters (audit/clusters.py), with progress."""
     analysed = [r for r in ranked if r.spray is not None]
-    intervention = Intervention(model, dataset.images, dataset.labels, relevance)
+    from unhans.core.layers import patch_embedding_layer
+
+    token_grid = patch_embedding_layer(model, torch.from_numpy(dataset.images[:2])) is not None  # a transformer's input relevance
+    intervention = Intervention(model, dataset.images, dataset.labels, relevance, token_grid=token_grid)
     evidence = {}
     with Progress(console=console) as progress:
         task = progress.add_task("artifact evidence (transplanting each cluster's most relevant pixels)", total=len(analysed))
