@@ -77,6 +77,7 @@ class Region:
     share: float = float("nan")  # of the members' relevance inside the mask
     rest_share: float = float("nan")  # of the rest's relevance inside the mask
     spread: float = float("nan")  # share of the image's pixels holding half of the contrast's positive mass
+    grown: bool = False  # grown by the pixels the members share (grown_by_pixels: a transformer's token grid)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -121,7 +122,9 @@ class Region:
                 "rest_relevance_share": None if np.isnan(self.rest_share) else self.rest_share,
                 "contrast_spread": None if np.isnan(self.spread) else self.spread, "everywhere": self.everywhere, "warnings": self.warnings,
                 "rule": f"contrast of normalised |relevance| (cluster minus rest of its class): connected pieces >= {EDGE} x "
-                        f"peak that reach {SEED} x peak, holes filled; pixels: the members' per-pixel median"}
+                        f"peak that reach {SEED} x peak, holes filled"
+                        + ("; grown by the pixels the members share (a transformer's token grid)" if self.grown else "")
+                        + "; pixels: the members' per-pixel median"}
 
 
 def mean_map(store, rows) -> tuple[np.ndarray | None, int]:
@@ -199,9 +202,11 @@ def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarr
     mask = region_mask(contrast)
     if not mask.any():
         return None
-    if by_pixels and rest.size and spread(contrast) <= MAX_SPREAD:  # an artifact everywhere has no pixels of one place
+    grow = by_pixels and rest.size and spread(contrast) <= MAX_SPREAD  # an artifact everywhere has no pixels of one place
+    if grow:
         mask = grown_by_pixels(mask, images[members], images[rest])
     region = cut_region(images[members], mask)
+    region.grown = bool(grow)
     region.members = counted
     region.share = float(cluster_map[mask].sum())
     region.rest_share = float(rest_map[mask].sum()) if rest_map is not None else float("nan")
