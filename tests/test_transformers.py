@@ -166,7 +166,7 @@ def test_tiny_transformers_are_conservative(name):
 
 
 def test_transformer_layers_are_tapped_for_latent_relevance():
-    """The end of the encoder (what the audit pools) and one attention block, named as the user knows them."""
+    """The end of the encoder and one attention block (any layer `--layer NAME` may name), named as the user knows them."""
     model = tiny("vit_b_16")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with LRP(model, layers=["encoder", "encoder.layers.encoder_layer_0.self_attention"]) as lrp:
