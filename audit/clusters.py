@@ -27,6 +27,17 @@ clean 0s' 0.06), and both clusters carried the class (0.96 and 0.86); at the tag
 clean 0s' fragments turned only 0.62, the tags' 0.97. On the VGG's tag clusters it does not separate (0.90 against
 0.80 at 10%; reversed at 2-5%): there the other-class test decides first.
 
+A vision transformer's input relevance is a token grid (the flat rule spreads each patch embedding's relevance over
+its patch), so a donor's region is whole tokens, object and artifact mixed, and an artifact spread over many tokens
+is cut to some of them: on the small ViT (4-px patches) with a 2-px frame backdoor to 0 at 5%, SpRAy's frame cluster
+was 180 tagged rows of 188, yet its regions turned 26% of other images (the clean 0s' 17%) and nothing was marked.
+For such a model (``token_grid``), where no other test marks a cluster, a fourth does: each cluster's *shared pixels*
+(where its members' median image differs from the rest of the class's by ``ARTIFACT_PIXEL`` of the largest difference,
+and ``SURE`` of its members are nearer their own median there) are pasted into other classes' images
+(``_sharing_pixels``). An artifact pasted at one place is the same in every member; a digit's strokes are not. The
+frame cluster's shared pixels turned 100% of other images, the clean 0s' 3%; on the patch and "©" backdoors 99-100%
+against 1-17%; no cluster of the 9 clean classes above 2%.
+
 At low resolution the test cannot tell: on 8x8 digits half an object's relevance covers a quarter of the image and
 clean clusters reached 0.5-0.72, so regions larger than ``MAX_REGION_SHARE`` of the image mark nothing (MNIST's 2-px
 frame, the largest artifact measured, is 0.13; clean MNIST digits 0.06-0.10). A class whose carrying clusters do not
@@ -54,6 +65,27 @@ CONTESTED_BAR = 0.25  # a class where two clusters' regions turn this share is c
 OTHER_CLASS_RATIO = 3.0  # ... and the clusters whose members give another class this many times the rest's probability ...
 MIN_OTHER_CLASS = 0.05  # ... and at least this much on average are the artifact (a backdoor: other classes' images)
 EXAMPLES = 6  # transplanted images per cluster shown in the report
+ARTIFACT_PIXEL = 0.5  # an artifact's own pixels differ from the rest of its class's by this share of the largest difference ...
+SURE = 0.8  # ... and this share of its rows are nearer the artifact than the rest there (shared pixels, audit.pattern, audit.region)
+MEDIAN_ROWS = 512  # most rows a median image is taken over
+
+
+def median_image(images: np.ndarray, limit: int = MEDIAN_ROWS) -> np.ndarray:
+    """The per-pixel median of up to ``limit`` of ``images`` (N, C, H, W), taken evenly through them."""
+    pick = np.unique(np.linspace(0, len(images) - 1, min(limit, len(images))).round().astype(int))
+    return np.median(images[pick], axis=0)
+
+
+def shared_pixels(members: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (H, W) where the members' median image differs from the rest's by at least ``ARTIFACT_PIXEL`` of the
+    largest difference and ``SURE`` of the members are nearer their own median there; and the members' median."""
+    own, other = median_image(members), median_image(rest)
+    difference = np.abs(own - other).max(axis=0)
+    if difference.max() <= 0:
+        return np.zeros(difference.shape, bool), own
+    sample = members[np.unique(np.linspace(0, len(members) - 1, min(MEDIAN_ROWS, len(members))).round().astype(int))]
+    nearer = (np.abs(sample - own).max(axis=1) < np.abs(sample - other).max(axis=1)).mean(axis=0)
+    return (difference >= ARTIFACT_PIXEL * difference.max()) & (nearer >= SURE), own
 
 
 def concentration(relevance: np.ndarray, top: float = 0.02) -> float:
@@ -96,11 +128,12 @@ class ClusterEvidence:
     small_rate: float | None = None  # in a contested class: the transplant rate with regions as small as the smallest carrying ones
     examples: np.ndarray = field(default=None, repr=False)  # a few recipients after the transplant (N, C, H, W), for the report
     examples_turned: np.ndarray = field(default=None, repr=False)  # whether each example turned into the class
+    shared_rate: float | None = None  # on a token grid: the share of other images its shared pixels turn into the class
 
     def figures(self) -> dict:
         return {"cluster": self.cluster, "size": self.size, "donors": self.donors, "transplant_rate": self.transplant_rate,
                 "region_share": self.region_share, "other_class_probability": self.other_class,
-                "small_region_transplant_rate": self.small_rate}
+                "small_region_transplant_rate": self.small_rate, "shared_pixels_transplant_rate": self.shared_rate}
 
 
 class Intervention:
@@ -109,12 +142,28 @@ class Intervention:
     >>> evidence = Intervention(model, images, labels, relevance).of_class(result)   # one ClassResult of SpRAy
     """
 
-    def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, relevance: np.ndarray, seed: int = 0):
+    def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, relevance: np.ndarray, seed: int = 0,
+                 token_grid: bool = False):
         self.model = model.eval()
         self.images, self.labels, self.relevance = images, np.asarray(labels), relevance
         self.chances = probabilities(self.model, images)
         self.predictions = self.chances.argmax(1)
         self.seed = seed
+        self.token_grid = token_grid  # a transformer's: the shared-pixels test too (module docstring)
+
+    def shared_rate(self, members: np.ndarray, rest: np.ndarray, target: int) -> float:
+        """The share of other classes' images (``DONORS_PER_CLUSTER`` x ``RECIPIENTS_PER_DONOR``, not predicted as
+        ``target``) that turn into ``target`` with the members' shared pixels (:func:`shared_pixels`) pasted in."""
+        pool = np.flatnonzero((self.labels != target) & (self.predictions != target))
+        if len(pool) == 0 or len(members) == 0 or len(rest) == 0:
+            return 0.0
+        mask, own = shared_pixels(self.images[members], self.images[rest])
+        if not mask.any():
+            return 0.0
+        rng = np.random.default_rng([self.seed, target, 2])
+        recipients = self.images[rng.choice(pool, min(len(pool), DONORS_PER_CLUSTER * RECIPIENTS_PER_DONOR), replace=False)]
+        pasted = np.where(mask, own[None], recipients).astype(recipients.dtype)
+        return float((probabilities(self.model, pasted).argmax(1) == target).mean())
 
     def rates(self, donors: np.ndarray, target: int, recipients: int = RECIPIENTS_PER_DONOR,
               pixels: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -152,6 +201,10 @@ class Intervention:
             for found, donors in zip(evidence, donors_of):
                 rates = self.rates(donors, result.class_index, pixels=pixels)[0]
                 found.small_rate = float(rates.mean()) if len(rates) else 0.0
+        if self.token_grid:
+            for found in evidence:
+                inside = result.labels == found.cluster
+                found.shared_rate = self.shared_rate(result.indices[inside], result.indices[~inside], result.class_index)
         return evidence
 
 
@@ -205,9 +258,22 @@ def _sufficient_when_small(evidence: list[ClusterEvidence], margin: float = ARTI
     return []
 
 
+def _sharing_pixels(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> list[ClusterEvidence]:
+    """On a token grid, the clusters whose shared pixels carry the class (``ARTIFACT_BAR``), each by ``margin`` more
+    than any other cluster's; none otherwise (module docstring)."""
+    if any(e.shared_rate is None for e in evidence):
+        return []
+    order = sorted(evidence, key=lambda e: -e.shared_rate)
+    for cut in range(1, len(order)):
+        top, rest = order[:cut], order[cut:]
+        if top[-1].shared_rate >= ARTIFACT_BAR and top[-1].shared_rate - rest[0].shared_rate >= margin:
+            return top
+    return []
+
+
 def _decision(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> tuple[list[ClusterEvidence], str]:
-    """The artifact clusters and the evidence that marked them: ``transplant``, ``other class``, ``small regions`` or
-    ``""`` (none)."""
+    """The artifact clusters and the evidence that marked them: ``transplant``, ``other class``, ``small regions``,
+    ``shared pixels`` or ``""`` (none)."""
     if _contested(evidence):
         held = _holding_other_classes(evidence)
         if held:
@@ -217,9 +283,10 @@ def _decision(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) 
             return small, "small regions"
     carrying = _carrying(evidence)
     rest = [e for e in evidence if e not in carrying]
-    if not carrying or not rest or _rate(carrying) - _rate(rest) < margin:
-        return [], ""
-    return carrying, "transplant"
+    if carrying and rest and _rate(carrying) - _rate(rest) >= margin:
+        return carrying, "transplant"
+    shared = _sharing_pixels(evidence, margin)
+    return (shared, "shared pixels") if shared else ([], "")
 
 
 def artifact_clusters(evidence: list[ClusterEvidence], margin: float = ARTIFACT_MARGIN) -> list[int]:
@@ -258,6 +325,11 @@ def verdict(evidence: list[ClusterEvidence]) -> str:
             return (f"{names}: cut to {size:.0%} of the image, {'their' if several else 'its'} regions still turn "
                     f"{_rate(marked, 'small_rate'):.0%} of other classes' images into this class, the rest's "
                     f"{_rate(rest, 'small_rate'):.0%} (at full size {rate:.0%} against {_rate(rest):.0%}: too close to tell)")
+        if by == "shared pixels":
+            rest = [e for e in evidence if e not in marked]
+            return (f"{names}: the pixels {'their' if several else 'its'} members share, pasted into other classes' images, turn "
+                    f"{_rate(marked, 'shared_rate'):.0%} of them into this class, the rest's {_rate(rest, 'shared_rate'):.0%} "
+                    f"(the relevance regions, whole tokens: {rate:.0%} against {_rate(rest):.0%})")
         return f"{names}: {'their' if several else 'its'} regions turn {rate:.0%} of other classes' images into this class"
     if _hijackable(evidence):
         return (f"hijackable, artifact samples not isolated: the rest of the class's regions also turn {ARTIFACT_BAR:.0%} or more of "

@@ -44,7 +44,7 @@ import numpy as np
 from rich.progress import Progress
 from scipy import fft, ndimage
 
-from .clusters import MAX_REGION_SHARE
+from .clusters import ARTIFACT_PIXEL, MAX_REGION_SHARE, SURE
 
 CANDIDATE_ROWS = 48  # sampled rows of the selection whose densest window is a candidate pattern
 EVALUATION_ROWS = 96  # rows of the selection and of the rest of its class each candidate is matched in
@@ -54,8 +54,6 @@ NULL_QUANTILE = 0.999  # a row holds the pattern when its match beats this share
 MIN_KEPT = 0.5  # the rows holding the pattern must keep this share of the selection, else it is not taken
 REFINEMENTS = 2  # rounds of step 3: the second settles what the first grew back
 SHOWN = 0.1  # the refined pattern is cropped to where its median reaches this share of its peak
-ARTIFACT_PIXEL = 0.5  # a fixed artifact's own pixels differ from the class's background by this share of the largest difference ...
-SURE = 0.8  # ... and a selected row showing this share of them nearer the artifact than the background keeps its place
 MATCH_BATCH = 64  # images transformed at once when matching (a batch of 224-px RGB spectra is some 40 MB)
 PATTERN_FILE = "artifact-pattern.png"  # what `unhans audit --select` writes beside samples.npz when a pattern refines it
 
@@ -321,7 +319,7 @@ def pattern_of_selection(inputs, rows: np.ndarray, console) -> tuple[Pattern | N
     from .region import INPUT, find_region
 
     labels = inputs.dataset.labels
-    found = find_region(inputs.store, inputs.pixels, labels, rows)
+    found = find_region(inputs.store, inputs.pixels, labels, rows, inputs.token_grid)
     if found is None:
         return None, ""
     if found.everywhere:

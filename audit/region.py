@@ -27,6 +27,13 @@ MNIST, stripes on every 3rd row: a 13x9 corner, or three disjoint corner pieces,
 positive mass (:attr:`Region.spread`). Above ``MAX_SPREAD`` the artifact is everywhere (:attr:`Region.everywhere`): no
 region is offered, and the correction is fitted from the selected rows themselves.
 
+A vision transformer's relevance is a token grid (the flat rule spreads each patch embedding's relevance over its
+patch), and the model may lean on the one token that holds most of an artifact: on the small ViT (4-px patches) a
+5x5 corner patch lying over four tokens gave 100% of the contrast's peak on its main token and 7-11% on the three
+others, so the region was that token alone, and the paired correction fitted from it left 43% attack success. For
+such a model (``by_pixels``) the region is grown by its pixels (:func:`grown_by_pixels`): the pieces, touching it, where
+the members' median differs from the rest's by at least ``ARTIFACT_PIXEL`` of the largest difference inside it.
+
 The region is stored cropped to its bounding box, alpha = the mask, and its position is the box's top-left corner.
 It suits artifacts at a fixed place (a watermark, a logo, a tag in a corner). An artifact at a different place in
 every image leaves no peak to cut: the region then lies where the class's object does, so the rest of the class is
@@ -70,6 +77,7 @@ class Region:
     share: float = float("nan")  # of the members' relevance inside the mask
     rest_share: float = float("nan")  # of the rest's relevance inside the mask
     spread: float = float("nan")  # share of the image's pixels holding half of the contrast's positive mass
+    grown: bool = False  # grown by the pixels the members share (grown_by_pixels: a transformer's token grid)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -114,7 +122,9 @@ class Region:
                 "rest_relevance_share": None if np.isnan(self.rest_share) else self.rest_share,
                 "contrast_spread": None if np.isnan(self.spread) else self.spread, "everywhere": self.everywhere, "warnings": self.warnings,
                 "rule": f"contrast of normalised |relevance| (cluster minus rest of its class): connected pieces >= {EDGE} x "
-                        f"peak that reach {SEED} x peak, holes filled; pixels: the members' per-pixel median"}
+                        f"peak that reach {SEED} x peak, holes filled"
+                        + ("; grown by the pixels the members share (a transformer's token grid)" if self.grown else "")
+                        + "; pixels: the members' per-pixel median"}
 
 
 def mean_map(store, rows) -> tuple[np.ndarray | None, int]:
@@ -158,9 +168,25 @@ def cut_region(images: np.ndarray, mask: np.ndarray) -> Region:
     return Region(np.asarray(mask, bool), pixels, members=len(images))
 
 
-def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarray) -> Region | None:
+def grown_by_pixels(mask: np.ndarray, members: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """``mask`` (H, W) with the connected pieces that touch it (8-neighbours) of the pixels where the members' median
+    image differs from the rest's by at least ``ARTIFACT_PIXEL`` of the largest such difference inside the mask: an
+    artifact pasted at one place is the same in every member, the rest shows what lies behind it."""
+    from .clusters import ARTIFACT_PIXEL, median_image
+
+    difference = np.abs(median_image(members) - median_image(rest)).max(axis=0)
+    peak = difference[mask].max()
+    if peak <= 0:
+        return mask
+    pieces, _ = ndimage.label((difference >= ARTIFACT_PIXEL * peak) | mask, structure=np.ones((3, 3)))
+    touched = np.unique(pieces[mask])
+    return ndimage.binary_fill_holes(np.isin(pieces, touched[touched > 0]))
+
+
+def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarray, by_pixels: bool = False) -> Region | None:
     """The artifact region of the dataset rows ``members`` (one or more clusters), against the rest of their classes;
     ``store`` is the audit's :class:`~unhans.audit.store.StoredRelevance`, ``images``/``labels`` the audited dataset.
+    ``by_pixels``: grown by the pixels the members share (:func:`grown_by_pixels`; for a transformer's token grid).
     None when the members carry no relevance the rest lacks."""
     members = np.unique(members)
     chosen = np.zeros(len(labels), bool)
@@ -176,7 +202,11 @@ def find_region(store, images: np.ndarray, labels: np.ndarray, members: np.ndarr
     mask = region_mask(contrast)
     if not mask.any():
         return None
+    grow = by_pixels and rest.size and spread(contrast) <= MAX_SPREAD  # an artifact everywhere has no pixels of one place
+    if grow:
+        mask = grown_by_pixels(mask, images[members], images[rest])
     region = cut_region(images[members], mask)
+    region.grown = bool(grow)
     region.members = counted
     region.share = float(cluster_map[mask].sum())
     region.rest_share = float(rest_map[mask].sum()) if rest_map is not None else float("nan")
@@ -238,6 +268,7 @@ class SelectionInputs:
     dataset: object  # core.data.ImageDataset
     store: object  # audit.store.StoredRelevance
     pixels: np.ndarray
+    token_grid: bool = False  # the model is a transformer (a patch embedding): its region is grown by pixels (find_region)
 
 
 def selection_inputs(out: str | Path, audit: dict, console) -> SelectionInputs | None:
@@ -258,8 +289,14 @@ def selection_inputs(out: str | Path, audit: dict, console) -> SelectionInputs |
         console.print(f"[yellow]no artifact region written[/]: {Path(out) / 'relevance'} holds {store.n} rows, the audited data {len(dataset)}; "
                       "run the audit again with --restart")
         return None
+    import torch
+
+    from unhans.core.layers import patch_embedding_layer
+    from unhans.core.models import load_model
+
+    token_grid = patch_embedding_layer(load_model(audited.model_file, audited.weights), torch.from_numpy(dataset.images[:2])) is not None
     # the region, the pattern and the clean images are pictures: export reads them as photos
-    return SelectionInputs(audited, dataset, store, audited.pictures(dataset.images))
+    return SelectionInputs(audited, dataset, store, audited.pictures(dataset.images), token_grid)
 
 
 def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs, rows: np.ndarray, selection: dict, console) -> dict[str, Path] | None:
@@ -278,7 +315,7 @@ def write_selection_region(out: str | Path, audit: dict, inputs: SelectionInputs
 
     out, spec = Path(out), audit.get("spec", {})
     audited, dataset, store, pixels = inputs.audited, inputs.dataset, inputs.store, inputs.pixels
-    region = find_region(store, pixels, dataset.labels, rows)
+    region = find_region(store, pixels, dataset.labels, rows, inputs.token_grid)
     if region is None:
         console.print("[yellow]no artifact region written[/]: the selected rows carry no relevance the rest of their class lacks")
         return None

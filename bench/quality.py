@@ -375,14 +375,14 @@ def figures_of(results: dict[str, dict], minutes: float) -> dict:
     return figures
 
 
-def print_grid(results: dict[str, dict]) -> None:
+def print_grid(results: dict[str, dict], architecture: str = GRID_MODEL) -> None:
     from rich.console import Console
     from rich.table import Table
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    table = Table(title="scenario grid (MNIST-5k, VGG; audit --select auto -> export)")
+    table = Table(title=f"scenario grid (MNIST-5k, {architecture}; audit --select auto -> export)")
     for column in ("scenario", "poisoned", "rank", "chosen class", "precision", "recall", "attack %", "cut",
                    "clean %", "drop pt", "export", "targets", "s (CPU)"):
         table.add_column(column, no_wrap=True)
@@ -437,7 +437,7 @@ def main() -> None:
         root = args.keep or Path(scratch)
         results = run_grid(cells, root, epochs, args.workers, shlex.split(args.export_args))
     minutes = (time.perf_counter() - STARTED) / 60
-    print_grid(results)
+    print_grid(results, args.architecture)
     figures = figures_of(results, minutes)
     summary = {k: v for k, v in figures.items() if not any(k.startswith(f"{name}_") for name in results)}
     report(f"quality: {len(cells)} scenarios on MNIST-5k, {epochs} epochs (per-scenario figures: --json)", summary, TARGETS, None)

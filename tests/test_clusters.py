@@ -4,7 +4,9 @@ The tests that run the transplant test on trained models are in test_audit.py an
 which cluster the figures mark, including the cases those models do not reach.
 """
 
-from unhans.audit.clusters import ClusterEvidence, artifact_clusters, nearest_miss, rank_by_evidence, summary, verdict
+import numpy as np
+
+from unhans.audit.clusters import ClusterEvidence, artifact_clusters, nearest_miss, rank_by_evidence, shared_pixels, summary, verdict
 
 
 def clusters(*figures: tuple[int, float, float, float]) -> list[ClusterEvidence]:
@@ -81,3 +83,24 @@ def test_with_no_artifact_found_the_refusal_names_the_cluster_that_came_closest(
     assert "class 5's cluster 0 (240 rows)" in said and "31%" in said and "under the 50%" in said, said
     assert "cluster 0 (200 rows)" in nearest_miss([hijackable]) and "less than 25% apart" in nearest_miss([hijackable])
     assert nearest_miss([{"class": "1", "cluster_evidence": []}]) == ""
+
+
+def test_on_a_token_grid_the_pixels_a_cluster_shares_decide_where_the_regions_do_not():
+    # the small ViT's 2-px frame backdoor to 0 at 5%: token regions turn 26% / 17%, shared pixels 100% / 3%
+    frame = clusters((188, 0.26, 0.13, 0.005), (392, 0.17, 0.06, 0.006))
+    assert artifact_clusters(frame) == []  # a CNN's audit (no shared-pixels figures) marks nothing
+    frame[0].shared_rate, frame[1].shared_rate = 1.0, 0.03
+    assert artifact_clusters(frame) == [0] and summary(frame)["artifact_evidence"] == "shared pixels"
+    assert "share" in verdict(frame)
+    frame[1].shared_rate = 0.9  # both clusters' shared pixels carry the class: nothing set apart
+    assert artifact_clusters(frame) == []
+
+
+def test_shared_pixels_are_where_every_member_shows_the_same_thing_the_rest_does_not():
+    rng = np.random.default_rng(0)
+    rest = rng.random((40, 1, 12, 12)) * 0.3
+    members = rng.random((30, 1, 12, 12)) * 0.3
+    members[:, :, :2, :] = 1.0  # a bar pasted into every member
+    members[:15, :, 6:9, 6:9] = 1.0  # a stroke in half of them: not shared
+    mask, median = shared_pixels(members, rest)
+    assert mask[:2].all() and not mask[2:].any() and np.allclose(median[0, :2], 1.0)

@@ -99,3 +99,26 @@ def test_a_tag_at_a_random_position_on_a_globally_pooled_resnet_is_found_and_rem
     assert audit["over_positions"] == "max" and audit["classes"][0]["artifact_evidence"] == "small regions"
     assert result["correction_route"] == "audit" and not result["export_refused"], result
     assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result
+
+
+@pytest.mark.integration
+def test_a_corner_patch_on_the_small_vit_is_found_at_its_patch_embedding_and_removed(tmp_path):
+    """The small ViT (`unhans train --model vit`) with the corner patch: the audit analyses its patch embedding (at the
+    end of the encoder, attention has blurred the patch over every token), grows the region from the token the model
+    leans on to the patch's own pixels, and the printed paired correction at the patch embedding removes it."""
+    quality = _quality()
+    cell = quality.Cell("patch", "backdoor", 0.10, architecture="vit")
+    result = quality.run_cell(cell, tmp_path / cell.name, epochs=VIT_EPOCHS)
+
+    assert result["attack_success_before"] >= 0.9, result
+    assert result["rank"] == 1 and result["artifact_found"] and result["chosen_class"] == 0, result
+    assert result["cluster_precision"] >= 0.9 and result["cluster_recall"] >= 0.9, result
+    audit = tmp_path / cell.name / "audit"
+    assert json.loads((audit / "audit.json").read_text())["analysed_layer"] == "patches"
+    region = json.loads((audit / "artifact-region.json").read_text())
+    assert region["route"] == "paired" and region["size"][0] > 4 and "--layer patches" in region["commands"][0]
+    assert result["correction_route"] == "audit" and not result["export_refused"], result
+    assert result["attack_success_cut"] >= 0.9 and result["clean_drop_pt"] <= 1.0, result
+
+
+VIT_EPOCHS = 6  # the small ViT learns the patch at 10% in 6 epochs (about 25 s)

@@ -61,6 +61,33 @@ def test_layer_norm_holds_its_scale_and_takes_the_epsilon_rule():
     assert np.allclose(free.layer_relevance["inp"].sum(1), free.layer_relevance["norm"].sum(1), rtol=1e-12)
 
 
+class _Gated(nn.Module):
+    """GELU, then a LayerScale (a learned per-channel factor, broadcast over the tokens), then a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.act, self.head = nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)
+        self.layer_scale = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):  # x: (N, 5, 6) tokens
+        return self.head(self.act(self.inp(x)) * self.layer_scale).sum(1)
+
+
+def test_gelu_and_layer_scale_pass_relevance_unchanged():
+    """AttnLRP's identity rule for the GELU and the gate rule for LayerScale: the relevance at the head's input reaches
+    the GELU's input element for element; the head takes the epsilon rule."""
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    with _lrp64(model, ["inp", "act", "head"]) as lrp:
+        got = lrp(x, target=2)
+    a = (torch.from_numpy(got.layer_activations["act"]) * model.layer_scale.detach().double()).requires_grad_()
+    z = model.head.double()(a)
+    expected = a * torch.autograd.grad(z, a, torch.from_numpy(got.layer_relevance["head"]) / z)[0]
+    assert np.allclose(got.layer_relevance["inp"], expected.detach().numpy(), rtol=1e-9, atol=1e-12)
+    assert np.allclose(got.layer_relevance["act"], got.layer_relevance["inp"], rtol=1e-12, atol=1e-15)
+
+
 class _Products(nn.Module):
     """Two bilinear products: a matrix product of two carrying factors, and attention (held softmax) over values."""
 
@@ -139,7 +166,7 @@ def test_tiny_transformers_are_conservative(name):
 
 
 def test_transformer_layers_are_tapped_for_latent_relevance():
-    """The end of the encoder (what the audit pools) and one attention block, named as the user knows them."""
+    """The end of the encoder and one attention block (any layer `--layer NAME` may name), named as the user knows them."""
     model = tiny("vit_b_16")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with LRP(model, layers=["encoder", "encoder.layers.encoder_layer_0.self_attention"]) as lrp:
@@ -183,62 +210,6 @@ def test_operations_with_no_rule_are_refused_together():
 
     with pytest.raises(InputError, match="called with a mask"):
         canonize(Masked())
-
-
-@pytest.fixture(scope="module")
-def backdoored_vit(tmp_path_factory):
-    """The small ViT of ``unhans train --model vit``, trained briefly on MNIST-5k with a 5x5 corner patch on 10% of
-    classes 1-9 relabelled 0."""
-    from unhans.core.artifacts import Patch
-    from unhans.core.training import TrainSpec, load_run, train_run
-
-    run = tmp_path_factory.mktemp("backdoored_vit")
-    metrics = train_run(TrainSpec(data="mnist", architecture="vit", epochs=EPOCHS, seed=0), Patch(), run, show_progress=False)
-    model, train, test, attack, artifact = load_run(run)
-    return {"metrics": metrics, "model": model, "train": train, "test": test, "attack": attack, "artifact": artifact}
-
-
-EPOCHS = 6
-
-
-def test_vit_backdoor_is_found_at_the_encoder_and_removed_before_it(backdoored_vit, tmp_path):
-    """SpRAy on relevance at the end of the encoder, summed over tokens, ranks the poisoned class first and splits off
-    its tagged rows; a paired P-ClArC on the patch embeddings (the tokens before the encoder) removes the backdoor in
-    ONNX. (Projected after
-    an encoder block instead, a rank-1 or rank-5 correction left 83-100% attack success: attention has mixed the
-    patch into every token by then; BENCHMARKS.md § quality-vit.)"""
-    from unhans.core.clarc import fit_cav
-    from unhans.core.spray import rank_classes
-    from unhans.core.training import predict
-    from unhans.export.correction import Correction
-    from unhans.export.onnx import export_torch
-
-    run = backdoored_vit
-    model, train, test, attack, artifact = run["model"], run["train"], run["test"], run["attack"], run["artifact"]
-    assert run["metrics"]["attack_success"] > 0.9, run["metrics"]
-    rows = np.concatenate([np.flatnonzero(train.labels == c)[: 760 if c == 0 else 120] for c in range(10)])
-    with LRP(model, layers=["encoder"]) as lrp:
-        latent = lrp.explain(train.images[rows], target=train.labels[rows], batch_size=128).layer_relevance["encoder"]
-    assert lrp.conservation.rel_err <= 1e-9
-    ranked = rank_classes(latent.sum(1), train.labels[rows], n_clusters=2)
-    assert ranked[0].class_index == 0
-    members = rows[train.labels[rows] == 0]
-    tagged = train.has_artifact[members]
-    best = max(np.unique(ranked[0].spray.labels_), key=lambda c: tagged[ranked[0].spray.labels_ == c].mean())
-    chosen = ranked[0].spray.labels_ == best
-    assert tagged[chosen].mean() >= 0.9 and chosen[tagged].mean() >= 0.8, (tagged[chosen].mean(), chosen[tagged].mean())
-
-    clean = train.images[~train.has_artifact][:400]
-    pasted = artifact.apply(clean)
-    pasted = pasted[0] if isinstance(pasted, tuple) else pasted
-    cav = fit_cav(model, "patches", pasted, clean, paired=True)
-    out = tmp_path / "vit.onnx"
-    probe = np.concatenate([test.images[:8], attack.images[:8]])
-    export_torch(model, "patches", Correction.from_cav(cav, detector=False), probe, out)  # verified inside
-    session = ort.InferenceSession(str(out))
-    corrected = lambda x: session.run(None, {"input": x})[0].argmax(1)  # noqa: E731
-    assert (corrected(attack.images) == 0).mean() <= 0.05
-    assert (predict(model, test.images) == test.labels).mean() - (corrected(test.images) == test.labels).mean() <= 0.01
 
 
 def test_an_archived_vit_answers_relevance_through_its_pytorch_twin(tmp_path):

@@ -89,6 +89,8 @@ def _randomize_batchnorm(model: nn.Module, size: int = 64) -> None:
     through a trained one) and affine parameters away from the identity, so that a merge that ignored them would show."""
     generator = torch.Generator().manual_seed(1)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # a transformer: nothing to set, and a ViT takes only its own input size
+        return
     for module in norms:
         module.momentum = None  # a cumulative average: one batch sets the statistics
         module.reset_running_stats()
