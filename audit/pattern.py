@@ -316,7 +316,8 @@ def pattern_of_selection(inputs, rows: np.ndarray, console) -> tuple[Pattern | N
     (:func:`find_pattern`, with progress on ``console``); where it has a place, its region's pixels matched there
     (:func:`pattern_at`). ``inputs`` is the selection's :class:`audit.region.SelectionInputs`."""
     from .clusters import region
-    from .region import INPUT, find_region
+    from .region import find_region
+    from .spec import INPUT
 
     labels = inputs.dataset.labels
     found = find_region(inputs.store, inputs.pixels, labels, rows, inputs.token_grid)

@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .spec import INPUT, AuditSpec, audited_dataset
+
 SEED = 0.5  # share of the contrast's peak a piece must reach somewhere
 EDGE = 0.25  # share of the contrast's peak a pixel of the piece needs
 MAX_AREA = 0.25  # a region over this share of the image is no localised artifact: warned
@@ -62,7 +64,6 @@ MIN_SHARE = 0.2  # a region holding less of the members' relevance than this exp
 MAX_REST_SHARE = 0.25
 # Share of the image's pixels that hold half of the contrast's positive mass, above which the artifact has no place.
 MAX_SPREAD = 0.1
-INPUT = "input"  # the store's array of input relevance (audit.run.INPUT)
 CLEAN_IMAGES = 256  # clean images written beside the region for `unhans export --images` (512 paired samples)
 REGION_IMAGE, REGION_INFO, REGION_CLEAN = "artifact-region.png", "artifact-region.json", "region-clean"  # what --select writes
 
@@ -264,7 +265,7 @@ class SelectionInputs:
     """What ``unhans audit --select`` reads once for the region, the pattern and the commands it prints: the audit's
     spec, its dataset (row for row as samples.npz counts it), the stored relevance and the images as [0, 1] pixels."""
 
-    audited: object  # audit.run.AuditSpec
+    audited: AuditSpec
     dataset: object  # core.data.ImageDataset
     store: object  # audit.store.StoredRelevance
     pixels: np.ndarray
@@ -276,7 +277,6 @@ def selection_inputs(out: str | Path, audit: dict, console) -> SelectionInputs |
     data no longer match the audit."""
     from unhans.core.errors import InputError
 
-    from .run import audited_dataset
     from .store import StoredRelevance
 
     try:

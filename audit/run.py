@@ -13,7 +13,6 @@ import io
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,6 @@ from rich.console import Console
 from rich.progress import Progress
 
 from unhans.core.attribution import LRP
-from unhans.core.contract import InputContract
-from unhans.core.data import ImageDataset, load_dataset, read_class_names
 from unhans.core.errors import InputError
 from unhans.core.layers import positions_axes
 from unhans.core.models import load_model
@@ -32,51 +29,13 @@ from unhans.core.spray import ClassResult, rank_classes
 
 from .clusters import Intervention, rank_by_evidence, summary
 from .samples import SAMPLES, SAMPLES_FILE, data_fingerprint
+from .spec import AUTO_POOLING, INPUT, LATENT, MAX, SUM, AuditSpec
 from .report import write_report
 from .store import RelevanceStore
 from .virelay import write_virelay_project
 
-INPUT = "input"
-LATENT = "auto"  # the end of the feature extractor (core.layers.last_spatial_layer); a transformer's patch embedding
 ANALYSED = "analysed"  # the stored relevance SpRAy runs on: the input maps, or a layer's pooled over positions
-SUM, MAX, AUTO_POOLING = "sum", "max", "auto"  # a layer's relevance over positions: summed, its peak, or by the model (_pooled)
 console = Console(stderr=True)
-
-
-@dataclass
-class AuditSpec:
-    """Everything that decides an audit (stored in audit.json)."""
-
-    model_file: str
-    weights: str
-    data: str
-    out_dir: str
-    layer: str = LATENT  # INPUT, LATENT or a layer name: a layer's relevance is pooled over positions (see run_audit)
-    over_positions: str = AUTO_POOLING  # how a layer's relevance is pooled over positions: SUM, MAX or AUTO_POOLING (_pooled)
-    composite: str = "epsilon_plus_flat"
-    batch_size: int = 128
-    n_neighbors: int = 10
-    pooling: int = 2
-    embedding_2d: str = "tsne"
-    scheduler: str | None = None
-    n_jobs: int = 1
-    contract: dict | None = None  # InputContract.to_dict() for an image folder of photos (resize, crop, mean, std)
-    classes: str | None = None  # the model's class names (a file): the data's classes are matched to them by name
-
-    def input_contract(self) -> InputContract | None:
-        return InputContract(**self.contract) if self.contract else None
-
-    def dataset(self) -> ImageDataset:
-        """The audited data as the model takes it (through the input contract, when there is one), labelled by the
-        model's class names when they are given."""
-        dataset = load_dataset(self.data, skip_unreadable=True, contract=self.input_contract())
-        # their count is checked against the model's outputs by run_audit
-        return dataset if self.classes is None else dataset.onto(read_class_names(self.classes))
-
-    def pictures(self, images: np.ndarray) -> np.ndarray:
-        """Model inputs as [0, 1] pixels, for what people look at (report, ViRelAy, the artifact region)."""
-        contract = self.input_contract()
-        return images if contract is None else np.clip(contract.denormalise(images), 0, 1)
 
 
 _LRP_CACHE: dict[str, LRP] = {}
@@ -120,24 +79,6 @@ def _fingerprint(spec: AuditSpec, dataset) -> dict:
 def _inputs(spec: AuditSpec, dataset) -> dict:
     """What an audit's results depend on: the relevance's fingerprint and SpRAy's settings."""
     return {**_fingerprint(spec, dataset), "n_neighbors": spec.n_neighbors, "pooling": spec.pooling, "embedding_2d": spec.embedding_2d}
-
-
-def audited_dataset(out_dir: str | Path, audit: dict | None = None) -> tuple[AuditSpec, ImageDataset]:
-    """The spec of the audit in OUT and the images it analysed, row for row as its ``samples.npz`` counts them
-    (``audit``: its audit.json, when already read); refused when the data no longer hash to what was audited."""
-    audit_file = Path(out_dir) / "audit.json"
-    if audit is None:
-        if not audit_file.is_file():
-            raise InputError(str(out_dir), "holds no finished audit (audit.json)", "run 'unhans audit' into it first")
-        audit = json.loads(audit_file.read_text())
-    try:
-        spec = AuditSpec(**audit["spec"])
-    except (KeyError, TypeError) as error:
-        raise InputError(str(audit_file), f"is not an audit summary ({error})", "run 'unhans audit' into its folder again") from None
-    dataset = spec.dataset()
-    if data_fingerprint(dataset.images, dataset.labels) != audit.get("inputs", {}).get("data"):
-        raise InputError(spec.data, f"changed since the audit in {out_dir}", "run the audit again with --restart")
-    return spec, dataset
 
 
 def finished_audit(spec: AuditSpec) -> dict | None:

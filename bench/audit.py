@@ -26,7 +26,8 @@ from pathlib import Path
 from common import report
 from sklearn.metrics import adjusted_rand_score
 
-from unhans.audit.run import AuditSpec, run_audit
+from unhans.audit.run import run_audit
+from unhans.audit.spec import AuditSpec
 from unhans.core.artifacts import Patch
 from unhans.core.poison import load_scenario
 from unhans.core.training import TrainSpec, train_run

@@ -357,7 +357,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     clean_source = "your photos without the artifact (the CAV's own)" if paired else "the clean samples (the CAV's own)"
     known_data = None
     if samples and train is None and not artifact_samples:  # a folder audit's selection: its rows are the audited images
-        from ..audit.run import audited_dataset
+        from ..audit.spec import audited_dataset
 
         _, train = audited_dataset(Path(samples).parent)  # refused unless the images still hash to audit.json's inputs.data
         known_data = json.loads((Path(samples).parent / "audit.json").read_text())["inputs"]["data"]

@@ -12,7 +12,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
 
-from unhans.audit.run import AuditSpec, run_audit, select_samples
+from unhans.audit.run import run_audit, select_samples
+from unhans.audit.spec import AuditSpec
 from unhans.core.artifacts import Patch
 from unhans.core.data import load_npz
 from unhans.core.errors import InputError

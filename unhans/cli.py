@@ -143,7 +143,8 @@ def audit(model_file, weights, data, run_dir, out_dir, layer, over_positions, co
     import numpy as np
 
     from .audit.clusters import marked_figure
-    from .audit.run import AUTO, AuditSpec, finished_audit, marked_selection, parse_selection, run_audit, select_samples
+    from .audit.run import AUTO, finished_audit, marked_selection, parse_selection, run_audit, select_samples
+    from .audit.spec import AuditSpec
     from .core.run_folder import DATASET_FILE, MODEL_FILE, WEIGHTS_FILE
 
     if run_dir:

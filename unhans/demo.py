@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audit.run import AuditSpec, marked_selection, run_audit, select_samples
+from .audit.run import marked_selection, run_audit, select_samples
+from .audit.spec import AuditSpec
 from .core.artifacts import Patch, TextTag
 from .core.clarc import fit_cav, pclarc
 from .core.data import ImageDataset
