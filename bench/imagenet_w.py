@@ -11,7 +11,7 @@ photos of ``../shared/imagenet-sample`` (one per even ImageNet class, named by c
 are split by position: the even positions (250) are the user's photos the correction is fitted on, the odd positions
 (250) are the evaluation half; nothing of one is in the other. Exits 2 when the folder is absent.
 
-The export runs as a user runs it (a subprocess of the CLI), with every default: ``--layer auto``, no ``--max-cost``,
+The export runs as a user runs it (a subprocess of the CLI), with every default: no ``--layer`` (``auto``), no ``--max-cost``,
 the fitting half labelled by its file names through ``--classes``, and the watermark as an RGBA PNG (the text
 AddWatermark draws, cut to its box) pasted at its ImageNet-W place. Keys, on the evaluation half:
 
@@ -171,7 +171,7 @@ def main() -> None:
     model_dir = cache / "lite0"
     write_efficientnet_lite0(model_dir)
     position = watermark_png(cache / "watermark.png")
-    export = [*UNHANS, "export", "--model", str(model_dir / "model.py"), "--weights", str(model_dir / "weights.pt"), "--layer", "auto",
+    export = [*UNHANS, "export", "--model", str(model_dir / "model.py"), "--weights", str(model_dir / "weights.pt"),
               "--images", str(fit), "--classes", str(classes), "--artifact-image", str(cache / "watermark.png"), "--position", position, *IMAGENET]
     runs = cache / "exports.json"  # the exports' figures, kept with their graphs: delete the cache to measure again
     if not runs.is_file():

@@ -330,7 +330,8 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 @click.command("export")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder written by 'unhans train' (model and samples).")
 @click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph); "
-                             f"'{AUTO}' (with --images): the block that removes most of the artifact's effect on held-out pairs within the cost bound.")
+                             f"'{AUTO}' (the default with --images and a PyTorch model): the block that removes most of the artifact's effect on "
+                             "held-out pairs of the photos within the cost bound.")
 @click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Correct this existing ONNX graph instead of exporting the run's model.")
 @click.option("--tensor", help="With --onnx: the tensor to correct, by name (instead of --layer).")
 @click.option("--method", type=click.Choice(CAV_METHODS), default="pattern", show_default=True, help="How the CAV direction is fitted.")
@@ -391,6 +392,8 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         from ..core.run_folder import MODEL_FILE, WEIGHTS_FILE
 
         model_file, weights = Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE
+    if layer is None and onnx_file is None and images is not None:  # your photos give held-out pairs to choose the block on
+        layer = AUTO
     if onnx_file is None and (model_file is None or weights is None or layer is None or tensor is not None):
         raise InputError("--run/--model/--layer", "exporting a PyTorch model needs --run (or --model and --weights) and --layer; "
                          "--tensor only with --onnx", "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
