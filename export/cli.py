@@ -392,14 +392,14 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         from ..core.run_folder import MODEL_FILE, WEIGHTS_FILE
 
         model_file, weights = Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE
-    if layer is None and onnx_file is None and images is not None:  # your photos give held-out pairs to choose the block on
+    if layer is None and tensor is None and images is not None:  # your photos give held-out pairs to choose the block on
         layer = AUTO
     if onnx_file is None and (model_file is None or weights is None or layer is None or tensor is not None):
         raise InputError("--run/--model/--layer", "exporting a PyTorch model needs --run (or --model and --weights) and --layer; "
                          "--tensor only with --onnx", "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
-    if layer == AUTO and (onnx_file is not None or images is None):
-        raise InputError("--layer", f"{AUTO} chooses among a PyTorch model's blocks on held-out pairs of your photos, and needs "
-                         "--model/--weights (or --run) with --images", "pass --images and --artifact-image, or name the layer")
+    if layer == AUTO and images is None:
+        raise InputError("--layer", f"{AUTO} chooses among the model's blocks on held-out pairs of your photos, and needs --images",
+                         "pass --images and --artifact-image, or name the layer")
     if classes is not None and images is None:
         raise InputError("--classes", "labels the --images photos", "pass --images, or drop --classes")
     if explain and onnx_file is not None:
@@ -437,8 +437,27 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
     rows = min(PROBE_ROWS, max(2, batch_rows(artifact) // 2))  # verified in one batch: 224-px photos go fewer
     probe = np.concatenate([artifact[:rows], clean[:rows]])
     fold = not no_fold
+    chosen = {}
+
+    def choose(layers) -> str:
+        """--layer auto: the block chosen on held-out pairs (export/layer_choice.py), its table printed and kept for the graph."""
+        from .layer_choice import choose_layer
+
+        choice = choose_layer(layers, artifact, clean, labels, names, max_cost, max_class_cost, method, CLI_MODE, n_directions,
+                              bool(reactive), threshold)
+        print_table(f"--layer auto: each block fitted on {choice.fitted} of your photos, judged on the other {choice.judged}",
+                    {t.layer: " | ".join(f"{k} {v}" for k, v in t.row().items() if k != "layer") for t in choice.trials})
+        results.print(f"chose {choice.layer}: it removes the most of the artifact's effect on held-out pairs"
+                      + (" within the cost bound" if choice.within_bound else "; no block stays within the cost bound"), highlight=False)
+        chosen.update(choice.metadata())
+        return choice.layer
+
     if onnx_file is not None:
         graph = load_onnx(onnx_file)
+        if layer == AUTO:
+            from .layer_choice import OnnxLayers
+
+            layer = choose(OnnxLayers(graph))
 
         judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste, None, min_removed,
                                  _better_route(paired, samples, f"--onnx {onnx_file} --tensor {tensor}" if tensor else f"--onnx {onnx_file} --layer {layer}",
@@ -447,7 +466,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         def fitted(contrast: np.ndarray):
             cav = fit_cav_onnx(graph, artifact, contrast, tensor, layer, method, CLI_MODE, paired, n_directions)
             return cav, lambda gate: export_onnx(onnx_file, Correction.from_cav(cav, gate, threshold), probe, out, tensor, layer, fold,
-                                                 cav.quality_, held_out, judged)
+                                                 cav.quality_, held_out, judged, chosen)
     else:
         from ..core.clarc import fit_cav
         from ..core.models import load_model
@@ -461,17 +480,10 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
             # one row of a large input: the float64 check took 1 GB for 4 rows of EfficientNet-Lite0 at 224 px
             conservation = lrp.check(torch.from_numpy(probe[:batch_rows(probe, most=4, budget=1 << 20)]))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
-        chosen = {}
         if layer == AUTO:
-            from .layer_choice import choose_layer
+            from .layer_choice import TorchLayers
 
-            choice = choose_layer(model, artifact, clean, labels, names, max_cost, max_class_cost, method, CLI_MODE, n_directions,
-                                  bool(reactive), threshold)
-            print_table(f"--layer auto: each block fitted on {choice.fitted} of your photos, judged on the other {choice.judged}",
-                        {t.layer: " | ".join(f"{k} {v}" for k, v in t.row().items() if k != "layer") for t in choice.trials})
-            results.print(f"chose {choice.layer}: it removes the most of the artifact's effect on held-out pairs"
-                          + (" within the cost bound" if choice.within_bound else "; no block stays within the cost bound"), highlight=False)
-            layer, chosen = choice.layer, choice.metadata()
+            layer = choose(TorchLayers(model))
 
         source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
         # the rows the reference projection is fitted on: the audit's, in the paired route (export/effect.py)

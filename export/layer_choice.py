@@ -16,6 +16,10 @@ pairs of the other half, which it never saw:
 
 The block that removes most of the effect within the cost bound is taken; where none stays within it, the one that
 removes most, and the export's own cost check then refuses it or turns to the reactive gate as it does for any layer.
+
+A bare ONNX graph is searched the same way over its module scopes (:class:`OnnxLayers`: onnxruntime's activations,
+the graph cut at each candidate's tensor and run on the corrected values); on a small CNN a block both can name gets
+the same figures from either.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..core.errors import InputError
 from ..core.layers import batch_rows, candidate_layers, get_layer
 
 CANDIDATES = 5  # blocks tried: each costs a CAV fit and two forwards of the held-out half
+AUTO_NAME = "--layer auto"
 
 
 @dataclass(frozen=True)
@@ -97,32 +102,110 @@ class LayerChoice:
                 "layer.trials": json.dumps([t.row() for t in self.trials])}
 
 
-def _outputs(model: nn.Module, images: np.ndarray, layers: list[str], keep=None, replace: dict | None = None) -> np.ndarray:
-    """Logits of ``model`` on ``images``, batch by batch; ``keep[layer]`` (a list) receives each batch's output of
-    every layer named, ``replace[layer]`` (a module) corrects that layer's output on the way."""
-    handles = []
-    for layer in layers:
-        def hook(_module, _inputs, output, layer=layer):
-            if replace is not None:
-                return replace[layer](output)
-            keep[layer].append(output.detach().numpy().copy())
-        handles.append(get_layer(model, layer).register_forward_hook(hook))
-    rows = batch_rows(images)
-    try:
-        with torch.no_grad():
-            model.eval()
-            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(images[i:i + rows]))).numpy()
-                                   for i in range(0, len(images), rows)])
-    finally:
-        for handle in handles:
-            handle.remove()
+class TorchLayers:
+    """A PyTorch model's blocks: activations from forward hooks, corrections by a hook that replaces a block's output."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    def candidates(self, probe: np.ndarray, count: int) -> list[str]:
+        return candidate_layers(self.model, torch.from_numpy(probe[:2]), count)
+
+    def run(self, images: np.ndarray, layers: list[str], replace: dict | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits on ``images`` and every layer's activations, from one forward per batch; ``replace[layer]`` (a
+        module) corrects that layer's output on the way (then no activations are kept)."""
+        kept = {layer: [] for layer in layers}
+        handles = []
+        for layer in layers:
+            def hook(_module, _inputs, output, layer=layer):
+                if replace is not None:
+                    return replace[layer](output)
+                kept[layer].append(output.detach().numpy().copy())
+            handles.append(get_layer(self.model, layer).register_forward_hook(hook))
+        rows = batch_rows(images)
+        try:
+            with torch.no_grad():
+                logits = np.concatenate([self.model(torch.from_numpy(np.ascontiguousarray(images[i:i + rows]))).numpy()
+                                         for i in range(0, len(images), rows)])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, {layer: np.concatenate(parts) for layer, parts in kept.items() if parts}
+
+    def corrected(self, images: np.ndarray, layer: str, correction: nn.Module) -> np.ndarray:
+        return self.run(images, [layer], replace={layer: correction})[0]
 
 
-def _activations(model: nn.Module, images: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and every layer's activations from one forward per batch."""
-    kept = {layer: [] for layer in layers}
-    logits = _outputs(model, images, layers, keep=kept)
-    return logits, {layer: np.concatenate(parts) for layer, parts in kept.items()}
+class OnnxLayers:
+    """A bare ONNX graph's module scopes (torch's dynamo exporter records them): activations from onnxruntime with the
+    scopes' tensors exposed as outputs, corrections by running the graph cut at the tensor (as ``export_onnx``
+    verifies its graph)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.input = graph.graph.input[0].name
+        self.logits = graph.graph.output[0].name
+
+    def candidates(self, probe: np.ndarray, count: int) -> list[str]:
+        """The outermost module scopes with one (N, C, H, W) output (a scope holding all of them, VGG's ``features``,
+        opened into its children), the first and last left out, spread as :func:`unhans.core.layers.candidate_layers`."""
+        from .graph import scope_names, scope_output, shapes
+
+        inferred, names = shapes(self.graph), [n for n in scope_names(self.graph) if n]
+        outer = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+        for _ in range(3):
+            spatial = []
+            for scope in outer:
+                try:
+                    shape = inferred.get(scope_output(self.graph, scope))
+                except InputError:  # a scope that hands on several tensors is no block to correct after
+                    continue
+                if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] > 1:
+                    spatial.append(scope)
+            if len(spatial) >= 3:
+                break
+            outer = [n for n in names if any(n.startswith(s + ".") and "." not in n[len(s) + 1:] for s in spatial)]
+        blocks = spatial[1:-1]
+        if not blocks:
+            raise InputError("--layer", f"{AUTO_NAME} found no block with (N, C, H, W) outputs among the graph's module scopes",
+                             "name the layer (--layer SCOPE) or the tensor (--tensor NAME)")
+        if len(blocks) <= count:
+            return blocks
+        return [blocks[i] for i in np.unique(np.linspace(len(blocks) // 3, len(blocks) - 2, count).round().astype(int))]
+
+    def _tensor(self, layer: str) -> str:
+        from .graph import scope_output
+
+        return scope_output(self.graph, layer)
+
+    def run(self, images: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        from .graph import with_outputs
+        from .runtime import run_batched, session
+
+        tensors = [self._tensor(layer) for layer in layers]
+        exposed = session(with_outputs(self.graph, tensors).SerializeToString(), cuda=False)
+        logits, *values = run_batched(exposed, images, [self.logits, *tensors])
+        return logits, dict(zip(layers, values))
+
+    def corrected(self, images: np.ndarray, layer: str, correction: nn.Module) -> np.ndarray:
+        import onnx
+
+        from .graph import with_outputs
+        from .runtime import session
+
+        name = self._tensor(layer)
+        prefix = session(with_outputs(self.graph, [name]).SerializeToString(), cuda=False)
+        suffix = session(onnx.utils.Extractor(onnx.shape_inference.infer_shapes(self.graph)).extract_model(
+            [self.input, name], [self.logits]).SerializeToString(), cuda=False)
+        wanted = [i.name for i in suffix.get_inputs()]
+        rows, out = batch_rows(images), []
+        for start in range(0, len(images), rows):
+            x = np.ascontiguousarray(images[start:start + rows])
+            with torch.no_grad():
+                h = correction(torch.from_numpy(prefix.run([name], {self.input: x})[0])).numpy()
+            feeds = {self.input: x, name: h}
+            out.append(suffix.run(None, {k: feeds[k] for k in wanted})[0])
+        return np.concatenate(out)
 
 
 def _effect(with_: np.ndarray, without: np.ndarray) -> tuple[float, float]:
@@ -130,40 +213,38 @@ def _effect(with_: np.ndarray, without: np.ndarray) -> tuple[float, float]:
     return float((with_.argmax(1) != without.argmax(1)).mean()), float(np.linalg.norm(with_ - without, axis=1).mean())
 
 
-def choose_layer(model: nn.Module, artifact: np.ndarray, clean: np.ndarray, labels: np.ndarray | None, classes: list[str] | None,
-                 max_pt: float, max_class_pt: float, method: str = "pattern", mode: str = "flat", n_directions: int | str = 1,
-                 reactive: bool = False, threshold: float = 0.0, count: int = CANDIDATES) -> LayerChoice:
-    """Try up to ``count`` blocks of ``model`` on the pairs ``artifact``/``clean`` (the same photos with and without
-    the artifact): fitted on the even positions, judged on the odd ones (module docstring)."""
+def choose_layer(layers: TorchLayers | OnnxLayers, artifact: np.ndarray, clean: np.ndarray, labels: np.ndarray | None,
+                 classes: list[str] | None, max_pt: float, max_class_pt: float, method: str = "pattern", mode: str = "flat",
+                 n_directions: int | str = 1, reactive: bool = False, threshold: float = 0.0, count: int = CANDIDATES) -> LayerChoice:
+    """Try up to ``count`` blocks of a model (``layers``: a PyTorch model's or an ONNX graph's) on the pairs
+    ``artifact``/``clean`` (the same photos with and without the artifact): fitted on the even positions, judged on
+    the odd ones (module docstring)."""
     if len(clean) < 8:
         raise InputError("--layer auto", f"needs held-out pairs, and {len(clean)} photos leave too few",
                          "give at least 8 photos (a few dozen make a reliable choice), or name the layer")
-    layers = candidate_layers(model, torch.from_numpy(clean[:2]), count)
+    candidates = layers.candidates(clean, count)
     fit, judge = np.arange(len(clean)) % 2 == 0, np.arange(len(clean)) % 2 == 1
-    _, with_fit = _activations(model, artifact[fit], layers)
-    _, without_fit = _activations(model, clean[fit], layers)
+    _, with_fit = layers.run(artifact[fit], candidates)
+    _, without_fit = layers.run(clean[fit], candidates)
     cavs = {}
-    for layer in layers:  # each layer's activations are released as soon as its CAV is fitted
-        a, c = with_fit.pop(layer), without_fit.pop(layer)
-        cavs[layer] = CAV(method=method, mode=mode, n_directions=n_directions).fit_paired(a, c)
+    for layer in candidates:  # each layer's activations are released as soon as its CAV is fitted
+        cavs[layer] = CAV(method=method, mode=mode, n_directions=n_directions).fit_paired(with_fit.pop(layer), without_fit.pop(layer))
     del with_fit, without_fit
-    logits_with, judged_with = _activations(model, artifact[judge], layers)
-    logits_without, judged_without = _activations(model, clean[judge], layers)
+    logits_with, judged_with = layers.run(artifact[judge], candidates)
+    logits_without, judged_without = layers.run(clean[judge], candidates)
     held_out = HeldOut(clean[judge], None if labels is None else labels[judge], "the held-out half of your photos", classes,
                        max_pt, max_class_pt)
     flips, shift = _effect(logits_with, logits_without)
     trials = []
-    for layer in layers:
+    for layer in candidates:
         cav = cavs[layer]
         scores = np.r_[cav.decision_function(judged_with.pop(layer)), cav.decision_function(judged_without.pop(layer))]
         detection = float(((scores > 0) == (np.arange(len(scores)) < judge.sum())).mean())
-        correction = {layer: PClArC.from_cav(cav, reactive, threshold).eval()}
-        after_with = _outputs(model, artifact[judge], [layer], replace=correction)
-        after_without = _outputs(model, clean[judge], [layer], replace=correction)
+        correction = PClArC.from_cav(cav, reactive, threshold).eval()
+        after_with, after_without = (layers.corrected(images[judge], layer, correction) for images in (artifact, clean))
         after_flips, after_shift = _effect(after_with, after_without)
         trials.append(Trial(layer, int(np.prod(cav.activation_shape_)), detection, (flips, after_flips), (shift, after_shift),
                             held_out.cost(logits_without, after_without)))
     within = [t for t in trials if t.within]
     best = max(within or trials, key=lambda t: (t.removed, -t.cost.overall.pt))
     return LayerChoice(best.layer, tuple(trials), int(fit.sum()), int(judge.sum()))
-

@@ -201,11 +201,11 @@ def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np
 
 def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarray, out: str | Path,
                 tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None,
-                held_out: HeldOut | None = None, artifact: ArtifactProbe | None = None) -> ExportReport:
+                held_out: HeldOut | None = None, artifact: ArtifactProbe | None = None, extra: dict[str, str] | None = None) -> ExportReport:
     """Correct an existing ONNX file after ``tensor`` (or module scope ``layer``), without its PyTorch source.
 
     The reference is the source graph itself, cut at the tensor: onnxruntime computes h, PyTorch's P-ClArC module
-    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``, ``artifact``: as for :func:`export_torch`.
+    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``, ``artifact``, ``extra``: as for :func:`export_torch`.
     """
     started = time.perf_counter()
     source = load_onnx(source_path)
@@ -227,7 +227,7 @@ def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarr
         return suffix.run(None, {i.name: feeds[i.name] for i in suffix.get_inputs()})[0], correction.score(h)
 
     provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest(),
-                  **cav_metadata(cav_quality)}
+                  **cav_metadata(cav_quality), **(extra or {})}
     return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started, held_out, artifact)
 
 

@@ -114,3 +114,49 @@ def test_photo_labels_come_from_class_folders_or_index_names(tmp_path):
     assert _photo_files(str(tmp_path / "flat"), None)[1] is None  # no --classes: unlabelled
     with pytest.raises(InputError, match="begin with none"):
         _photo_files(str(tmp_path / "bad"), names)
+
+
+def _small_cnn():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers, channels = [], 3
+    for width in (8, 8, 16, 16, 16, 32, 32):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        channels = width
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)).eval()
+
+
+def test_a_bare_onnx_graph_is_searched_as_its_pytorch_model(tmp_path):
+    """The same search over a graph's module scopes (onnxruntime's activations, the graph cut at each candidate's
+    tensor) gives a shared block the figures the PyTorch hooks give, and the CLI records its choice for a bare graph."""
+    from PIL import Image
+
+    from unhans.export.layer_choice import OnnxLayers, TorchLayers, choose_layer
+    from unhans.export.onnx import torch_to_onnx
+
+    model = _small_cnn()
+    rng = np.random.default_rng(0)
+    clean = rng.random((16, 3, 16, 16), dtype=np.float32)
+    marked = clean.copy()
+    marked[:, :, :4, :4] = 1.0
+    graph = torch_to_onnx(model, clean)
+    hooks, scopes = (choose_layer(layers, marked, clean, None, None, 1.0, 10.0) for layers in (TorchLayers(model), OnnxLayers(graph)))
+    shared = {t.layer for t in hooks.trials} & {t.layer for t in scopes.trials}
+    assert len(shared) >= 3
+    for layer in shared:
+        ours, theirs = (next(t for t in choice.trials if t.layer == layer) for choice in (hooks, scopes))
+        assert ours.row() == theirs.row()
+    (tmp_path / "photos").mkdir()
+    for i, image in enumerate(clean):
+        Image.fromarray((image.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp_path / "photos" / f"{i:02d}.png")
+    Image.new("RGBA", (4, 4), (255, 255, 255, 255)).save(tmp_path / "square.png")
+    (tmp_path / "plain.onnx").write_bytes(graph.SerializeToString())
+    result = CliRunner().invoke(main, ["export", "--onnx", str(tmp_path / "plain.onnx"), "--images", str(tmp_path / "photos"),
+                                       "--artifact-image", str(tmp_path / "square.png"), "--position", "0,0", "--size", "16",
+                                       "--min-removed", "0", "--out", str(tmp_path / "bare.onnx")])
+    assert result.exit_code == 0, result.output
+    metadata = read_metadata(tmp_path / "bare.onnx")
+    assert metadata["unhans.layer.chosen_by"] == "auto"
+    assert metadata["unhans.correction.layer"] in [t["layer"] for t in json.loads(metadata["unhans.layer.trials"])]
