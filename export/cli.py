@@ -330,7 +330,7 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 @click.command("export")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder written by 'unhans train' (model and samples).")
 @click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph); "
-                             f"'{AUTO}' (the default with --images and a PyTorch model): the block that removes most of the artifact's effect on "
+                             f"'{AUTO}' (the default with --images): the block that removes most of the artifact's effect on "
                              "held-out pairs of the photos within the cost bound.")
 @click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Correct this existing ONNX graph instead of exporting the run's model.")
 @click.option("--tensor", help="With --onnx: the tensor to correct, by name (instead of --layer).")
