@@ -79,7 +79,9 @@ def test_labelled_photos_judge_the_cost_on_accuracy(exported):
     assert metadata["unhans.cost.metric"] == "clean accuracy" and metadata["unhans.cost.samples"] == "20"
     assert metadata["unhans.cost.data"].startswith("your labelled photos") and "cost.allowed_changes" not in str(metadata)
     assert float(metadata["unhans.cost.before"]) >= 0.75  # Lite0 gets 16 of the 20 right: the labels were read
-    assert float(metadata["unhans.cost.pt"]) <= 1.0 and "held-out cost" in output and "pt accuracy" in output
+    assert float(metadata["unhans.cost.pt"]) <= 1.0
+    # the blocks were judged on the held-out half's accuracy too
+    assert all(t["held-out cost"].split(",")[0].endswith("pt accuracy") for t in json.loads(metadata["unhans.layer.trials"]))
 
 
 def test_agreement_cost_is_refused_only_beyond_the_bounds_noise():
