@@ -31,12 +31,23 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     raise InputError("layer", f"{name!r} is not a layer of {type(model).__name__}", hint)
 
 
+BATCH_INPUT_BYTES = 8 * 1024 * 1024  # inputs per forward: a 224-px CNN's forward holds ~30x its input at its peak
+
+
+def batch_rows(images: np.ndarray, most: int = 256, budget: int = BATCH_INPUT_BYTES) -> int:
+    """Images per forward: up to ``most``, fewer for large inputs. EfficientNet-Lite0 at 224 px in batches of 256 held
+    several 411 MB maps at once (an export of 500 photos peaked at 5.7 GB); 26 images of 0.6 MB took 470 MB, so 13."""
+    size = int(np.prod(images.shape[1:])) * 4 if len(images) else 1
+    return max(1, min(most, budget // max(size, 1)))
+
+
 @torch.no_grad()
-def activations(model: nn.Module, images: np.ndarray, layer: str, batch_size: int = 256) -> np.ndarray:
-    """Output of ``layer`` for every image, as float32 numpy (N, ...)."""
+def activations(model: nn.Module, images: np.ndarray, layer: str, batch_size: int | None = None) -> np.ndarray:
+    """Output of ``layer`` for every image, as float32 numpy (N, ...); ``batch_size`` defaults to :func:`batch_rows`."""
     module = get_layer(model, layer)
     outputs = []
     handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+    batch_size = batch_size or batch_rows(images)
     try:
         model.eval()
         for start in range(0, len(images), batch_size):
@@ -129,20 +140,44 @@ def middle_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
     views, 150 paired photos): whitened in the reference's top 64 principal directions, the watermark's mean shift of
     the channel shares (held-out D²) was 4.97 at ``_blocks.6``, 1.99 at ``_blocks.10``, 0.60 at ``_blocks.15``; whitened
     in all directions (Ledoit-Wolf) they were alike (4.7, 4.8, 7.3), but 320 channels need a large reference to whiten."""
+    spatial = _spatial(model, probe, "name a monitor layer")
+    return _block(spatial[len(spatial) // 2], spatial) or spatial[len(spatial) // 2]
+
+
+def _spatial(model: nn.Module, probe: torch.Tensor, fix: str) -> list[str]:
+    """The called-once modules with (N, C, H, W) outputs of more than one position, in the order they finish."""
     spatial = _called_once_where(model, probe, lambda _x, y: y.dim() == 4 and y.shape[2] * y.shape[3] > 1)
     if not spatial:
-        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", "name a monitor layer")
-    middle = spatial[len(spatial) // 2]
+        raise InputError("layer", f"no layer of {type(model).__name__} outputs (N, C, H, W) feature maps", fix)
+    return spatial
 
-    def holds(name: str, other: str) -> bool:
-        return other == name or other.startswith(name + ".")
 
-    parts = middle.split(".")
-    for depth in range(1, len(parts) + 1):  # the highest ancestor in the list holding neither end of the pass
-        name = ".".join(parts[:depth])
-        if name in spatial and not holds(name, spatial[0]) and not holds(name, spatial[-1]):
-            return name
-    return middle
+def _block(name: str, spatial: list[str]) -> str | None:
+    """The highest ancestor of ``name`` (itself included) in ``spatial`` that holds neither end of the pass, or None."""
+    def holds(block: str, other: str) -> bool:
+        return other == block or other.startswith(block + ".")
+
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        block = ".".join(parts[:depth])
+        if block in spatial and not holds(block, spatial[0]) and not holds(block, spatial[-1]):
+            return block
+    return None
+
+
+def candidate_layers(model: nn.Module, probe: torch.Tensor, count: int) -> list[str]:
+    """Up to ``count`` blocks spread evenly from a third of ``model``'s spatial pass to its last block but one, the
+    layers ``unhans export --layer auto`` tries (EfficientNet-Lite0: ``_blocks.5, .7, .10, .13, .15``).
+
+    Earlier blocks hold the most dimensions and the least meaning: on EfficientNet-Lite0 with the ImageNet-W watermark
+    (19 photos) ``_blocks.2`` and ``_blocks.6`` were refused or cost 10-20% of clean agreement; the last block (its head
+    convolution, 62,720 dimensions) is left out for its size."""
+    spatial = _spatial(model, probe, "name the layer to correct with --layer")
+    blocks = list(dict.fromkeys(b for b in (_block(n, spatial) for n in spatial) if b is not None))
+    if len(blocks) <= count:
+        return blocks
+    positions = np.linspace(len(blocks) // 3, len(blocks) - 2, count).round().astype(int)
+    return [blocks[i] for i in np.unique(positions)]
 
 
 def global_pooling_layer(model: nn.Module, probe: torch.Tensor) -> str | None:

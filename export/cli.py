@@ -22,6 +22,8 @@ from .effect import EFFECT, MIN_REMOVED, PAIR_IMAGES, ArtifactProbe
 
 COST_FLAGS = ("--max-cost", "--max-class-cost")  # the flags a refused cost names (core.cost.Cost.check)
 PROBE_ROWS = 32  # per kind (artifact, clean): enough to exercise a reactive gate both ways, quick to run twice
+EXPLAIN_PROBE_ROWS = 4  # per kind, for --explain: zennit keeps every activation (Lite0 at 224 px: ~100 MB an image)
+AUTO = "auto"  # --layer auto: chosen on held-out pairs (export/layer_choice.py)
 COST_CLASSES_SHOWN = 10  # classes listed in the cost table, the most costly first
 
 # The CLI corrects the flattened activation. The per-position (channel) projection of core.cav removed no artifact
@@ -138,14 +140,14 @@ def _samples(train, samples, artifact_samples, clean_samples, known_data: str | 
     return train.images[artifact], train.images[clean], np.flatnonzero(own) if own.sum() >= PROBE_ROWS else None
 
 
-def _held_out(run_dir, test, clean, clean_source: str, max_cost, max_class_cost):
+def _held_out(run_dir, test, clean, clean_source: str, max_cost, max_class_cost, labels=None, names=None):
     """What the correction's cost is measured on: a run's labelled clean test set (judged against the model before
     A-ClArC where the run was fine-tuned by it), else the clean images the CAV saw (``clean_source`` says which),
-    judged by agreement with the uncorrected model."""
+    judged on accuracy where ``labels`` are known (labelled photos), else by agreement with the uncorrected model."""
     if test is not None:
         baseline, against = _before_aclarc(run_dir, test)
         return HeldOut(test.images, test.labels, "the run's clean test set" + against, list(test.classes), max_cost, max_class_cost, baseline)
-    return HeldOut(clean, None, clean_source, None, max_cost, max_class_cost)
+    return HeldOut(clean, labels, clean_source, names, max_cost, max_class_cost)
 
 
 def _before_aclarc(run_dir, test) -> tuple[np.ndarray | None, str]:
@@ -192,14 +194,57 @@ def _paster(artifact_image, position, artifact_options, contract):
     return lambda inputs: contract.normalise(watermark.apply(np.clip(contract.denormalise(inputs), 0, 1))[0])
 
 
-def _pasted(images, paste, contract) -> tuple[np.ndarray, np.ndarray]:
-    """Your photos with and without the artifact image pasted (``paste``, :func:`_paster`), normalised: the paired contrast set."""
-    from ..core.contract import image_files
+def _pasted(images, paste, contract, names: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Your photos with and without the artifact image pasted (``paste``, :func:`_paster`), normalised: the paired
+    contrast set; and their labels where the photos say them (:func:`_photo_files`), else None."""
+    from ..core.layers import batch_rows
 
-    pixels = contract.normalise(contract.load(image_files(images)))
-    if len(pixels) < 4:
-        raise InputError("--images", f"holds {len(pixels)} photos", "give at least 4 (a few dozen make a reliable CAV)")
-    return paste(pixels), pixels
+    files, labels = _photo_files(images, names)
+    if len(files) < 4:
+        raise InputError("--images", f"holds {len(files)} photos", "give at least 4 (a few dozen make a reliable CAV)")
+    clean = np.empty((len(files), *contract.shape), np.float32)
+    pasted = np.empty_like(clean)
+    rows = batch_rows(clean)  # read and pasted a batch at a time: the whole folder's temporaries took 4x the photos' size
+    for start in range(0, len(files), rows):
+        clean[start:start + rows] = contract.normalise(contract.load(files[start:start + rows]))
+        pasted[start:start + rows] = paste(clean[start:start + rows])
+    return pasted, clean, labels
+
+
+def _photo_files(folder: str, names: list[str] | None) -> tuple[list[Path], np.ndarray | None]:
+    """The photos of ``--images`` and their classes, where they are known: a sub-folder per class (named as a class of
+    ``names`` or by its index), or, with ``--classes``, files named by their class index as in ImageNet-style folders
+    (``478_n02971356_carton.JPEG``). A flat folder without ``--classes`` is unlabelled."""
+    import re
+
+    from ..core.contract import IMAGE_SUFFIXES, image_files
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError("--images", f"{folder} is not a folder", "pass a folder of PNG/JPEG photos")
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()))
+    if classes:
+        lookup = {name: i for i, name in enumerate(names or [])}
+        files, labels = [], []
+        for directory in classes:
+            index = lookup.get(directory.name, int(directory.name) if directory.name.isdigit() else None)
+            if index is None or (names and index >= len(names)):
+                raise InputError("--images", f"sub-folder {directory.name!r} names no class of the model" + ("" if names else " (no --classes given)"),
+                                 "name each sub-folder after a class of --classes, or by its index")
+            found = image_files(directory)
+            files += found
+            labels += [index] * len(found)
+        return files, np.asarray(labels, np.int64)
+    files = image_files(root)
+    if names is None:
+        return files, None
+    indices = [re.match(r"(\d+)(?:[_.\-\s]|$)", f.stem) for f in files]
+    unnamed = [f.name for f, m in zip(files, indices) if m is None or int(m.group(1)) >= len(names)]
+    if unnamed:
+        raise InputError("--classes", f"labels photos by the class index their names begin with, and {len(unnamed)} of {len(files)} "
+                         f"in {folder} begin with none (e.g. {unnamed[0]!r})",
+                         "name the files NNN_anything.jpg, put them in one sub-folder per class, or drop --classes for unlabelled photos")
+    return files, np.asarray([int(m.group(1)) for m in indices], np.int64)
 
 
 def _artifact_probe(train, test, attack, samples, fitted_rows, paste, other_route, min_removed, better) -> ArtifactProbe:
@@ -284,7 +329,9 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 
 @click.command("export")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run folder written by 'unhans train' (model and samples).")
-@click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph).")
+@click.option("--layer", help="Module path whose output is corrected, e.g. features.pool2 (with --onnx: a module scope in the graph); "
+                             f"'{AUTO}' (the default with --images): the block that removes most of the artifact's effect on "
+                             "held-out pairs of the photos within the cost bound.")
 @click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False), help="Correct this existing ONNX graph instead of exporting the run's model.")
 @click.option("--tensor", help="With --onnx: the tensor to correct, by name (instead of --layer).")
 @click.option("--method", type=click.Choice(CAV_METHODS), default="pattern", show_default=True, help="How the CAV direction is fitted.")
@@ -307,6 +354,9 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 @click.option("--weights", type=click.Path(dir_okay=False), help="Its state_dict (with --model).")
 @click.option("--images", type=click.Path(file_okay=False), help="A folder of your photos: the correction is fitted on them with and without --artifact-image pasted (a paired set).")
 @click.option("--artifact-image", type=click.Path(dir_okay=False), help="The artifact as an image with alpha (a watermark or logo PNG), pasted into --images.")
+@click.option("--classes", type=click.Path(dir_okay=False, exists=True),
+              help="The model's class names (one a line, or index_to_name.json): --images photos in a sub-folder per class, or named by "
+                   "their class index (NNN_*.jpg), are then labelled, and the cost is judged on accuracy instead of agreement.")
 @click.option("--position", default="bottom-right", show_default=True, help="Where the artifact image goes: a corner, center, random, or ROW,COL.")
 @click.option("--artifact-option", "artifact_options", multiple=True, metavar="KEY=VALUE", help="size=N (longer side in pixels), opacity=0.6, margin=N (repeatable).")
 @contract_options
@@ -322,7 +372,7 @@ def _better_route(paired: bool, samples, source: str, layer: str, run_dir, out) 
 @click.option("--composite", type=click.Choice(("epsilon_plus_flat", "epsilon_gamma_box")), default="epsilon_plus_flat", show_default=True,
               help="The LRP composite of the --explain graph (epsilon_gamma_box bounds the input to [0, 1]).")
 def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reactive, threshold, no_fold, samples, artifact_samples, clean_samples,
-                   model_file, weights, images, artifact_image, position, artifact_options, size, channels, resize, mean, std, out,
+                   model_file, weights, images, artifact_image, classes, position, artifact_options, size, channels, resize, mean, std, out,
                    max_cost, max_class_cost, min_removed, explain, composite):
     """Bake a P-ClArC correction into an ONNX graph, verified against PyTorch before it is written.
 
@@ -342,9 +392,16 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         from ..core.run_folder import MODEL_FILE, WEIGHTS_FILE
 
         model_file, weights = Path(run_dir) / MODEL_FILE, Path(run_dir) / WEIGHTS_FILE
+    if layer is None and tensor is None and images is not None:  # your photos give held-out pairs to choose the block on
+        layer = AUTO
     if onnx_file is None and (model_file is None or weights is None or layer is None or tensor is not None):
         raise InputError("--run/--model/--layer", "exporting a PyTorch model needs --run (or --model and --weights) and --layer; "
                          "--tensor only with --onnx", "pass --run RUN --layer features.pool2, or --onnx FILE --tensor NAME")
+    if layer == AUTO and images is None:
+        raise InputError("--layer", f"{AUTO} chooses among the model's blocks on held-out pairs of your photos, and needs --images",
+                         "pass --images and --artifact-image, or name the layer")
+    if classes is not None and images is None:
+        raise InputError("--classes", "labels the --images photos", "pass --images, or drop --classes")
     if explain and onnx_file is not None:
         raise InputError("--explain", "needs the PyTorch model", "pass --model/--weights (or --run) and --layer instead of --onnx")
     contract = contract_from_options(size, channels, resize, mean, std)
@@ -362,17 +419,45 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         _, train = audited_dataset(Path(samples).parent)  # refused unless the images still hash to audit.json's inputs.data
         known_data = json.loads((Path(samples).parent / "audit.json").read_text())["inputs"]["data"]
         clean_source = "the audited images without the artifact (the CAV's own)"
-    own_rows = paste = None
+    own_rows = paste = labels = names = None
     if paired:
+        from ..core.data import read_class_names
+
+        names = read_class_names(classes) if classes is not None else None
         paste = _paster(artifact_image, position, artifact_options, contract)
-        artifact, clean = _pasted(images, paste, contract)
+        artifact, clean, labels = _pasted(images, paste, contract, names)
+        if labels is not None:
+            clean_source = "your labelled photos without the artifact (the CAV's own)"
+            names = names or [str(i) for i in range(int(labels.max()) + 1)]
     else:
         artifact, clean, own_rows = _samples(train, samples, artifact_samples, clean_samples, known_data)
-    held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost)
-    probe = np.concatenate([artifact[:PROBE_ROWS], clean[:PROBE_ROWS]])
+    held_out = _held_out(run_dir, test, clean, clean_source, max_cost, max_class_cost, labels, names)
+    from ..core.layers import batch_rows
+
+    rows = min(PROBE_ROWS, max(2, batch_rows(artifact) // 2))  # verified in one batch: 224-px photos go fewer
+    probe = np.concatenate([artifact[:rows], clean[:rows]])
     fold = not no_fold
+    chosen = {}
+
+    def choose(layers) -> str:
+        """--layer auto: the block chosen on held-out pairs (export/layer_choice.py), its table printed and kept for the graph."""
+        from .layer_choice import choose_layer
+
+        choice = choose_layer(layers, artifact, clean, labels, names, max_cost, max_class_cost, method, CLI_MODE, n_directions,
+                              bool(reactive), threshold)
+        print_table(f"--layer auto: each block fitted on {choice.fitted} of your photos, judged on the other {choice.judged}",
+                    {t.layer: " | ".join(f"{k} {v}" for k, v in t.row().items() if k != "layer") for t in choice.trials})
+        results.print(f"chose {choice.layer}: it removes the most of the artifact's effect on held-out pairs"
+                      + (" within the cost bound" if choice.within_bound else "; no block stays within the cost bound"), highlight=False)
+        chosen.update(choice.metadata())
+        return choice.layer
+
     if onnx_file is not None:
         graph = load_onnx(onnx_file)
+        if layer == AUTO:
+            from .layer_choice import OnnxLayers
+
+            layer = choose(OnnxLayers(graph))
 
         judged = _artifact_probe(train, test, attack, samples, artifact if not paired else None, paste, None, min_removed,
                                  _better_route(paired, samples, f"--onnx {onnx_file} --tensor {tensor}" if tensor else f"--onnx {onnx_file} --layer {layer}",
@@ -381,7 +466,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         def fitted(contrast: np.ndarray):
             cav = fit_cav_onnx(graph, artifact, contrast, tensor, layer, method, CLI_MODE, paired, n_directions)
             return cav, lambda gate: export_onnx(onnx_file, Correction.from_cav(cav, gate, threshold), probe, out, tensor, layer, fold,
-                                                 cav.quality_, held_out, judged)
+                                                 cav.quality_, held_out, judged, chosen)
     else:
         from ..core.clarc import fit_cav
         from ..core.models import load_model
@@ -392,8 +477,13 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
 
         model = load_model(model_file, weights)
         with LRP(model, composite) as lrp:  # the relevance the archive will serve must be LRP: refused before any work
-            conservation = lrp.check(torch.from_numpy(probe))
+            # one row of a large input: the float64 check took 1 GB for 4 rows of EfficientNet-Lite0 at 224 px
+            conservation = lrp.check(torch.from_numpy(probe[:batch_rows(probe, most=4, budget=1 << 20)]))
         click.echo(f"LRP canonization: {lrp.canonization.summary()}; {conservation.describe()}")
+        if layer == AUTO:
+            from .layer_choice import TorchLayers
+
+            layer = choose(TorchLayers(model))
 
         source = f"--run {run_dir}" if run_dir is not None else f"--model {model_file} --weights {weights}"
         # the rows the reference projection is fitted on: the audit's, in the paired route (export/effect.py)
@@ -405,7 +495,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
         def fitted(contrast: np.ndarray):
             cav = fit_cav(model, layer, artifact, contrast, method, CLI_MODE, paired, n_directions)
             return cav, lambda gate: export_torch(model, layer, Correction.from_cav(cav, gate, threshold), probe, out, fold, cav.quality_,
-                                                  held_out, judged)
+                                                  held_out, judged, chosen)
     own_clean = None if own_rows is None else lambda: train.images[own_rows]  # read only where the plain projection is refused
     report, reactive, cav = _within_cost(fitted, clean, own_clean, reactive, held_out)
     print_table(f"unhans export -> {report.path}", {
@@ -435,7 +525,7 @@ def export_command(run_dir, layer, onnx_file, tensor, method, n_directions, reac
 
         correction = Correction.from_cav(cav, reactive, threshold)
         explained = export_explain(insert_after(model, layer, correction.module()), explain_path(out), composite, MONITOR_LAYER,
-                                   probe=probe, detector=correction)
+                                   probe=np.concatenate([artifact[:EXPLAIN_PROBE_ROWS], clean[:EXPLAIN_PROBE_ROWS]]), detector=correction)
         print_table(f"unhans export --explain -> {explained.path}", {**explained.figures, "seconds": explained.seconds})
 
 
@@ -590,12 +680,15 @@ def _print_cost(cost, title: str = "what the correction costs") -> None:
     worst = cost.worst_class
     shown = sorted(cost.classes, key=lambda c: -c.pt)[:COST_CLASSES_SHOWN]
     print_table(f"{title}: {cost.metric} on {cost.source}", {
-        "overall": f"{figure(cost.overall)}; bound {cost.max_pt:g} pt",
+        "overall": f"{figure(cost.overall)}; {cost.noise()}",
         "top-1 agreement with the uncorrected model": f"{cost.agreement:.1%}",
         **{f"class {c.name}": figure(c) + ("" if c.samples >= MIN_CLASS_SAMPLES else "; too few images to judge") for c in shown},
     })
-    if MAX_COST_PT < cost.overall.pt <= cost.max_pt:
+    if MAX_COST_PT < cost.overall.pt and cost.max_pt > MAX_COST_PT and not cost.over_bound:
         warn(f"the correction costs {cost.overall.pt:.1f} points of {cost.metric} (accepted with --max-cost {cost.max_pt:g})")
+    elif cost.max_pt < cost.overall.pt and not cost.over_bound:
+        results.print(f"{cost.changes} of {cost.overall.samples} images change their top-1 class ({cost.overall.pt:.1f} pt): within "
+                      f"what a correction at the bound of {cost.max_pt:g} pt shows on {cost.overall.samples} images", highlight=False)
     if worst is not None and MAX_CLASS_COST_PT < worst.pt <= cost.max_class_pt:
         warn(f"the correction costs class {worst.name} {worst.pt:.1f} points of {cost.metric} (accepted with --max-class-cost {cost.max_class_pt:g})")
 
@@ -622,6 +715,10 @@ def inspect_command(onnx_file, as_json):
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
     print_table(f"{onnx_file}", {"inputs": signature(model.graph.input), "outputs": signature(model.graph.output),
                             "nodes": len(model.graph.node), "ir version": model.ir_version, "opsets": opsets, **metadata})
+    if META + "layer.trials" in metadata:
+        trials = json.loads(metadata[META + "layer.trials"])
+        print_table(f"--layer auto chose {metadata.get(META + 'correction.layer')} ({metadata.get(META + 'layer.split')})",
+                    {t["layer"]: " | ".join(f"{k} {v}" for k, v in t.items() if k != "layer") for t in trials})
     if not any(key.startswith("unhans.") for key in metadata):
         results.print("no unhans correction recorded in this file")
     elif META + EFFECT.removed in metadata:

@@ -42,7 +42,7 @@ from ..core.attention import BilinearProduct, HeldSoftmax
 from ..core.canonize import Activate, HeldScaleNorm, PassProduct, Pool, Reduction, Tap
 from ..core.clarc import PClArC
 from ..core.errors import InputError
-from ..core.layers import Corrected, activations, get_layer, middle_spatial_layer
+from ..core.layers import Corrected, activations, batch_rows, get_layer, middle_spatial_layer
 from .correction import Correction
 from .graph import LAYER_OUTPUT, SCORE_OUTPUT
 from .onnx import META, OPSET, TOLERANCE, _first_line, _with_ir_version, write_atomic
@@ -57,6 +57,7 @@ RELEVANCE_TOLERANCE = 1e-4  # relative L2 of relevance (input and layer) vs zenn
 LOGIT_TOLERANCE = 1e-5  # max |Δlogit| vs torch, relative to max(1, max |logit|): float32 cannot promise more on large logits
 FLOAT32_SLACK = 4.0  # an ill-conditioned model passes if the graph's error vs float64 zennit is within 4x zennit's own
 OUTPUTS = ("logits", "relevance", LAYER_OUTPUT)
+VERIFY_BYTES = 1 << 20  # input bytes verified at a time: zennit and the graph keep every activation (Lite0 at 224 px: ~100 MB an image)
 MONITOR_LAYER = "monitor"  # as ``layer``: the block halfway through the model (core.layers.middle_spatial_layer)
 
 
@@ -503,7 +504,8 @@ def _build(model: nn.Module, composite: str, layer: str | None, probe: np.ndarra
     x = torch.from_numpy(probe[:4] if len(probe) >= 3 else np.concatenate([probe, probe[:1]]))
     target = torch.full((len(x),), -1, dtype=torch.long)
     with LRP(model, key, layers=layers, low=low, high=high) as lrp:
-        conservation = lrp.check(torch.from_numpy(probe))  # refuses a model whose LRP is not conservative
+        # refuses a model whose LRP is not conservative; one row of a large input (float64: 1 GB for 4 rows of Lite0 at 224 px)
+        conservation = lrp.check(torch.from_numpy(probe[:batch_rows(probe, most=4, budget=VERIFY_BYTES)]))
         try:
             check_supported(lrp)
         except InputError as error:
@@ -564,26 +566,30 @@ def _verify(graph: onnx.ModelProto, model: nn.Module, key: str, layers: tuple, p
     within ``FLOAT32_SLACK`` times zennit's own float32 error, and both figures are recorded.
     """
     sess = session(graph.SerializeToString(), cuda=False)
-    figures = {"rel_l2_vs_zennit": 0.0, "logit_max_abs_diff": 0.0}
-    runs = []
+    figures = {"rel_l2_vs_zennit": 0.0, "logit_max_abs_diff": 0.0, "logit_scale": 0.0}
+    runs, scores = [], []  # per chunk of rows and target kind: (rows, targets, graph's relevance, zennit's); the graph's scores
+    rows = batch_rows(probe, budget=VERIFY_BYTES)  # a chunk at a time, so a large input's verification stays small
     with LRP(model, key, layers=layers, low=low, high=high) as lrp:
-        predicted = lrp(torch.from_numpy(probe))
-        figures["logit_scale"] = float(np.abs(predicted.logits).max())
-        shifted = (predicted.targets + 1) % predicted.logits.shape[1]
-        for feed, expected in ((np.full(len(probe), -1), predicted), (shifted, lrp(torch.from_numpy(probe), shifted))):
-            got = sess.run(None, {"input": probe, "target": feed.astype(np.int64)})
-            figures["logit_max_abs_diff"] = max(figures["logit_max_abs_diff"], float(np.abs(got[0] - expected.logits).max()))
-            figures["rel_l2_vs_zennit"] = max(figures["rel_l2_vs_zennit"], _rel_l2(got[1], expected.relevance),
-                                              *(_rel_l2(g, expected.layer_relevance[n]) for g, n in zip(got[2:], layers)))
-            scores = got[-1]
-            runs.append((expected.targets, got[1], expected.relevance))
+        for start in range(0, len(probe), rows):
+            chunk = slice(start, start + rows)
+            predicted = lrp(torch.from_numpy(probe[chunk]))
+            figures["logit_scale"] = max(figures["logit_scale"], float(np.abs(predicted.logits).max()))
+            shifted = (predicted.targets + 1) % predicted.logits.shape[1]
+            for feed, expected in ((np.full(len(predicted.targets), -1), predicted), (shifted, lrp(torch.from_numpy(probe[chunk]), shifted))):
+                got = sess.run(None, {"input": probe[chunk], "target": feed.astype(np.int64)})
+                figures["logit_max_abs_diff"] = max(figures["logit_max_abs_diff"], float(np.abs(got[0] - expected.logits).max()))
+                figures["rel_l2_vs_zennit"] = max(figures["rel_l2_vs_zennit"], _rel_l2(got[1], expected.relevance),
+                                                  *(_rel_l2(g, expected.layer_relevance[n]) for g, n in zip(got[2:], layers)))
+                runs.append((chunk, expected.targets, got[1], expected.relevance))
+            scores.append(got[-1])
+    scores = np.concatenate(scores)
     rel = figures["rel_l2_vs_zennit"]
     if not rel <= RELEVANCE_TOLERANCE:
         with LRP(model, key, layers=layers, low=low, high=high) as lrp64:
             lrp64.model.double()
-            references = [_relevance64(lrp64, probe, targets) for targets, *_ in runs]
-        figures["rel_l2_vs_zennit64"] = max(_rel_l2(got, ref) for (_, got, _), ref in zip(runs, references))
-        figures["zennit32_rel_l2_vs_zennit64"] = max(_rel_l2(z32, ref) for (_, _, z32), ref in zip(runs, references))
+            references = [_relevance64(lrp64, probe[chunk], targets) for chunk, targets, *_ in runs]
+        figures["rel_l2_vs_zennit64"] = max(_rel_l2(got, ref) for (*_, got, _), ref in zip(runs, references))
+        figures["zennit32_rel_l2_vs_zennit64"] = max(_rel_l2(z32, ref) for (*_, z32), ref in zip(runs, references))
         if not figures["rel_l2_vs_zennit64"] <= max(RELEVANCE_TOLERANCE, FLOAT32_SLACK * figures["zennit32_rel_l2_vs_zennit64"]):
             raise InputError("explain", f"relevance differs from zennit by relative L2 {rel:.3g} (allowed {RELEVANCE_TOLERANCE:g}; "
                              f"vs zennit in float64 {figures['rel_l2_vs_zennit64']:.3g}, zennit's own float32 error "

@@ -165,6 +165,7 @@ def cost_metadata(cost: Cost | None) -> dict[str, str]:
     return {"cost.data": cost.source, "cost.metric": cost.metric, "cost.samples": str(cost.overall.samples),
             "cost.before": f"{cost.overall.before:.4f}", "cost.after": f"{cost.overall.after:.4f}", "cost.pt": f"{cost.overall.pt:.2f}",
             "cost.agreement": f"{cost.agreement:.4f}",
+            **({} if cost.labelled else {"cost.allowed_changes": f"{cost.allowed_changes} of {cost.overall.samples} (binomial, the bound's noise)"}),
             "cost.worst_class": f"{worst.name}: {worst.pt:.2f} pt" if worst else f"none with {MIN_CLASS_SAMPLES} images",
             "cost.bound_pt": f"{cost.max_pt:g}", "cost.class_bound_pt": f"{cost.max_class_pt:g}",
             "cost.per_class": json.dumps([[c.name, c.samples, round(c.before, 4), round(c.after, 4)] for c in cost.classes])}
@@ -172,12 +173,13 @@ def cost_metadata(cost: Cost | None) -> dict[str, str]:
 
 def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np.ndarray, out: str | Path,
                  fold: bool = True, cav_quality: dict | None = None, held_out: HeldOut | None = None,
-                 artifact: ArtifactProbe | None = None) -> ExportReport:
+                 artifact: ArtifactProbe | None = None, extra: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` with ``correction`` after module ``layer`` to ``out``, verified against PyTorch's P-ClArC.
 
     ``probe`` is a batch of real inputs (mix artifact and clean samples so a reactive gate is exercised both ways).
     With ``held_out``, what the correction costs on it is measured and the graph refused when over the bounds; with
-    ``artifact``, what it removes of the artifact's effect, refused under its bound (export/effect.py).
+    ``artifact``, what it removes of the artifact's effect, refused under its bound (export/effect.py). ``extra``: more
+    metadata entries (after ``unhans.``), e.g. how the layer was chosen.
     """
     started = time.perf_counter()
     get_layer(model, layer)
@@ -193,17 +195,17 @@ def export_torch(model: nn.Module, layer: str, correction: Correction, probe: np
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest(), **cav_metadata(cav_quality)}
+    source = {"source.kind": "pytorch state_dict", "source.sha256": digest.hexdigest(), **cav_metadata(cav_quality), **(extra or {})}
     return _bake(plain, resolve(plain, layer=layer), layer, correction, probe, reference, out, fold, source, started, held_out, artifact)
 
 
 def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarray, out: str | Path,
                 tensor: str | None = None, layer: str | None = None, fold: bool = True, cav_quality: dict | None = None,
-                held_out: HeldOut | None = None, artifact: ArtifactProbe | None = None) -> ExportReport:
+                held_out: HeldOut | None = None, artifact: ArtifactProbe | None = None, extra: dict[str, str] | None = None) -> ExportReport:
     """Correct an existing ONNX file after ``tensor`` (or module scope ``layer``), without its PyTorch source.
 
     The reference is the source graph itself, cut at the tensor: onnxruntime computes h, PyTorch's P-ClArC module
-    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``, ``artifact``: as for :func:`export_torch`.
+    corrects it, onnxruntime runs the rest of the graph on the result. ``held_out``, ``artifact``, ``extra``: as for :func:`export_torch`.
     """
     started = time.perf_counter()
     source = load_onnx(source_path)
@@ -225,7 +227,7 @@ def export_onnx(source_path: str | Path, correction: Correction, probe: np.ndarr
         return suffix.run(None, {i.name: feeds[i.name] for i in suffix.get_inputs()})[0], correction.score(h)
 
     provenance = {"source.kind": "onnx file", "source.sha256": hashlib.sha256(Path(source_path).read_bytes()).hexdigest(),
-                  **cav_metadata(cav_quality)}
+                  **cav_metadata(cav_quality), **(extra or {})}
     return _bake(source, name, layer or name, correction, probe, reference, out, fold, provenance, started, held_out, artifact)
 
 

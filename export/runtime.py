@@ -45,9 +45,13 @@ def session(model: bytes | str | Path, threads: int = 1, cuda: bool | None = Non
     return ort.InferenceSession(source, sess_options=options, providers=providers)
 
 
-def run_batched(sess: ort.InferenceSession, images: np.ndarray, outputs: list[str] | None = None, batch_size: int = 256) -> list[np.ndarray]:
-    """Run ``sess`` on ``images`` in batches; returns the requested outputs (default: all), concatenated."""
+def run_batched(sess: ort.InferenceSession, images: np.ndarray, outputs: list[str] | None = None, batch_size: int | None = None) -> list[np.ndarray]:
+    """Run ``sess`` on ``images`` in batches (default: :func:`unhans.core.layers.batch_rows`, fewer for large inputs:
+    onnxruntime's arena keeps the largest batch's maps); returns the requested outputs (default: all), concatenated."""
+    from ..core.layers import batch_rows
+
     name = sess.get_inputs()[0].name
+    batch_size = batch_size or batch_rows(images)
     chunks = [sess.run(outputs, {name: np.ascontiguousarray(images[i : i + batch_size], np.float32)})
               for i in range(0, len(images), batch_size)]
     return [np.concatenate(parts) for parts in zip(*chunks)]
