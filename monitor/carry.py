@@ -32,6 +32,7 @@ class Carry:
 
     records: list[Record] = field(default_factory=list)
     windows: list[int] = field(default_factory=list)
+    file: str | None = None  # the state folder's file that holds exactly these records, once written
 
     @classmethod
     def load(cls, state_dir: Path, state: dict) -> "Carry":
@@ -40,7 +41,7 @@ class Carry:
         if not entry:
             return cls()
         records = read_journal(str(state_dir / entry["file"]))
-        return cls(records, list(entry["windows"])[:len(records)])
+        return cls(records, list(entry["windows"])[:len(records)], entry["file"])
 
     def update(self, window_index: int, records: list[Record], analysed: set[int], testable, max_windows: int,
                max_records: int) -> "Carry":
@@ -50,12 +51,16 @@ class Carry:
         kept = [(r, w) for r, w in zip(self.records + records, self.windows + [window_index] * len(records))
                 if r.prediction not in analysed and window_index - w < max_windows and testable(r.prediction)]
         kept = kept[max(len(kept) - max_records, 0):]
+        if len(kept) == len(self.records) and all(r is old for (r, _), old in zip(kept, self.records)):
+            return self  # nothing came or went: its file stays as written
         return Carry([r for r, _ in kept], [w for _, w in kept])
 
     def save(self, state_dir: Path, window_index: int) -> dict | None:
         """Write this carry for the state after ``window_index``; the entry ``state.json`` keeps (None: nothing waits)."""
         if not self.records:
             return None
+        if self.file is not None:
+            return {"file": self.file, "windows": self.windows}
         name = f"{PREFIX}{window_index:08d}{SUFFIX}"
         partial = state_dir / (name + ".partial")
         with open(partial, "wb") as file:
@@ -64,6 +69,7 @@ class Carry:
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, state_dir / name)
+        self.file = name
         return {"file": name, "windows": self.windows}
 
 

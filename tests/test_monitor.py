@@ -498,3 +498,24 @@ def test_a_class_too_thin_in_one_window_is_tested_on_its_samples_over_windows(tr
             assert json.loads((state / STATE_FILE).read_text())["carry"] is None and not list(state.glob("carry-*"))
         else:
             assert ledger[1]["carried"] == 0 and per_class[1] == [] and str(target) not in ledger[1]["alerts"]
+
+
+def test_a_carry_that_did_not_change_is_not_written_again(tmp_path):
+    from unhans.handlers.sink import Record
+    from unhans.monitor.carry import Carry
+
+    def record(i, c):
+        return Record(prediction=c, target=c, probabilities=[0.5, 0.5], relevance=np.ones((4, 4), np.float32), thumbnail=None, score=None,
+                      timestamp=float(i), model="m", version="1", request_id=f"r{i}")
+
+    testable = lambda c: c == 1
+    carry = Carry().update(0, [record(0, 1), record(1, 0)], set(), testable, max_windows=3, max_records=10)
+    first = carry.save(tmp_path, 1)
+    assert [r.request_id for r in carry.records] == ["r0"] and first["file"] in {p.name for p in tmp_path.iterdir()}
+    same = carry.update(1, [], set(), testable, max_windows=3, max_records=10)
+    assert same.save(tmp_path, 2) == first  # nothing came or went: the file of window 1 stands
+    grown = same.update(2, [record(2, 1)], set(), testable, max_windows=3, max_records=10)
+    assert grown.save(tmp_path, 3)["file"] != first["file"] and len(Carry.load(tmp_path, {"carry": grown.save(tmp_path, 3)}).records) == 2
+    aged = grown.update(4, [], set(), testable, max_windows=3, max_records=10)  # r0 came in window 0: 4 windows old
+    assert [r.request_id for r in aged.records] == ["r2"] and aged.save(tmp_path, 5)["file"] != first["file"]
+    assert Carry().update(5, [], {1}, testable, 3, 10).save(tmp_path, 6) is None
